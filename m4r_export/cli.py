@@ -1,0 +1,51 @@
+"""The ``m4r`` command line.
+
+Each stage owns its commands in its own module; this file only lists them (loaded lazily, so
+``m4r --help`` stays fast and a command's heavy imports happen only when it runs) and turns
+:class:`~m4r_export.errors.M4RError` into a one-line message and an exit code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+import click
+
+from .errors import M4RError
+
+#: command name -> "module:attribute" of a click.Command
+COMMANDS: dict[str, str] = {
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module_name, attr = target.split(":")
+        cmd = getattr(importlib.import_module(module_name), attr)
+        assert isinstance(cmd, click.Command)
+        return cmd
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except M4RError as exc:
+            click.secho(f"Error: {exc}", fg="red", err=True)
+            sys.exit(exc.exit_code)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="m4r-export")
+def main() -> None:
+    """m4r: train, export, verify and serve Mamba4Rec sequential recommenders."""
+
+
+if __name__ == "__main__":
+    main()
