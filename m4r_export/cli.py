@@ -17,6 +17,7 @@ from .errors import M4RError
 
 #: command name -> "module:attribute" of a click.Command
 COMMANDS: dict[str, str] = {
+    "data": "m4r_export.data.cli:data",
 }
 
 

@@ -1,0 +1,95 @@
+"""``m4r data``: download MovieLens, inspect interaction files, write synthetic data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .download import MOVIELENS, default_cache_dir
+
+
+@click.group("data")
+def data() -> None:
+    """Get and inspect interaction data (RecBole .inter, MovieLens, synthetic)."""
+
+
+@data.command("download")
+@click.argument("name", type=click.Choice(sorted(MOVIELENS)))
+@click.option(
+    "--dest",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Cache directory (default: $M4R_CACHE, $XDG_CACHE_HOME/m4r or ~/.cache/m4r).",
+)
+@click.option(
+    "--archive",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Use an already downloaded zip instead of the network (still sha256-checked).",
+)
+@click.option(
+    "--url", default=None, help="Download from this mirror URL (checked against the official sha256)."
+)
+@click.option("--force", is_flag=True, help="Convert again even if the .inter file exists.")
+def download(name: str, dest: Path | None, archive: Path | None, url: str | None, force: bool) -> None:
+    """Download a MovieLens dataset, verify its sha256, convert it to a RecBole .inter file.
+
+    Prints the path of the .inter file (pass it to `m4r train --data`).
+    """
+    from .download import download_movielens
+
+    spec = MOVIELENS[name]
+    root = dest if dest is not None else default_cache_dir()
+    if archive is None and not (root / spec.dirname / f"{spec.dirname}.inter").exists():
+        click.echo(f"downloading {url or spec.url} ({spec.size / 1e6:.1f} MB) ...", err=True)
+    out = download_movielens(name, dest, archive=archive, url=url, force=force)
+    click.echo(str(out))
+
+
+@data.command("stats")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--max-seq-len", type=int, default=50, show_default=True)
+@click.option("--min-user-inter", type=int, default=5, show_default=True)
+@click.option("--min-item-inter", type=int, default=5, show_default=True)
+def stats(path: Path, max_seq_len: int, min_user_inter: int, min_item_inter: int) -> None:
+    """Print users, items, interactions and split sizes of PATH after filtering."""
+    import numpy as np
+    from rich.console import Console
+    from rich.table import Table
+
+    from .protocol import load_dataset
+
+    ds = load_dataset(
+        path, max_seq_len=max_seq_len, min_user_inter=min_user_inter, min_item_inter=min_item_inter
+    )
+    users, items, n = ds.n_users - 1, ds.n_items - 1, ds.n_interactions
+    all_users = np.concatenate([ds.train.user, ds.valid.user, ds.test.user])
+    per_user = np.bincount(all_users, minlength=ds.n_users)[1:] + 1  # samples + the first interaction
+    table = Table(title=f"{ds.source} ({min_user_inter}/{min_item_inter}-core, max_seq_len {max_seq_len})")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    table.add_row("users", f"{users:,}")
+    table.add_row("items", f"{items:,}")
+    table.add_row("interactions", f"{n:,}")
+    table.add_row("density", f"{n / max(users * items, 1):.4%}")
+    table.add_row("interactions per user (median)", f"{np.median(per_user):.0f}")
+    table.add_row("train samples", f"{len(ds.train):,}")
+    table.add_row("valid samples", f"{len(ds.valid):,}")
+    table.add_row("test samples", f"{len(ds.test):,}")
+    table.add_row("load time", f"{ds.load_seconds:.2f} s")
+    Console().print(table)
+
+
+@data.command("synthetic")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--users", "n_users", type=int, default=300, show_default=True)
+@click.option("--items", "n_items", type=int, default=120, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def synthetic(out: Path, n_users: int, n_items: int, seed: int) -> None:
+    """Write a small synthetic RecBole .inter file with learnable sequential structure."""
+    from .synthetic import synthetic_interactions, write_inter_file
+
+    users, items, ts = synthetic_interactions(n_users=n_users, n_items=n_items, seed=seed)
+    write_inter_file(out, users, items, ts)
+    click.echo(f"wrote {len(users)} interactions ({n_users} users, {n_items} items) to {out}")
