@@ -28,7 +28,7 @@ from typing import IO
 
 from ..errors import UsageError
 from ..fileio import atomic_write, ensure_writable_dir
-from .readers import parse_movielens_bytes
+from .readers import movielens_to_inter_rows
 
 
 @dataclass(frozen=True)
@@ -151,13 +151,13 @@ def convert_archive(
         raise UsageError(
             f"archive {archive} is not a valid zip file ({exc}); delete it and download again"
         ) from exc
-    rows = parse_movielens_bytes(data, spec.fmt, f"{archive}:{member}")
+    rows = movielens_to_inter_rows(data, spec.fmt, f"{archive}:{member}")
     if not rows:
         raise UsageError(f"{archive}:{member} holds no ratings; the archive is damaged, download it again")
     out = Path(out)
     with atomic_write(out, "w") as fh:
         fh.write("user_id:token\titem_id:token\trating:float\ttimestamp:float\n")
-        fh.writelines(f"{r[0]}\t{r[1]}\t{r[2]}\t{r[3]}\n" for r in rows)
+        fh.writelines(f"{r}\n" for r in rows)
     return out
 
 

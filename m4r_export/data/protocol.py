@@ -162,16 +162,16 @@ def _as_str_list(values: Any, name: str) -> list[str]:
     if isinstance(values, np.ndarray):
         if values.ndim != 1:
             raise UsageError(f"{name} must be one-dimensional, got shape {values.shape}")
-        return [str(v) for v in values.tolist()]
-    return [v if isinstance(v, str) else str(v) for v in values]
+        return list(map(str, values.tolist()))
+    return list(map(str, values))
 
 
 def factorize(tokens: Sequence[str]) -> tuple[np.ndarray, list[str]]:
     """``pd.factorize`` semantics: codes 0..k-1 in order of first appearance, and the uniques."""
-    mapping: dict[str, int] = {}
-    setdefault = mapping.setdefault
-    codes = np.fromiter((setdefault(t, len(mapping)) for t in tokens), dtype=np.int64, count=len(tokens))
-    return codes, list(mapping)
+    uniques = list(dict.fromkeys(tokens))  # insertion order = first appearance
+    index = {t: k for k, t in enumerate(uniques)}
+    codes = np.fromiter(map(index.__getitem__, tokens), dtype=np.int64, count=len(tokens))
+    return codes, uniques
 
 
 def kcore_mask(
@@ -213,13 +213,16 @@ def _gather_split(
     n = pos.shape[0]
     begin = np.maximum(starts, pos - max_seq_len)
     lengths = pos - begin
-    item_seq = np.zeros((n, max_seq_len), dtype=np.int64)
+    # windows[j] = items[j : j + max_seq_len] (a view); gather the rows, then zero the padding.
+    padded = np.concatenate([items, np.zeros(max_seq_len, dtype=np.int64)])
+    windows = np.lib.stride_tricks.sliding_window_view(padded, max_seq_len)
+    item_seq = np.empty((n, max_seq_len), dtype=np.int64)
     ar = np.arange(max_seq_len, dtype=np.int64)
     for a in range(0, n, chunk):
         b = min(a + chunk, n)
-        idx = begin[a:b, None] + ar[None, :]
-        mask = ar[None, :] < lengths[a:b, None]
-        np.copyto(item_seq[a:b], items[np.where(mask, idx, 0)], where=mask)
+        block = item_seq[a:b]
+        block[...] = windows[begin[a:b]]  # fancy indexing of the view copies whole rows (fast path)
+        block *= ar[None, :] < lengths[a:b, None]
     return Split(item_seq, lengths.astype(np.int64), items[pos].copy(), users[pos].copy())
 
 

@@ -17,6 +17,7 @@ Supported inputs (detected from the path, see :func:`detect_format`):
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,10 +111,15 @@ def _read_lines(path: Path) -> list[str]:
         text = data.decode("latin-1")
     if text.startswith("\ufeff"):
         text = text[1:]
-    return text.splitlines()
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if "\r" in text:
+        lines = [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+    return lines
 
 
-def _parse_timestamps(values: list[str], linenos: list[int], path: Path) -> np.ndarray:
+def _parse_timestamps(values: list[str], linenos: Sequence[int], path: Path) -> np.ndarray:
     try:
         ts = np.array(values, dtype=np.float64)
     except ValueError:
@@ -141,39 +147,51 @@ def _parse_timestamps(values: list[str], linenos: list[int], path: Path) -> np.n
 def _parse_rows(
     lines: list[str], first: int, sep: str, ncols: int, cols: tuple[int, int, int], path: Path
 ) -> Interactions:
-    """Split ``lines[first:]`` on ``sep``; keep columns ``cols`` = (user, item, timestamp)."""
+    """Split ``lines[first:]`` on ``sep``; keep columns ``cols`` = (user, item, timestamp).
+
+    Column-wise for speed: one join + split over the whole file instead of a list per row (about
+    1 s for MovieLens-1M instead of several), after checking every row has exactly ``ncols`` fields.
+    """
     ui, ii, ti = cols
-    linenos: list[int] = []
-    rows: list[list[str]] = []
-    for n in range(first, len(lines)):
-        line = lines[n]
-        if not line.strip():
-            continue
-        rows.append(line.split(sep))
-        linenos.append(n + 1)
-    if not rows:
+    body = lines[first:]
+    linenos: list[int] | range
+    if any(not ln or ln.isspace() for ln in body):
+        keep_rows = [k for k, ln in enumerate(body) if ln and not ln.isspace()]
+        body = [body[k] for k in keep_rows]
+        linenos = [first + k + 1 for k in keep_rows]
+    else:
+        linenos = range(first + 1, first + 1 + len(body))
+    if not body:
         raise UsageError(
             f"data file {path} has no interaction rows; it must hold one row per (user, item, timestamp)"
         )
-    for k, r in enumerate(rows):
-        if len(r) < ncols:
-            raise UsageError(
-                f"{path}, line {linenos[k]}: expected {ncols} fields separated by {sep!r}, found {len(r)}; "
-                "fix or remove that row"
-            )
-    users = [r[ui] for r in rows]
-    items = [r[ii] for r in rows]
-    ts_raw = [r[ti].strip() for r in rows]
+    want = ncols - 1
+    counts = [ln.count(sep) for ln in body]
+    if any(c != want for c in counts):
+        k = next(k for k, c in enumerate(counts) if c != want)
+        raise UsageError(
+            f"{path}, line {linenos[k]}: expected {ncols} fields separated by {sep!r}, "
+            f"found {counts[k] + 1}; fix or remove that row"
+        )
+    del counts
+    flat = sep.join(body).split(sep)
+    del body
+    users = flat[ui::ncols]
+    items = flat[ii::ncols]
+    ts_raw = flat[ti::ncols]
+    del flat
     timestamps = _parse_timestamps(ts_raw, linenos, path)
     # RecBole (pandas) reads empty tokens as NaN and drops those rows; do the same, counting them.
-    keep = [k for k in range(len(users)) if users[k] != "" and items[k] != ""]
-    n_skipped = len(users) - len(keep)
-    if n_skipped:
+    if "" in users or "" in items:
+        keep = [k for k in range(len(users)) if users[k] != "" and items[k] != ""]
+        n_skipped = len(users) - len(keep)
         users = [users[k] for k in keep]
         items = [items[k] for k in keep]
         timestamps = timestamps[np.asarray(keep, dtype=np.int64)]
         if not users:
             raise UsageError(f"data file {path}: every row has an empty user_id or item_id")
+    else:
+        n_skipped = 0
     return Interactions(users, items, timestamps, source=str(path), n_skipped=n_skipped)
 
 
@@ -210,17 +228,20 @@ def read_movielens_raw(path: str | os.PathLike[str], fmt: str) -> Interactions:
     return _parse_rows(lines, 0, RAW_SEPARATORS[fmt], 4, (0, 1, 3), p)
 
 
-def parse_movielens_bytes(data: bytes, fmt: str, name: str) -> list[list[str]]:
-    """Split raw MovieLens rating bytes into ``[user, item, rating, timestamp]`` string rows."""
+def movielens_to_inter_rows(data: bytes, fmt: str, name: str) -> list[str]:
+    """Raw MovieLens rating bytes -> tab-separated ``user, item, rating, timestamp`` lines (file order)."""
     text = data.decode("latin-1")
     sep = RAW_SEPARATORS[fmt]
-    rows = [ln.split(sep) for ln in text.splitlines() if ln.strip()]
-    for n, r in enumerate(rows):
-        if len(r) != 4:
+    lines = [ln[:-1] if ln.endswith("\r") else ln for ln in text.split("\n")]
+    lines = [ln for ln in lines if ln and not ln.isspace()]
+    for n, ln in enumerate(lines):
+        if ln.count(sep) != 3:
             raise UsageError(
-                f"{name}: row {n + 1} has {len(r)} fields, expected 4; the archive looks damaged"
+                f"{name}: row {n + 1} has {ln.count(sep) + 1} fields, expected 4; the archive looks damaged"
             )
-    return rows
+    if sep != "\t":
+        lines = [ln.replace(sep, "\t") for ln in lines]
+    return lines
 
 
 def read_interactions(path: str | os.PathLike[str]) -> Interactions:
