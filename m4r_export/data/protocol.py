@@ -31,7 +31,7 @@ from ..errors import UsageError
 PAD_TOKEN = "[PAD]"
 
 
-@dataclass
+@dataclass(eq=False)
 class Split:
     """One split's samples: ``item_seq[r, :item_seq_len[r]]`` (oldest first, 0-padded) -> ``target[r]``."""
 
@@ -48,7 +48,7 @@ class Split:
         return Split(self.item_seq[index], self.item_seq_len[index], self.target[index], self.user[index])
 
 
-@dataclass
+@dataclass(eq=False)
 class SequenceDataset:
     """A dataset ready for training and evaluation.
 
