@@ -1,0 +1,146 @@
+"""Run a TensorRT engine built by :mod:`.engine`: ``TrtRunner(engine).run(item_seq, item_seq_len)``.
+
+Device buffers come from torch (a CUDA build of torch is required to run engines from Python); the
+engine's manifest is checked first so that a wrong TensorRT version, GPU or input shape fails with a
+message that names the fix instead of a TensorRT deserialisation error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import M4RError, UsageError
+from .engine import load_plugin_library, logged, make_logger
+from .env import list_gpus, load_tensorrt
+from .manifest import (
+    INPUT_NAMES,
+    ShapeProfile,
+    check_engine_compatible,
+    check_inputs_in_profile,
+    read_manifest,
+)
+from .native import find_plugin_library
+
+if TYPE_CHECKING:
+    import tensorrt
+    import torch
+
+
+def _torch_dtype(trt_dtype: tensorrt.DataType) -> torch.dtype:
+    import tensorrt as trt
+    import torch
+
+    table = {
+        trt.DataType.FLOAT: torch.float32,
+        trt.DataType.HALF: torch.float16,
+        trt.DataType.BF16: torch.bfloat16,
+        trt.DataType.INT32: torch.int32,
+        trt.DataType.INT64: torch.int64,
+        trt.DataType.INT8: torch.int8,
+        trt.DataType.BOOL: torch.bool,
+    }
+    if trt_dtype not in table:
+        raise M4RError(f"engine output type {trt_dtype} is not supported by the m4r runner")
+    return table[trt_dtype]
+
+
+class TrtRunner:
+    """One engine, one execution context, on GPU ``device``. Not thread-safe (one context)."""
+
+    name = "tensorrt"
+
+    def __init__(self, engine_path: Path, *, plugin_library: Path | None = None, device: int = 0) -> None:
+        load_tensorrt()
+        import tensorrt as trt
+        import torch
+
+        if not torch.cuda.is_available():
+            raise M4RError(
+                "running a TensorRT engine from Python needs a CUDA build of torch "
+                "(pip install torch --index-url https://download.pytorch.org/whl/cu128)"
+            )
+        self.engine_path = Path(engine_path)
+        if not self.engine_path.is_file():
+            raise UsageError(f"engine {self.engine_path} does not exist; build it with `m4r build-engine`")
+        manifest = read_manifest(self.engine_path)
+        gpus, why = list_gpus()
+        if device >= len(gpus):
+            raise M4RError(f"GPU {device} is not available ({why or f'{len(gpus)} GPU(s) visible'})")
+        self.warnings = check_engine_compatible(
+            manifest, self.engine_path, trt.__version__, gpus[device].name, gpus[device].compute_capability
+        )
+        self.profile = ShapeProfile.from_json(manifest["profile"])
+        self.device = torch.device("cuda", device)
+        self._logger = make_logger()
+        if manifest.get("plugin") is not None:
+            try:
+                library = find_plugin_library(plugin_library)
+            except M4RError as exc:
+                raise M4RError(
+                    f"engine {self.engine_path} uses the m4r SelectiveScan plugin "
+                    f"({manifest['plugin']['library']}), but it cannot be found: {exc}"
+                ) from exc
+            load_plugin_library(library, self._logger)
+
+        self._runtime = trt.Runtime(self._logger)
+        with torch.cuda.device(self.device):
+            engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
+            if engine is None:
+                raise M4RError(
+                    f"TensorRT could not deserialise {self.engine_path}; rebuild it with `m4r build-engine` "
+                    f"on this machine{logged(self._logger)}"
+                )
+            self._engine: tensorrt.ICudaEngine = engine
+            self._context: tensorrt.IExecutionContext = engine.create_execution_context()
+        self._names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.output_names = [n for n in self._names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+
+    def run(self, item_seq: np.ndarray, item_seq_len: np.ndarray) -> dict[str, np.ndarray]:
+        """item_seq int [batch, seq] (right-padded with 0), item_seq_len int [batch] -> outputs by name."""
+        import torch
+
+        item_seq = np.asarray(item_seq)
+        item_seq_len = np.asarray(item_seq_len)
+        if item_seq.ndim != 2 or item_seq_len.shape != (item_seq.shape[0],):
+            raise UsageError(
+                f"expected item_seq [batch, seq] and item_seq_len [batch], got shapes {item_seq.shape} "
+                f"and {item_seq_len.shape}"
+            )
+        if not (np.issubdtype(item_seq.dtype, np.integer) and np.issubdtype(item_seq_len.dtype, np.integer)):
+            raise UsageError(
+                f"item_seq and item_seq_len must be integers, got {item_seq.dtype}, {item_seq_len.dtype}"
+            )
+        batch, seq = item_seq.shape
+        check_inputs_in_profile(self.profile, batch, seq)
+
+        feeds = {
+            INPUT_NAMES[0]: torch.from_numpy(item_seq.astype(np.int64)),
+            INPUT_NAMES[1]: torch.from_numpy(item_seq_len.astype(np.int64)),
+        }
+        ctx = self._context
+        buffers: dict[str, Any] = {}
+        with torch.cuda.device(self.device):
+            stream = torch.cuda.current_stream(self.device)
+            for name, host in feeds.items():
+                dev = host.to(self.device, non_blocking=False).contiguous()
+                buffers[name] = dev
+                if not ctx.set_input_shape(name, tuple(dev.shape)):
+                    raise M4RError(
+                        f"TensorRT rejected shape {tuple(dev.shape)} for {name}{logged(self._logger)}"
+                    )
+                ctx.set_tensor_address(name, dev.data_ptr())
+            for name in self.output_names:
+                dims = ctx.get_tensor_shape(name)
+                shape = tuple(dims[i] for i in range(len(dims)))
+                out = torch.empty(
+                    shape, dtype=_torch_dtype(self._engine.get_tensor_dtype(name)), device=self.device
+                )
+                buffers[name] = out
+                ctx.set_tensor_address(name, out.data_ptr())
+            if not ctx.execute_async_v3(stream.cuda_stream):
+                raise M4RError(f"TensorRT inference failed{logged(self._logger)}")
+            stream.synchronize()
+        return {name: buffers[name].cpu().numpy() for name in self.output_names}

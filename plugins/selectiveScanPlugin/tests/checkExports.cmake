@@ -1,0 +1,17 @@
+# ctest helper: the dynamic plugin exports the loadLibrary entry points; the static variant does not (it
+# registers at load time, and exporting getCreators would invite a duplicate registration).
+find_program(NM nm REQUIRED)
+execute_process(COMMAND ${NM} -D --defined-only ${LIB} OUTPUT_VARIABLE dyn RESULT_VARIABLE rc)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "nm failed on ${LIB}")
+endif()
+foreach(sym getCreators setLoggerFinder)
+  if(NOT dyn MATCHES " T ${sym}\n")
+    message(FATAL_ERROR "${LIB} does not export ${sym}:\n${dyn}")
+  endif()
+endforeach()
+execute_process(COMMAND ${NM} -D --defined-only ${LIB_STATIC} OUTPUT_VARIABLE stat)
+if(stat MATCHES " T getCreators\n")
+  message(FATAL_ERROR "${LIB_STATIC} must not export getCreators")
+endif()
+message(STATUS "plugin exports OK")
