@@ -18,6 +18,8 @@ from .errors import M4RError
 #: command name -> "module:attribute" of a click.Command
 COMMANDS: dict[str, str] = {
     "data": "m4r_export.data.cli:data",
+    "build-plugin": "m4r_export.trt.cli:build_plugin",
+    "build-engine": "m4r_export.trt.cli:build_engine",
 }
 
 
