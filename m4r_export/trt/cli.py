@@ -48,10 +48,11 @@ def build_plugin(
     )
     for name, path in sorted(build.libraries.items()):
         click.echo(f"  {name}: {path}")
+    plugin = build.libraries[PLUGIN_LIBRARY]
+    found = "m4r finds it there" if out is None else f"set {PLUGIN_ENV}={plugin} so that m4r finds it"
     click.echo(
-        f"TensorRT: load {build.libraries[PLUGIN_LIBRARY]} with IPluginRegistry::loadLibrary / trtexec "
-        f"--dynamicPlugins (m4r finds it here; elsewhere set {PLUGIN_ENV}); use "
-        f"{PLUGIN_STATIC_LIBRARY} for LD_PRELOAD (Triton) or trtexec --staticPlugins."
+        f"TensorRT: load {plugin} with IPluginRegistry::loadLibrary or trtexec --dynamicPlugins ({found}); "
+        f"use {PLUGIN_STATIC_LIBRARY} for LD_PRELOAD (Triton) or trtexec --staticPlugins."
     )
 
 

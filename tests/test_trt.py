@@ -1,0 +1,283 @@
+"""m4r_export.trt without TensorRT: detection, skip reasons, manifest checks, plugin discovery, and the
+engine-build flow against a minimal fake of the tensorrt module (the real one cannot be installed here)."""
+
+from __future__ import annotations
+
+import enum
+import json
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from m4r_export.cli import main
+from m4r_export.errors import M4RError, UsageError
+from m4r_export.trt import engine as engine_mod
+from m4r_export.trt import env
+from m4r_export.trt.engine import build_engine, try_build_engine
+from m4r_export.trt.manifest import (
+    MANIFEST_FORMAT,
+    ShapeProfile,
+    check_engine_compatible,
+    check_inputs_in_profile,
+    manifest_path_for,
+    read_manifest,
+)
+from m4r_export.trt.native import PLUGIN_ENV, find_plugin_library
+
+
+class _Severity(enum.IntEnum):
+    INTERNAL_ERROR = 0
+    ERROR = 1
+    WARNING = 2
+    INFO = 3
+    VERBOSE = 4
+
+
+def fake_tensorrt(calls: dict[str, Any]) -> types.ModuleType:
+    """Just the API surface engine.build_engine uses, recording what it is asked to do."""
+    trt = types.ModuleType("tensorrt")
+
+    class ILogger:
+        Severity = _Severity
+
+        def __init__(self) -> None:
+            pass
+
+    class Network:
+        num_inputs = 2
+
+        def get_input(self, i: int) -> types.SimpleNamespace:
+            return types.SimpleNamespace(name=["item_seq", "item_seq_len"][i])
+
+    class Profile:
+        def set_shape(self, name: str, lo: Any, opt: Any, hi: Any) -> None:
+            calls.setdefault("shapes", {})[name] = (lo, opt, hi)
+
+    class Cache:
+        def serialize(self) -> bytes:
+            return b"CACHE"
+
+    class Config:
+        builder_optimization_level = 3
+
+        def add_optimization_profile(self, p: Profile) -> int:
+            return 0
+
+        def create_timing_cache(self, data: bytes) -> Cache:
+            calls["timing_cache_in"] = data
+            return Cache()
+
+        def set_timing_cache(self, cache: Cache, ignore_mismatch: bool) -> bool:
+            return True
+
+    class Builder:
+        def __init__(self, logger: ILogger) -> None:
+            pass
+
+        def create_network(self, flags: int) -> Network:
+            calls["network_flags"] = flags
+            return Network()
+
+        def create_builder_config(self) -> Config:
+            calls["config"] = Config()
+            return calls["config"]
+
+        def create_optimization_profile(self) -> Profile:
+            return Profile()
+
+        def build_serialized_network(self, network: Network, config: Config) -> bytes:
+            return b"ENGINE"
+
+    class OnnxParser:
+        num_errors = 0
+
+        def __init__(self, network: Network, logger: ILogger) -> None:
+            pass
+
+        def parse_from_file(self, path: str) -> bool:
+            calls["parsed"] = path
+            return True
+
+    trt.__version__ = "10.8.0.43"  # type: ignore[attr-defined]
+    for name, obj in {
+        "ILogger": ILogger,
+        "Builder": Builder,
+        "OnnxParser": OnnxParser,
+        "Dims": tuple,
+        "NetworkDefinitionCreationFlag": types.SimpleNamespace(STRONGLY_TYPED=1),
+        "MemoryPoolType": types.SimpleNamespace(WORKSPACE=0),
+    }.items():
+        setattr(trt, name, obj)
+    return trt
+
+
+@pytest.fixture()
+def stub_only_tensorrt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What tensorrt-stubs gives at run time: an importable, empty 'tensorrt' namespace."""
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
+
+
+@pytest.fixture()
+def no_plugin(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv(PLUGIN_ENV, raising=False)
+    monkeypatch.setenv("M4R_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def test_stub_namespace_is_not_a_tensorrt_install(stub_only_tensorrt: None) -> None:
+    reason = env.tensorrt_unavailable_reason()
+    assert reason is not None and "tensorrt.Builder is missing" in reason
+    with pytest.raises(M4RError, match="TensorRT is unavailable"):
+        env.load_tensorrt()
+
+
+def test_module_with_builder_counts_as_tensorrt(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt({}))
+    assert env.tensorrt_unavailable_reason() is None
+
+
+def test_try_build_engine_skips_without_tensorrt(stub_only_tensorrt: None, tmp_path: Path) -> None:
+    result = try_build_engine(tmp_path / "model.fp16.onnx", tmp_path)
+    assert not result.built and result.status == "skipped"
+    assert result.message.startswith("skipped: no TensorRT engine built: ")
+    assert "tensorrt.Builder is missing" in result.message
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_try_build_engine_skips_without_gpu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt({}))
+    monkeypatch.setattr(
+        engine_mod, "gpu_unavailable_reason", lambda: "no NVIDIA driver found (libcuda.so.1 ...)"
+    )
+    result = try_build_engine(tmp_path / "model.fp16.onnx", tmp_path)
+    assert result.status == "skipped" and "no NVIDIA driver found" in result.reason
+
+
+def test_build_engine_flow_with_fake_tensorrt(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, no_plugin: None
+) -> None:
+    calls: dict[str, Any] = {}
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(calls))
+    monkeypatch.setattr(engine_mod, "list_gpus", lambda: ([env.GpuInfo(0, "Fake L4", "8.9")], None))
+    monkeypatch.setattr(engine_mod, "gpu_unavailable_reason", lambda: None)
+    onnx = tmp_path / "model.fp16.onnx"
+    onnx.write_bytes(b"onnx")
+    cache = tmp_path / "timing.cache"
+    profile = ShapeProfile(1, 8, 32, 2, 20, 100)
+
+    result = try_build_engine(
+        onnx, tmp_path / "out", profile=profile, timing_cache=cache, optimization_level=4
+    )
+
+    assert result.built and result.engine_path is not None and result.engine_path.read_bytes() == b"ENGINE"
+    assert calls["network_flags"] == 1 << 1  # STRONGLY_TYPED on TensorRT 10
+    assert calls["config"].builder_optimization_level == 4
+    assert calls["shapes"]["item_seq"] == ((1, 2), (8, 20), (32, 100))
+    assert calls["shapes"]["item_seq_len"] == ((1,), (8,), (32,))
+    assert cache.read_bytes() == b"CACHE" and calls["timing_cache_in"] == b""
+    manifest = json.loads(manifest_path_for(result.engine_path).read_text())
+    assert manifest["format"] == MANIFEST_FORMAT and manifest["tensorrt_version"] == "10.8.0.43"
+    assert manifest["gpu"] == {"name": "Fake L4", "compute_capability": "8.9"}
+    assert manifest["profile"] == {"batch": [1, 8, 32], "seq": [2, 20, 100]}
+    # no plugin built: the engine still builds (ONNX function body) and says so
+    assert manifest["plugin"] is None and "m4r build-plugin" in manifest["notes"][0]
+    assert read_manifest(result.engine_path) == manifest
+
+
+def test_build_engine_explicit_missing_plugin_is_an_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt({}))
+    monkeypatch.setattr(engine_mod, "list_gpus", lambda: ([env.GpuInfo(0, "Fake", "8.9")], None))
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"onnx")
+    with pytest.raises(UsageError, match="does not exist"):
+        build_engine(onnx, tmp_path / "m.plan", plugin_library=tmp_path / "libm4r_trt_plugin.so")
+
+
+@pytest.mark.parametrize(
+    ("profile", "field"),
+    [
+        (ShapeProfile(min_batch=0), "batch"),
+        (ShapeProfile(opt_batch=2048), "batch"),
+        (ShapeProfile(opt_seq=500), "seq"),
+    ],
+)
+def test_invalid_profiles_name_the_option(profile: ShapeProfile, field: str) -> None:
+    with pytest.raises(UsageError, match=f"invalid {field} profile.*--max-{field}"):
+        profile.validate()
+
+
+def _manifest(trt: str = "10.8.0.43", cc: str = "8.9", name: str = "NVIDIA L4") -> dict[str, Any]:
+    return {
+        "format": MANIFEST_FORMAT,
+        "tensorrt_version": trt,
+        "gpu": {"name": name, "compute_capability": cc},
+    }
+
+
+def test_engine_from_other_tensorrt_version_is_refused() -> None:
+    with pytest.raises(
+        M4RError, match=r"built with TensorRT 10\.8\.0\.43, but this is TensorRT 10\.13\.0.*m4r build-engine"
+    ):
+        check_engine_compatible(_manifest(), Path("model.plan"), "10.13.0", "NVIDIA L4", "8.9")
+
+
+def test_engine_from_other_gpu_architecture_is_refused() -> None:
+    with pytest.raises(M4RError, match=r"compute capability 8\.9 \(NVIDIA L4\).*H100.*9\.0"):
+        check_engine_compatible(_manifest(), Path("model.plan"), "10.8.0.43", "NVIDIA H100", "9.0")
+
+
+def test_same_architecture_other_gpu_only_warns() -> None:
+    warnings = check_engine_compatible(_manifest(), Path("model.plan"), "10.8.0.43", "NVIDIA RTX 4090", "8.9")
+    assert len(warnings) == 1 and "RTX 4090" in warnings[0]
+
+
+def test_inputs_outside_profile_name_the_fix() -> None:
+    p = ShapeProfile(1, 8, 32, 1, 20, 100)
+    check_inputs_in_profile(p, 32, 100)  # edges are inside
+    with pytest.raises(UsageError, match=r"batch size 33 .*\[1, 32\].*--max-batch"):
+        check_inputs_in_profile(p, 33, 10)
+    with pytest.raises(UsageError, match=r"sequence length 101 .*most recent items.*--max-seq 101"):
+        check_inputs_in_profile(p, 4, 101)
+
+
+def test_missing_or_foreign_manifest(tmp_path: Path) -> None:
+    engine = tmp_path / "model.plan"
+    with pytest.raises(UsageError, match="manifest .* is missing"):
+        read_manifest(engine)
+    manifest_path_for(engine).write_text('{"format": "something-else"}')
+    with pytest.raises(UsageError, match="not an m4r engine manifest"):
+        read_manifest(engine)
+
+
+def test_plugin_discovery_errors_name_the_fix(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, no_plugin: None
+) -> None:
+    with pytest.raises(M4RError, match="libm4r_trt_plugin.so not found.*m4r build-plugin"):
+        find_plugin_library()
+    monkeypatch.setenv(PLUGIN_ENV, str(tmp_path / "nope.so"))
+    with pytest.raises(UsageError, match=f"\\${PLUGIN_ENV}=.*does not exist"):
+        find_plugin_library()
+    lib = tmp_path / "libm4r_trt_plugin.so"
+    lib.write_bytes(b"")
+    monkeypatch.setenv(PLUGIN_ENV, str(lib))
+    assert find_plugin_library() == lib
+
+
+def test_cli_build_engine_without_tensorrt_fails_clearly(stub_only_tensorrt: None, tmp_path: Path) -> None:
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"x")
+    result = CliRunner().invoke(main, ["build-engine", "--onnx", str(onnx)])
+    assert result.exit_code == 1
+    assert "TensorRT is unavailable" in result.output and not (tmp_path / "model.plan").exists()
+
+
+def test_cli_build_plugin_rejects_a_tensorrt_root_without_headers(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main, ["build-plugin", "--out", str(tmp_path / "b"), "--tensorrt-root", str(tmp_path)]
+    )
+    assert result.exit_code == 2 and "NvInferRuntime.h not found" in result.output
