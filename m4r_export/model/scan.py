@@ -197,50 +197,39 @@ class _ScanLast(torch.autograd.Function):
 
     The closed form of mode="last" (decay = dt summed after l up to the last valid position,
     BC = B_l * C_last). Chunked over the batch with a hand-written backward for the same reason
-    as :class:`_ScanAll`; the weights are recomputed in backward instead of stored.
+    as :class:`_ScanAll`: backward recomputes the exp() weights chunk by chunk, which measured
+    as fast as keeping them (a full-size buffer costs as much in page faults and copies as the
+    exps it saves) at constant memory. Contractions are written as multiply + reduce over an
+    axis, which avoids the permute copies a general einsum makes.
     """
 
     CHUNK_BYTES = 4 << 20
-    KEEP_WEIGHTS_BYTES = 1 << 30
 
     @staticmethod
     def forward(ctx: Any, decay: Tensor, dtu: Tensor, A: Tensor, BC: Tensor) -> Tensor:
         batch, dim, seq_len = dtu.shape
-        y = dtu.new_empty((batch, dim))
-        total_bytes = batch * dim * seq_len * A.shape[1] * 4
-        keep = torch.is_grad_enabled() and total_bytes <= _ScanLast.KEEP_WEIGHTS_BYTES
-        # Keeping the exp() weights for backward halves the exps (the dominant cost on CPU).
-        W_all = dtu.new_empty((batch, dim, seq_len, A.shape[1])) if keep else None
+        S = torch.empty_like(dtu)  # S[b, d, l] = sum_n W * BC
         for rows in _row_chunks(batch, dim * seq_len * A.shape[1] * 4, _ScanLast.CHUNK_BYTES):
             W = torch.exp(decay[rows].unsqueeze(-1) * A[None, :, None, :])  # (b, d, l, n), <= 1
-            if W_all is not None:
-                W_all[rows] = W
-            W.mul_(BC[rows].transpose(1, 2)[:, None])
-            y[rows] = torch.einsum("bdln,bdl->bd", W, dtu[rows])
-        ctx.save_for_backward(decay, dtu, A, BC)
-        ctx.W_all = W_all
-        return y
+            S[rows] = W.mul_(BC[rows].transpose(1, 2)[:, None]).sum(-1)
+        ctx.save_for_backward(decay, dtu, A, BC, S)
+        return (S * dtu).sum(-1)
 
     @staticmethod
     def backward(ctx: Any, gy: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        decay, dtu, A, BC = ctx.saved_tensors
+        decay, dtu, A, BC, S = ctx.saved_tensors
         batch, dim, seq_len = dtu.shape
-        g_decay, g_dtu, g_BC = torch.empty_like(decay), torch.empty_like(dtu), torch.empty_like(BC)
+        gw = gy.unsqueeze(-1) * dtu  # dL/d(sum_n W*BC) at (b, d, l)
+        g_decay, g_BC = torch.empty_like(decay), torch.empty_like(BC)
         gA = torch.zeros_like(A)
-        W_all, ctx.W_all = ctx.W_all, None
         for rows in _row_chunks(batch, dim * seq_len * A.shape[1] * 4, _ScanLast.CHUNK_BYTES):
-            if W_all is not None:
-                W = W_all[rows]
-            else:
-                W = torch.exp(decay[rows].unsqueeze(-1) * A[None, :, None, :])
-            gw = gy[rows][:, :, None] * dtu[rows]  # dL/dW summed against BC: (b, d, l)
-            g_BC[rows] = torch.einsum("bdln,bdl->bnl", W, gw)
-            W.mul_(BC[rows].transpose(1, 2)[:, None])  # now W * BC
-            g_dtu[rows] = gy[rows][:, :, None] * W.sum(-1)
-            # d/d(decay * A) of W*BC is W*BC itself
-            g_decay[rows] = gw * torch.einsum("bdln,dn->bdl", W, A)
-            gA += torch.einsum("bdln,bdl->dn", W, gw * decay[rows])
-        return g_decay, g_dtu, gA, g_BC
+            W = torch.exp(decay[rows].unsqueeze(-1) * A[None, :, None, :])
+            gwc = gw[rows].unsqueeze(-1)
+            g_BC[rows] = (W * gwc).sum(1).transpose(1, 2)  # sum over d -> (b, l, n) -> (b, n, l)
+            W.mul_(BC[rows].transpose(1, 2)[:, None])  # W * BC; d/d(decay*A) of it is itself
+            g_decay[rows] = gw[rows] * (W * A[None, :, None, :]).sum(-1)
+            gA += (W * (gwc * decay[rows].unsqueeze(-1))).sum((0, 2))
+        return g_decay, gy.unsqueeze(-1) * S, gA, g_BC
 
 
 def _scan_all_fast(dt: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
