@@ -26,9 +26,13 @@ def ensure_writable_dir(path: str | os.PathLike[str]) -> Path:
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UsageError(f"cannot create output directory {p}: {exc.strerror}; choose a writable path") from exc
+        raise UsageError(
+            f"cannot create output directory {p}: {exc.strerror}; choose a writable path"
+        ) from exc
     if not os.access(p, os.W_OK):
-        raise UsageError(f"output directory {p} is not writable; choose a writable path or fix its permissions")
+        raise UsageError(
+            f"output directory {p} is not writable; choose a writable path or fix its permissions"
+        )
     return p
 
 
