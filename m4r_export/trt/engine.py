@@ -48,18 +48,33 @@ def logged(logger: tensorrt.ILogger, last: int = 8) -> str:
     return ("\nTensorRT said:\n  " + "\n  ".join(msgs[-last:])) if msgs else ""
 
 
+def _plugin_registered(registry: tensorrt.IPluginRegistry) -> bool:
+    # Scan the list instead of get_creator(): a failed lookup logs an error through TensorRT's logger.
+    for creator in registry.all_creators:
+        name = getattr(creator, "name", None)
+        namespace = getattr(creator, "plugin_namespace", None)
+        if name == "SelectiveScan" and namespace == "m4r":
+            return True
+    return False
+
+
 def load_plugin_library(path: Path, logger: tensorrt.ILogger) -> None:
     """Register the plugin library's creators (IPluginRegistry::loadLibrary via getCreators)."""
     import tensorrt as trt
 
     registry: tensorrt.IPluginRegistry = trt.get_plugin_registry()
-    if registry.get_creator("SelectiveScan", "1", "m4r") is not None:
-        return  # already registered in this process (loaded earlier, or LD_PRELOADed static variant)
-    handle = registry.load_library(str(path))
+    if _plugin_registered(registry):
+        return  # already loaded in this process (earlier call, or the LD_PRELOADed static variant)
+    try:
+        handle = registry.load_library(str(path))
+    except Exception as exc:  # the bindings raise on some failures and return None on others
+        handle, why = None, f" ({exc})"
+    else:
+        why = ""
     if handle is None:
         raise M4RError(
-            f"TensorRT could not load the plugin library {path}; rebuild it for this TensorRT with "
-            f"`m4r build-plugin`{logged(logger)}"
+            f"TensorRT could not load the plugin library {path}{why}; rebuild it for this TensorRT and CUDA "
+            f"with `m4r build-plugin`{logged(logger)}"
         )
 
 
