@@ -39,7 +39,7 @@ def scan_lib(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     return lib
 
 
-def _ptr(a: np.ndarray | None, kind: type = _F32P) -> ctypes._Pointer | None:  # type: ignore[type-arg]
+def _ptr(a: np.ndarray | None, kind: type = _F32P) -> ctypes._Pointer | None:
     return None if a is None else a.ctypes.data_as(kind)
 
 
