@@ -20,6 +20,8 @@ COMMANDS: dict[str, str] = {
     "data": "m4r_export.data.cli:data",
     "build-plugin": "m4r_export.trt.cli:build_plugin",
     "build-engine": "m4r_export.trt.cli:build_engine",
+    "verify": "m4r_export.verify.cli:verify",
+    "bench": "m4r_export.verify.cli:bench",
 }
 
 

@@ -1,0 +1,170 @@
+"""What an artifact is: its file, kind (ONNX model or TensorRT engine), serving head and precision.
+
+The facts come from ``manifest.json`` written by ``m4r export`` beside the ONNX files (for an
+engine: ``<engine>.json`` names the ONNX file it was built from, whose directory holds
+``manifest.json``). Without a manifest the head is inferred from the graph's output names and the
+report says so.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import M4RError, UsageError
+from ..serving import HEAD_OUTPUTS
+
+ONNX_SUFFIXES = (".onnx",)
+ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
+
+
+@dataclass
+class ArtifactInfo:
+    path: Path
+    kind: str  # "onnx" | "engine"
+    head: str
+    k: int | None
+    exclude_history: bool
+    max_seq_len: int | None
+    precision: str  # "fp32" | "fp16"
+    model_config: dict[str, Any] | None = None
+    manifest: dict[str, Any] | None = None
+    onnx_path: Path | None = None  # the ONNX file (for an engine: the one it was built from)
+    item_table: Path | None = None  # embedding head: the item table shipped beside the model
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "kind": self.kind,
+            "head": self.head,
+            "k": self.k,
+            "exclude_history": self.exclude_history,
+            "max_seq_len": self.max_seq_len,
+            "precision": self.precision,
+            "onnx": str(self.onnx_path) if self.onnx_path else None,
+            "item_table": str(self.item_table) if self.item_table else None,
+            "notes": list(self.notes),
+        }
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{path} is unreadable ({exc}); re-export the artifact with `m4r export`") from exc
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} is not a JSON object; re-export the artifact with `m4r export`")
+    return data
+
+
+def _onnx_facts(onnx_path: Path) -> tuple[list[str], dict[str, list[int | str]], bool]:
+    """Output names, their shapes (dims as int or symbolic name), and whether the graph is fp16."""
+    import onnx
+
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as exc:
+        raise M4RError(f"{onnx_path} is not a readable ONNX model ({exc}); re-export it") from exc
+    fp16 = onnx.TensorProto.FLOAT16
+    shapes: dict[str, list[int | str]] = {}
+    is_fp16 = False
+    for out in model.graph.output:
+        dims = out.type.tensor_type.shape.dim
+        shapes[out.name] = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]
+        is_fp16 |= out.type.tensor_type.elem_type == fp16
+    is_fp16 |= any(init.data_type == fp16 for init in model.graph.initializer)
+    return [o.name for o in model.graph.output], shapes, is_fp16
+
+
+def _head_from_outputs(names: list[str], where: Path) -> str:
+    for head, outs in HEAD_OUTPUTS.items():
+        if set(outs) <= set(names):
+            return head
+    raise UsageError(
+        f"{where}: outputs {names} match no serving head ({dict(HEAD_OUTPUTS)}); "
+        "export the model with `m4r export`"
+    )
+
+
+def _find_item_table(directory: Path, manifest: dict[str, Any] | None) -> Path | None:
+    candidates: list[str] = []
+    files = (manifest or {}).get("files")
+    if isinstance(files, dict):
+        candidates += [str(v if isinstance(v, str) else v.get("path", "")) for v in files.values()]
+        candidates += [str(k) for k in files]
+    elif isinstance(files, list):
+        candidates += [str(f if isinstance(f, str) else f.get("path", f.get("name", ""))) for f in files]
+    candidates += ["item_table.npy", "items.npy", "item_embedding.npy"]
+    for name in candidates:
+        if name.endswith(".npy") and (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def load_artifact(path: str | Path) -> ArtifactInfo:
+    """Read what ``verify``/``bench`` need to know about ``path`` (.onnx, or .plan/.engine)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"artifact {p} does not exist; pass DIR/model.onnx (m4r export) or DIR/model.plan")
+    notes: list[str] = []
+    if p.suffix in ENGINE_SUFFIXES:
+        kind = "engine"
+        from ..trt.manifest import read_manifest
+
+        engine_manifest = read_manifest(p)
+        onnx_name = (engine_manifest.get("onnx") or {}).get("file")
+        onnx_path = p.parent / onnx_name if onnx_name else None
+        if onnx_path is None or not onnx_path.is_file():
+            raise UsageError(
+                f"engine {p} was built from {onnx_name!r}, which is not beside it; keep the engine in the "
+                "directory written by `m4r export` (verify reads its manifest.json)"
+            )
+    elif p.suffix in ONNX_SUFFIXES:
+        kind, onnx_path = "onnx", p
+    else:
+        raise UsageError(
+            f"artifact {p}: unknown file type {p.suffix!r}; pass an ONNX model (.onnx) or a TensorRT engine "
+            f"({', '.join(ENGINE_SUFFIXES)})"
+        )
+
+    out_names, out_shapes, is_fp16 = _onnx_facts(onnx_path)
+    manifest_path = onnx_path.parent / "manifest.json"
+    manifest = _read_json(manifest_path) if manifest_path.is_file() else None
+    if manifest is None:
+        notes.append(f"no manifest.json beside {onnx_path.name}: head inferred from the output names")
+        head = _head_from_outputs(out_names, onnx_path)
+        k: int | None = None
+        if head == "topk":
+            dim = out_shapes["topk_items"][-1]
+            k = dim if isinstance(dim, int) and dim > 0 else None
+        exclude_history, max_seq_len, config = False, None, None
+    else:
+        head = str(manifest.get("head") or _head_from_outputs(out_names, onnx_path))
+        k = int(manifest["k"]) if manifest.get("k") is not None else None
+        exclude_history = bool(manifest.get("exclude_history", False))
+        max_seq_len = int(manifest["max_seq_len"]) if manifest.get("max_seq_len") is not None else None
+        config = manifest.get("model") if isinstance(manifest.get("model"), dict) else None
+    missing = [n for n in HEAD_OUTPUTS.get(head, ()) if n not in out_names]
+    if head not in HEAD_OUTPUTS or missing:
+        raise UsageError(
+            f"{onnx_path}: the manifest says head {head!r} but the graph outputs are {out_names}; "
+            "the manifest does not belong to this model: re-export it"
+        )
+    item_table = _find_item_table(onnx_path.parent, manifest) if head == "embedding" else None
+    return ArtifactInfo(
+        path=p,
+        kind=kind,
+        head=head,
+        k=k,
+        exclude_history=exclude_history,
+        max_seq_len=max_seq_len,
+        precision="fp16" if is_fp16 else "fp32",
+        model_config=config,
+        manifest=manifest,
+        onnx_path=onnx_path,
+        item_table=item_table,
+        notes=notes,
+    )

@@ -1,0 +1,236 @@
+"""Human output (rich tables), Markdown tables for docs, and optional PNG plots (matplotlib)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import UsageError
+from .bench import BenchResult
+from .verify import VerifyReport, overlap_histogram
+
+PLOT_HINT = "matplotlib is not installed: pip install 'm4r-export[plot]' (or pip install matplotlib)"
+
+
+def require_matplotlib() -> None:
+    """UsageError (before any work is done) when a plot was asked for but matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise UsageError(f"--plot needs matplotlib, which is not installed ({exc}); {PLOT_HINT}") from exc
+
+
+def _console() -> Console:
+    """A console that does not squeeze the tables to 80 columns when the output is a pipe or file."""
+    console = Console()
+    return console if console.is_terminal else Console(width=140)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        if v != v:  # NaN
+            return "nan"
+        return f"{v:.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+    return str(v)
+
+
+def render_verify(report: VerifyReport, console: Console | None = None) -> None:
+    console = console or _console()
+    art = report.artifact
+    console.print(
+        f"[bold]m4r verify[/bold] {art.path} ([cyan]{art.kind}[/cyan], head {art.head}, {art.precision}"
+        f"{', exclude_history' if art.exclude_history else ''}) vs PyTorch ({report.reference.get('name')}, "
+        f"scan {report.reference.get('scan_backend')})"
+    )
+    console.print(f"inputs: {report.inputs['source']}; K = {report.k}")
+    for r in report.results:
+        table = Table(title=f"{r.backend}: {'PASS' if r.passed else 'FAIL'} ({r.seconds:.2f} s)")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        table.add_column("threshold", justify="right")
+        table.add_column("", justify="center")
+        checked = {c.metric: c for c in r.checks}
+        checked_raw = {c.metric.strip("|"): c for c in r.checks}
+        shown = [
+            "max_abs_error",
+            "mean_abs_error",
+            "max_rel_error",
+            "mean_rel_error",
+            "mask_mismatches",
+            "nan",
+            "pos_inf",
+            "unexpected_neg_inf",
+            "non_finite",
+            "embedding_max_abs_error",
+            "topk_items_out_of_range",
+            "topk_overlap_mean",
+            "topk_overlap_min",
+            "topk_overlap_worst_user",
+            "users_topk_identical",
+            "kendall_tau_mean",
+            "kendall_tau_min",
+            "rbo_mean",
+            "rbo_min",
+        ]
+        shown += [key for key in r.metrics if "@" in key]
+        for key in shown:
+            if key not in r.metrics:
+                continue
+            check = checked.get(key) or checked_raw.get(key)
+            if check is None and key.endswith("_delta"):
+                check = checked.get(f"|{key}|")
+            mark = "" if check is None else ("[green]ok[/green]" if check.passed else "[red]FAIL[/red]")
+            limit = "" if check is None else f"{check.op} {_fmt(check.threshold)}"
+            table.add_row(key, _fmt(r.metrics[key]), limit, mark)
+        console.print(table)
+        hist = overlap_histogram(r.overlap, report.k)
+        console.print("top-K overlap per user: " + ", ".join(f"{k}: {v}" for k, v in hist.items()))
+    console.print(f"thresholds: {report.threshold_source}")
+    for note in report.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    if report.passed:
+        console.print("[bold green]PASS[/bold green]: the artifact ranks items like the PyTorch model")
+    else:
+        console.print(f"[bold red]FAIL[/bold red]: {report.failure_message()}")
+
+
+def render_bench(result: BenchResult, console: Console | None = None) -> None:
+    console = console or _console()
+    art = result.artifact
+    console.print(
+        f"[bold]m4r bench[/bold] {art.path} ({art.kind}, head {art.head}, {art.precision}); "
+        f"{result.threads} thread(s) for every backend; PyTorch reference: {result.reference_weights}"
+    )
+    table = Table(title="latency per call (ms), throughput (sequences/s), peak memory (MiB)")
+    for col in ("backend", "batch", "seq", "runs", "p50", "p90", "p99", "seq/s", "mem", "vs pytorch"):
+        table.add_column(col, justify="left" if col == "backend" else "right")
+    speed = {(r["backend"], r["batch"], r["seq"]): r["speedup"] for r in result.ratios()}
+    for p in sorted(result.points, key=lambda p: (p.batch, p.seq, p.backend != "pytorch", p.backend)):
+        seq = str(p.seq) if p.seq == p.effective_seq else f"{p.seq}->{p.effective_seq}"
+        ratio = speed.get((p.backend, p.batch, p.seq))
+        table.add_row(
+            p.backend,
+            str(p.batch),
+            seq,
+            str(p.runs),
+            f"{p.p50_ms:.3f}",
+            f"{p.p90_ms:.3f}",
+            f"{p.p99_ms:.3f}",
+            f"{p.throughput:,.0f}",
+            _fmt(p.peak_mem_mib),
+            "" if ratio is None else f"{ratio:.2f}x",
+        )
+    console.print(table)
+    if result.fits:
+        fit_table = Table(title="sequence-length sweep: p50 = intercept + slope * seq")
+        for col in (
+            "backend",
+            "batch",
+            "seqs",
+            "slope (ms / 1k items)",
+            "intercept (ms)",
+            "R^2",
+            "log-log exp.",
+        ):
+            fit_table.add_column(col, justify="left" if col == "backend" else "right")
+        for f in result.fits:
+            fit_table.add_row(
+                f.backend,
+                str(f.batch),
+                ",".join(map(str, f.seqs)),
+                f"{f.slope_ms_per_1k:.3f}",
+                f"{f.intercept_ms:.3f}",
+                f"{f.r2:.4f}",
+                f"{f.loglog_exponent:.2f}",
+            )
+        console.print(fit_table)
+    console.print(f"elapsed {result.elapsed_s:.1f} s (budget {result.max_seconds:.0f} s)")
+    for note in result.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+
+
+def bench_markdown(result: BenchResult) -> str:
+    """The latency table as Markdown (for README / docs)."""
+    speed = {(r["backend"], r["batch"], r["seq"]): r["speedup"] for r in result.ratios()}
+    lines = [
+        "| backend | batch | seq | p50 ms | p90 ms | p99 ms | seq/s | peak MiB | speed-up vs PyTorch |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in sorted(result.points, key=lambda p: (p.batch, p.seq, p.backend != "pytorch", p.backend)):
+        ratio = speed.get((p.backend, p.batch, p.seq))
+        lines.append(
+            f"| {p.backend} | {p.batch} | {p.seq} | {p.p50_ms:.3f} | {p.p90_ms:.3f} | {p.p99_ms:.3f} | "
+            f"{p.throughput:,.0f} | {_fmt(p.peak_mem_mib)} | {'' if ratio is None else f'{ratio:.2f}x'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_bench(result: BenchResult, path: str | Path) -> Path:
+    """PNG: p50 latency against sequence length, one line per backend and batch size."""
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for backend, batch in sorted({(p.backend, p.batch) for p in result.points}):
+        pts = sorted(
+            (p for p in result.points if (p.backend, p.batch) == (backend, batch)), key=lambda p: p.seq
+        )
+        ax.plot(
+            [p.effective_seq for p in pts], [p.p50_ms for p in pts], marker="o", label=f"{backend} b={batch}"
+        )
+    ax.set_xlabel("sequence length (items of history)")
+    ax.set_ylabel("p50 latency per call (ms)")
+    ax.set_title(f"m4r bench: {result.artifact.path.name}, {result.threads} thread(s)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(path)
+    _save(fig, out)
+    plt.close(fig)
+    return out
+
+
+def plot_verify(report: VerifyReport, path: str | Path) -> Path:
+    """PNG: histogram of per-user top-K overlap, one bar group per backend."""
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    k = report.k
+    width = 0.8 / max(1, len(report.results))
+    for i, r in enumerate(report.results):
+        shared = np.rint(r.overlap * k).astype(int)
+        counts = np.bincount(shared, minlength=k + 1)
+        ax.bar(np.arange(k + 1) + i * width, counts, width=width, label=r.backend)
+    ax.set_xlabel(f"items shared with the PyTorch top-{k}")
+    ax.set_ylabel("users")
+    ax.set_yscale("symlog")
+    ax.set_title(f"m4r verify: {report.artifact.path.name} ({report.artifact.precision})")
+    ax.legend()
+    fig.tight_layout()
+    out = Path(path)
+    _save(fig, out)
+    plt.close(fig)
+    return out
+
+
+def _save(fig: Any, out: Path) -> None:
+    import io
+
+    from ..fileio import write_bytes_atomic
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    write_bytes_atomic(out, buf.getvalue())

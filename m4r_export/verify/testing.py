@@ -1,0 +1,139 @@
+"""Small ONNX artifacts for tests: the real exporter when present, else a plain ``torch.onnx`` trace.
+
+The fallback traces :class:`~m4r_export.serving.ServingModel` with a closed-form scan written in
+plain tensor ops (single-layer models only) at a static sequence width, and writes a
+``manifest.json`` with the keys ``verify`` reads. It exists so the verify/bench tests do not
+depend on the exporter's progress; it is not a substitute for ``m4r export``.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..model import Mamba4Rec, register_scan_backend
+from ..model.scan import _finish, _gather_last, _prepare_dt, last_index
+from ..serving import HEAD_OUTPUTS, INPUT_NAMES, ServingModel
+
+TRACE_BACKEND = "verify-trace"
+
+
+def _traceable_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    lengths: Tensor | None = None,
+    mode: str = "all",
+) -> Tensor:
+    if mode != "last":
+        raise ValueError("the test trace only supports single-layer models (mode='last')")
+    batch, _, seq_len = u.shape
+    dt = _prepare_dt(delta, delta_bias, delta_softplus)
+    idx = last_index(lengths, batch, seq_len, u.device)
+    valid = (torch.arange(seq_len, device=u.device)[None, :] <= idx[:, None]).to(dt.dtype)
+    dtv = dt * valid[:, None, :]
+    decay = F.pad(dtv[..., 1:], (0, 1)).flip(-1).cumsum(-1).flip(-1)
+    c_last = C.float().gather(2, idx.view(-1, 1, 1).expand(C.shape[0], C.shape[1], 1))
+    bc = B.float() * c_last
+    w = torch.exp(decay.unsqueeze(-1) * A[None, :, None, :]) * bc.transpose(1, 2)[:, None]
+    y = torch.einsum("bdln,bdl->bd", w, dtv * u.float())
+    y = _finish(y, _gather_last(u, idx), D, None if z is None else _gather_last(z, idx))
+    return y.to(u.dtype)
+
+
+register_scan_backend(TRACE_BACKEND, _traceable_scan)
+
+
+def tiny_model(n_items: int = 40, seed: int = 0, hidden_size: int = 16, d_state: int = 8) -> Mamba4Rec:
+    """A random single-layer model whose scores are spread enough to rank (std-0.02 init is flat)."""
+    torch.manual_seed(seed)
+    model = Mamba4Rec(n_items, hidden_size=hidden_size, d_state=d_state).eval()
+    with torch.no_grad():
+        model.item_embedding.weight.normal_(0.0, 1.0)
+    return model
+
+
+def trace_onnx(
+    model: Mamba4Rec,
+    out_dir: str | Path,
+    *,
+    head: str = "scores",
+    k: int = 10,
+    exclude_history: bool = False,
+    max_seq_len: int = 12,
+    name: str = "model.onnx",
+) -> Path:
+    """Trace ``model`` to ``out_dir/name`` (+ manifest.json) with a static width ``max_seq_len``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    previous = [str(m.scan_backend) for m in model.modules() if hasattr(m, "scan_backend")]
+    model.set_scan_backend(TRACE_BACKEND)
+    serving = ServingModel(model, head, k, exclude_history).eval()
+    seq = torch.randint(1, model.n_items, (2, max_seq_len))
+    lens = torch.tensor([1, max_seq_len])
+    outputs = HEAD_OUTPUTS[head]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                serving,
+                (seq, lens),
+                str(out / name),
+                input_names=list(INPUT_NAMES),
+                output_names=list(outputs),
+                dynamic_axes={n: {0: "batch"} for n in (*INPUT_NAMES, *outputs)},
+                opset_version=18,
+                dynamo=False,
+            )
+    finally:
+        model.set_scan_backend(previous[0] if previous else "auto")
+        serving.eval()
+    manifest: dict[str, Any] = {
+        "head": head,
+        "k": k if head == "topk" else None,
+        "exclude_history": exclude_history,
+        "max_seq_len": max_seq_len,
+        "model": model.config.to_dict(),
+        "inputs": {"item_seq": ["batch", max_seq_len], "item_seq_len": ["batch"]},
+        "outputs": list(outputs),
+        "files": {"onnx": name},
+        "parity": None,
+    }
+    if head == "embedding":
+        np.save(out / "item_table.npy", model.item_embedding.weight.detach().numpy())
+        manifest["files"]["item_table"] = "item_table.npy"
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return out / name
+
+
+def perturb_onnx_weight(src: str | Path, dst: str | Path, scale: float = 1.0) -> str:
+    """Copy an ONNX model, adding ``scale`` to one element of its largest 2-D initializer.
+
+    Returns the perturbed initializer's name.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src))
+    mats = [i for i in model.graph.initializer if len(i.dims) == 2]
+    if not mats:
+        raise ValueError(f"{src} has no 2-D initializer to perturb")
+    target = max(mats, key=lambda i: int(np.prod(i.dims)))
+    arr = numpy_helper.to_array(target).copy()
+    arr.flat[arr.size // 2] += np.asarray(scale, dtype=arr.dtype)
+    target.CopyFrom(numpy_helper.from_array(arr, target.name))
+    onnx.save(model, str(dst))
+    return target.name

@@ -1,0 +1,505 @@
+"""``m4r verify``: does the artifact rank items like the PyTorch model?
+
+:func:`run_verify` feeds the same users to the PyTorch reference (:class:`ServingModel`, the
+definition of what an artifact computes) and to the artifact on one or more backends, computes
+the metrics of :mod:`.metrics` and checks them against thresholds. Callers (the CLI, ``m4r demo``)
+render the returned :class:`VerifyReport` and use ``report.passed``.
+
+Inputs: the test users of a dataset (``data``: their leave-one-out histories, and the held-out
+item as the target of hit/ndcg/mrr), or generated sequences of varied lengths (1, the maximum,
+and uniform in between) with uniformly drawn items. Histories longer than the artifact's
+``max_seq_len`` keep their most recent items.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from ..errors import M4RError, UsageError
+from .artifact import ArtifactInfo, load_artifact
+from .metrics import non_finite, ranking_parity, score_errors, topk_from_scores
+from .runners import TorchRunner, default_backend, default_threads, fit_width, make_runner
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Pass/fail limits. ``max_*``: the metric must be <=; ``min_*``: it must be >=.
+
+    Defaults per precision come from measurements on ml-100k (docs/verify-bench.md): fp32 errors are
+    float rounding (~1e-6 relative); fp16 artifacts round weights and activations to 11-bit
+    mantissas, which moves scores by ~1e-3 relative and swaps near-tied items at the top-K border.
+    """
+
+    max_abs_error: float
+    max_rel_error: float
+    min_topk_overlap_mean: float
+    min_topk_overlap_min: float
+    min_kendall_tau_mean: float
+    min_rbo_mean: float
+    max_abs_ndcg_delta: float
+    max_abs_hit_delta: float
+    max_non_finite: int = 0
+    max_mask_mismatches: int = 0
+
+    @classmethod
+    def defaults(cls, precision: str) -> Thresholds:
+        return DEFAULT_THRESHOLDS[precision]
+
+    def with_overrides(self, **overrides: Any) -> Thresholds:
+        known = {f.name for f in fields(self)}
+        bad = [k for k in overrides if k not in known]
+        if bad:
+            raise UsageError(f"unknown threshold(s) {bad}; known: {sorted(known)}")
+        values = {**asdict(self), **{k: v for k, v in overrides.items() if v is not None}}
+        return Thresholds(**values)
+
+
+DEFAULT_THRESHOLDS: dict[str, Thresholds] = {
+    "fp32": Thresholds(
+        max_abs_error=1e-3,
+        max_rel_error=1e-3,
+        min_topk_overlap_mean=0.99,
+        min_topk_overlap_min=0.8,
+        min_kendall_tau_mean=0.99,
+        min_rbo_mean=0.99,
+        max_abs_ndcg_delta=0.005,
+        max_abs_hit_delta=0.005,
+    ),
+    "fp16": Thresholds(
+        max_abs_error=0.1,
+        max_rel_error=0.05,
+        min_topk_overlap_mean=0.95,
+        min_topk_overlap_min=0.6,
+        min_kendall_tau_mean=0.9,
+        min_rbo_mean=0.95,
+        max_abs_ndcg_delta=0.01,
+        max_abs_hit_delta=0.02,
+    ),
+}
+
+
+@dataclass
+class VerifyInputs:
+    item_seq: np.ndarray
+    item_seq_len: np.ndarray
+    targets: np.ndarray | None
+    source: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def users(self) -> int:
+        return int(self.item_seq.shape[0])
+
+
+@dataclass
+class Check:
+    metric: str
+    value: float
+    op: str  # "<=" or ">="
+    threshold: float
+    passed: bool
+
+    def __str__(self) -> str:
+        bad = ">" if self.op == "<=" else "<"
+        rel = self.op if self.passed else bad
+        return f"{self.metric} = {self.value:.6g} {rel} {self.threshold:.6g}"
+
+
+@dataclass
+class BackendResult:
+    backend: str
+    runner: dict[str, Any]
+    metrics: dict[str, Any]
+    checks: list[Check]
+    seconds: float
+    overlap: np.ndarray = field(repr=False)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed]
+
+
+@dataclass
+class VerifyReport:
+    artifact: ArtifactInfo
+    checkpoint: str
+    inputs: dict[str, Any]
+    reference: dict[str, Any]
+    k: int
+    thresholds: Thresholds
+    threshold_source: str
+    results: list[BackendResult]
+    environment: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.results)
+
+    def failure_message(self) -> str:
+        parts = [
+            f"{r.backend}: " + "; ".join(str(c) for c in r.failures) for r in self.results if not r.passed
+        ]
+        return "parity FAILED for " + " | ".join(parts) if parts else ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tool": f"m4r-export {__version__}",
+            "passed": self.passed,
+            "artifact": self.artifact.describe(),
+            "checkpoint": self.checkpoint,
+            "k": self.k,
+            "inputs": self.inputs,
+            "reference": self.reference,
+            "thresholds": asdict(self.thresholds),
+            "threshold_source": self.threshold_source,
+            "results": [
+                {
+                    "backend": r.backend,
+                    "passed": r.passed,
+                    "runner": r.runner,
+                    "metrics": r.metrics,
+                    "checks": [asdict(c) for c in r.checks],
+                    "failures": [str(c) for c in r.failures],
+                    "seconds": r.seconds,
+                    "topk_overlap_histogram": overlap_histogram(r.overlap, self.k),
+                }
+                for r in self.results
+            ],
+            "environment": self.environment,
+            "notes": self.notes,
+        }
+
+
+def overlap_histogram(overlap: np.ndarray, k: int) -> dict[str, int]:
+    """Users per number of shared top-K items ("10/10": n, "9/10": n, ...)."""
+    shared = np.rint(overlap * k).astype(int)
+    return {f"{s}/{k}": int(np.count_nonzero(shared == s)) for s in range(k, -1, -1) if (shared == s).any()}
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+def generated_inputs(n_items: int, users: int, max_len: int, seed: int = 0) -> VerifyInputs:
+    """Random histories: lengths 1 and ``max_len`` always present, the rest uniform in between."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, max_len + 1, size=users)
+    lengths[: min(users, 2)] = [1, max_len][: min(users, 2)]
+    items = rng.integers(1, n_items, size=(users, max_len))
+    valid = np.arange(max_len)[None, :] < lengths[:, None]
+    return VerifyInputs(
+        item_seq=np.where(valid, items, 0).astype(np.int64),
+        item_seq_len=lengths.astype(np.int64),
+        targets=None,
+        source=f"generated: {users} sequences, lengths 1..{max_len}, items uniform in 1..{n_items - 1}, "
+        f"seed {seed}",
+    )
+
+
+def dataset_inputs(
+    data: str | Path, item_tokens: list[str] | None, users: int, max_len: int, seed: int = 0
+) -> VerifyInputs:
+    """Test users of a dataset (leave-one-out), mapped to the checkpoint's item indices."""
+    from ..data import load_dataset
+
+    ds = load_dataset(data, max_seq_len=max_len)
+    split = ds.test
+    notes: list[str] = []
+    seq, lens, target = split.item_seq, split.item_seq_len, split.target
+    if item_tokens is not None and list(item_tokens) != list(ds.item_tokens):
+        index = {t: i for i, t in enumerate(item_tokens) if i > 0}
+        lut = np.array([index.get(t, 0) for t in ds.item_tokens], dtype=np.int64)
+        lut[0] = 0
+        mapped = lut[seq]
+        # drop unknown items from histories (shift left), and users whose target is unknown
+        keep_target = lut[target] > 0
+        rows = []
+        n_unknown = 0
+        for r in range(len(mapped)):
+            hist = mapped[r, : lens[r]]
+            n_unknown += int(np.count_nonzero(hist == 0))
+            rows.append(hist[hist > 0])
+        from ..data import pad_sequences
+
+        seq, lens = pad_sequences(rows, max_len)
+        target = lut[target]
+        keep = keep_target & (lens > 0)
+        seq, lens, target = seq[keep], lens[keep], target[keep]
+        notes.append(
+            f"dataset item ids remapped to the checkpoint's vocabulary: {n_unknown} unknown history items "
+            f"dropped, {int(np.count_nonzero(~keep))} users dropped"
+        )
+    elif item_tokens is None:
+        notes.append("the checkpoint has no item vocabulary: dataset indices are used as model indices")
+    n = len(seq)
+    if n == 0:
+        raise UsageError(f"{data}: no test users left to verify with")
+    if users < n:
+        pick = np.sort(np.random.default_rng(seed).choice(n, size=users, replace=False))
+        seq, lens, target = seq[pick], lens[pick], target[pick]
+    return VerifyInputs(
+        item_seq=seq.astype(np.int64),
+        item_seq_len=lens.astype(np.int64),
+        targets=target.astype(np.int64),
+        source=f"dataset {data}: {len(seq)} of {n} test users (leave-one-out targets), max_seq_len {max_len}",
+        notes=notes,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- core
+
+
+def _batched(runner: Any, inputs: VerifyInputs, batch_size: int) -> dict[str, np.ndarray]:
+    parts: dict[str, list[np.ndarray]] = {}
+    for i in range(0, inputs.users, batch_size):
+        outs = runner.run(inputs.item_seq[i : i + batch_size], inputs.item_seq_len[i : i + batch_size])
+        for name, value in outs.items():
+            parts.setdefault(name, []).append(value)
+    return {name: np.concatenate(v) for name, v in parts.items()}
+
+
+def _history_mask(item_seq: np.ndarray, item_seq_len: np.ndarray, n_items: int) -> np.ndarray:
+    mask = np.zeros((len(item_seq), n_items), dtype=bool)
+    valid = np.arange(item_seq.shape[1])[None, :] < np.clip(item_seq_len, 1, item_seq.shape[1])[:, None]
+    rows = np.broadcast_to(np.arange(len(item_seq))[:, None], item_seq.shape)
+    ids = np.where((item_seq >= 0) & (item_seq < n_items), item_seq, 0)
+    mask[rows[valid], ids[valid]] = True
+    return mask
+
+
+def compare_outputs(
+    artifact: ArtifactInfo,
+    ref_scores: np.ndarray,
+    outs: dict[str, np.ndarray],
+    k: int,
+    inputs: VerifyInputs,
+    *,
+    ref_embedding: np.ndarray | None = None,
+    item_table: np.ndarray | None = None,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """All metrics of one backend's outputs against the reference scores; also per-user overlap."""
+    metrics: dict[str, Any] = {}
+    n_items = ref_scores.shape[1]
+    ref_top = topk_from_scores(ref_scores, k)
+    if artifact.head == "scores":
+        out_scores = outs["scores"]
+        if out_scores.shape != ref_scores.shape:
+            raise M4RError(
+                f"artifact scores have shape {out_scores.shape}, the model gives {ref_scores.shape}"
+            )
+        err = score_errors(ref_scores, out_scores)
+        bad = non_finite(out_scores, ref_scores)
+        out_top = topk_from_scores(out_scores, k)
+    elif artifact.head == "topk":
+        items, scores = outs["topk_items"], outs["topk_scores"]
+        if items.shape[1] < k:
+            raise UsageError(
+                f"--k {k} is larger than the artifact's top-K ({items.shape[1]}); pass --k <= that"
+            )
+        out_of_range = (items < 0) | (items >= n_items)
+        metrics["topk_items_out_of_range"] = int(np.count_nonzero(out_of_range))
+        safe = np.where(out_of_range, 0, items)
+        ref_at = np.take_along_axis(ref_scores, safe, axis=1)
+        ref_at = np.where(out_of_range, np.nan, ref_at)
+        err = score_errors(ref_at, scores)
+        bad = non_finite(scores, ref_at)
+        bad.nan += metrics["topk_items_out_of_range"]
+        out_top = items[:, :k]
+    else:  # embedding
+        emb = outs["user_embedding"]
+        assert ref_embedding is not None and item_table is not None
+        e = score_errors(ref_embedding, emb)
+        metrics.update({"embedding_max_abs_error": e.max_abs, "embedding_mean_abs_error": e.mean_abs})
+        out_scores = emb.astype(np.float64) @ item_table.T.astype(np.float64)
+        mask = np.zeros_like(out_scores, dtype=bool)
+        mask[:, 0] = True
+        if artifact.exclude_history:
+            mask |= _history_mask(inputs.item_seq, inputs.item_seq_len, n_items)
+        out_scores = np.where(mask, -np.inf, out_scores)
+        err = score_errors(ref_scores, out_scores)
+        bad = non_finite(emb)
+        out_top = topk_from_scores(out_scores, k)
+    ranking = ranking_parity(ref_top, out_top, inputs.targets)
+    metrics.update(
+        {
+            "max_abs_error": err.max_abs,
+            "mean_abs_error": err.mean_abs,
+            "max_rel_error": err.max_rel,
+            "mean_rel_error": err.mean_rel,
+            "worst_user_abs_error": err.worst_user,
+            "scores_compared": err.compared,
+            "mask_mismatches": err.mask_mismatches,
+            "nan": bad.nan,
+            "pos_inf": bad.pos_inf,
+            "unexpected_neg_inf": bad.unexpected_neg_inf,
+            "non_finite": bad.total,
+            **ranking.summary(),
+        }
+    )
+    return metrics, ranking.overlap
+
+
+def check_metrics(metrics: dict[str, Any], t: Thresholds, k: int) -> list[Check]:
+    def le(name: str, value: float, limit: float) -> Check:
+        return Check(name, float(value), "<=", float(limit), bool(value <= limit))  # NaN fails
+
+    def ge(name: str, value: float, limit: float) -> Check:
+        return Check(name, float(value), ">=", float(limit), bool(value >= limit))
+
+    checks = [
+        le("non_finite", metrics["non_finite"], t.max_non_finite),
+        le("mask_mismatches", metrics["mask_mismatches"], t.max_mask_mismatches),
+        le("max_abs_error", metrics["max_abs_error"], t.max_abs_error),
+        le("max_rel_error", metrics["max_rel_error"], t.max_rel_error),
+        ge("topk_overlap_mean", metrics["topk_overlap_mean"], t.min_topk_overlap_mean),
+        ge("topk_overlap_min", metrics["topk_overlap_min"], t.min_topk_overlap_min),
+        ge("kendall_tau_mean", metrics["kendall_tau_mean"], t.min_kendall_tau_mean),
+        ge("rbo_mean", metrics["rbo_mean"], t.min_rbo_mean),
+    ]
+    if f"ndcg@{k}_delta" in metrics:
+        checks.append(le(f"|ndcg@{k}_delta|", abs(metrics[f"ndcg@{k}_delta"]), t.max_abs_ndcg_delta))
+        checks.append(le(f"|hit@{k}_delta|", abs(metrics[f"hit@{k}_delta"]), t.max_abs_hit_delta))
+    return checks
+
+
+def run_verify(
+    ckpt: str | Path,
+    artifact: str | Path,
+    *,
+    data: str | Path | None = None,
+    users: int = 1000,
+    k: int = 10,
+    backends: list[str] | None = None,
+    thresholds: Thresholds | None = None,
+    threshold_overrides: dict[str, Any] | None = None,
+    batch_size: int = 256,
+    threads: int | None = None,
+    scan_backend: str = "auto",
+    max_seq_len: int | None = None,
+    seed: int = 0,
+) -> VerifyReport:
+    """Compare ``artifact`` with the PyTorch model of ``ckpt`` on every backend in ``backends``.
+
+    Raises :class:`UsageError` for bad arguments / files and :class:`M4RError` when a backend cannot
+    run; parity failures are *not* exceptions: they are in ``report.passed`` / ``failure_message()``.
+    """
+    from ..checkpoint import read_checkpoint
+
+    if users < 1:
+        raise UsageError(f"--users must be >= 1, got {users}")
+    if k < 1:
+        raise UsageError(f"--k must be >= 1, got {k}")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    art = load_artifact(artifact)
+    ck = read_checkpoint(ckpt)
+    model = ck.build_model()
+    notes = list(art.notes)
+    if art.model_config is not None:
+        mine = model.config.to_dict()
+        diff = {
+            key: (v, mine.get(key)) for key, v in art.model_config.items() if key in mine and mine[key] != v
+        }
+        if diff:
+            raise UsageError(
+                f"checkpoint {ckpt} does not match artifact {artifact}: config differs in "
+                + ", ".join(f"{key} (artifact {a}, checkpoint {b})" for key, (a, b) in diff.items())
+                + "; pass the checkpoint the artifact was exported from"
+            )
+    n_items = model.n_items
+    if k > n_items - 1:
+        raise UsageError(f"--k {k} is larger than the number of items ({n_items - 1})")
+    if art.head == "topk" and art.k is not None and k > art.k:
+        raise UsageError(f"--k {k} is larger than the artifact's top-K ({art.k}); pass --k {art.k} or less")
+    max_len = max_seq_len or art.max_seq_len or int(ck.meta.get("max_seq_len") or 50)
+
+    threads = threads or default_threads()
+    if data is not None:
+        inputs = dataset_inputs(data, ck.item_tokens, users, max_len, seed)
+    else:
+        inputs = generated_inputs(n_items, users, max_len, seed)
+    if inputs.item_seq.shape[1] > max_len:
+        inputs.item_seq, inputs.item_seq_len = fit_width(inputs.item_seq, inputs.item_seq_len, max_len)
+        notes.append(f"histories longer than max_seq_len {max_len} keep their most recent items")
+    notes += inputs.notes
+
+    if thresholds is None:
+        thresholds = Thresholds.defaults(art.precision)
+        source = f"defaults for {art.precision} artifacts"
+    else:
+        source = "given"
+    if threshold_overrides:
+        thresholds = thresholds.with_overrides(**threshold_overrides)
+        given = ", ".join(f"{key}={v}" for key, v in threshold_overrides.items() if v is not None)
+        if given:
+            source += f", overridden: {given}"
+
+    ref = TorchRunner(model, "scores", k, art.exclude_history, scan_backend=scan_backend, threads=threads)
+    ref_scores = _batched(ref, inputs, batch_size)["scores"]
+    ref_embedding = item_table = None
+    if art.head == "embedding":
+        emb_runner = TorchRunner(model, "embedding", scan_backend=scan_backend, threads=threads)
+        ref_embedding = _batched(emb_runner, inputs, batch_size)["user_embedding"]
+        if art.item_table is not None:
+            item_table = np.load(art.item_table)
+        else:
+            item_table = model.item_embedding.weight.detach().cpu().numpy()
+            notes.append("no item table (.npy) beside the artifact: the checkpoint's item embedding is used")
+
+    results = []
+    for backend in backends or [default_backend(art)]:
+        runner = make_runner(backend, art, threads=threads)
+        t0 = time.perf_counter()
+        try:
+            outs = _batched(runner, inputs, batch_size)
+            describe = runner.describe()
+        finally:
+            runner.close()
+        seconds = time.perf_counter() - t0
+        metrics, overlap = compare_outputs(
+            art, ref_scores, outs, k, inputs, ref_embedding=ref_embedding, item_table=item_table
+        )
+        results.append(
+            BackendResult(backend, describe, metrics, check_metrics(metrics, thresholds, k), seconds, overlap)
+        )
+
+    import onnxruntime
+    import torch
+
+    return VerifyReport(
+        artifact=art,
+        checkpoint=str(ckpt),
+        inputs={
+            "source": inputs.source,
+            "users": inputs.users,
+            "max_seq_len": max_len,
+            "length_min": int(inputs.item_seq_len.min()),
+            "length_max": int(inputs.item_seq_len.max()),
+            "targets": inputs.targets is not None,
+            "batch_size": batch_size,
+        },
+        reference=ref.describe(),
+        k=k,
+        thresholds=thresholds,
+        threshold_source=source,
+        results=results,
+        environment={
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "threads": threads,
+            "machine": platform.machine(),
+        },
+        notes=notes,
+    )
