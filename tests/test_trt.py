@@ -102,6 +102,15 @@ def fake_tensorrt(calls: dict[str, Any]) -> types.ModuleType:
             calls["parsed"] = path
             return True
 
+    class Registry:
+        all_creators: list[Any] = []
+
+        def load_library(self, path: str) -> object:
+            calls["loaded"] = path
+            return object()
+
+    registry = Registry()
+    trt.get_plugin_registry = lambda: registry  # type: ignore[attr-defined]
     trt.__version__ = "10.8.0.43"  # type: ignore[attr-defined]
     for name, obj in {
         "ILogger": ILogger,
@@ -161,6 +170,12 @@ def test_build_engine_flow_with_fake_tensorrt(
 ) -> None:
     calls: dict[str, Any] = {}
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(calls))
+
+    def cannot_build(explicit: Path | None, cuda_archs: str | None = None) -> Path:
+        calls["plugin_archs"] = cuda_archs
+        raise M4RError("libm4r_trt_plugin.so not found ...; building it failed: nvcc was not found")
+
+    monkeypatch.setattr(engine_mod, "find_or_build_plugin", cannot_build)
     monkeypatch.setattr(engine_mod, "list_gpus", lambda: ([env.GpuInfo(0, "Fake L4", "8.9")], None))
     monkeypatch.setattr(engine_mod, "gpu_unavailable_reason", lambda: None)
     onnx = tmp_path / "model.fp16.onnx"
@@ -182,9 +197,25 @@ def test_build_engine_flow_with_fake_tensorrt(
     assert manifest["format"] == MANIFEST_FORMAT and manifest["tensorrt_version"] == "10.8.0.43"
     assert manifest["gpu"] == {"name": "Fake L4", "compute_capability": "8.9"}
     assert manifest["profile"] == {"batch": [1, 8, 32], "seq": [2, 20, 100]}
-    # no plugin built: the engine still builds (ONNX function body) and says so
-    assert manifest["plugin"] is None and "m4r build-plugin" in manifest["notes"][0]
+    # no plugin, and building it failed: the engine still builds (ONNX function body) and says why
+    assert calls["plugin_archs"] == "89" and "loaded" not in calls
+    assert manifest["plugin"] is None and "nvcc was not found" in manifest["notes"][0]
     assert read_manifest(result.engine_path) == manifest
+
+
+def test_build_engine_loads_and_records_the_plugin(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    calls: dict[str, Any] = {}
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(calls))
+    monkeypatch.setattr(engine_mod, "list_gpus", lambda: ([env.GpuInfo(0, "Fake H100", "9.0")], None))
+    lib = tmp_path / "libm4r_trt_plugin.so"
+    lib.write_bytes(b"plugin")
+    monkeypatch.setattr(engine_mod, "find_or_build_plugin", lambda explicit, cuda_archs=None: lib)
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"onnx")
+    manifest = build_engine(onnx, tmp_path / "m.plan")
+    assert calls["loaded"] == str(lib)  # registered through IPluginRegistry.load_library
+    assert manifest["plugin"]["library"] == "libm4r_trt_plugin.so" and len(manifest["plugin"]["sha256"]) == 64
+    assert manifest["notes"] == []
 
 
 def test_build_engine_explicit_missing_plugin_is_an_error(
@@ -281,3 +312,29 @@ def test_cli_build_plugin_rejects_a_tensorrt_root_without_headers(tmp_path: Path
         main, ["build-plugin", "--out", str(tmp_path / "b"), "--tensorrt-root", str(tmp_path)]
     )
     assert result.exit_code == 2 and "NvInferRuntime.h not found" in result.output
+
+
+def test_find_or_build_plugin_builds_when_missing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, no_plugin: None
+) -> None:
+    from m4r_export.trt import native
+
+    built = tmp_path / "lib" / "libm4r_trt_plugin.so"
+    seen: dict[str, Any] = {}
+
+    def fake_build(build_dir: Path | None = None, **kw: Any) -> native.NativeBuild:
+        seen.update(kw)
+        return native.NativeBuild(tmp_path, {native.PLUGIN_LIBRARY: built})
+
+    monkeypatch.setattr(native, "build_native", fake_build)
+    assert native.find_or_build_plugin(cuda_archs="90") == built
+    assert seen["cuda_archs"] == "90" and seen["require_plugin"] is True
+
+    def failing_build(build_dir: Path | None = None, **kw: Any) -> native.NativeBuild:
+        raise M4RError("the TensorRT headers were not found (pass --tensorrt-root or set TensorRT_ROOT)")
+
+    monkeypatch.setattr(native, "build_native", failing_build)
+    with pytest.raises(M4RError, match="not found.*building it failed: the TensorRT headers were not found"):
+        native.find_or_build_plugin()
+    with pytest.raises(UsageError):  # an explicit path is never replaced by a build
+        native.find_or_build_plugin(tmp_path / "missing.so")

@@ -76,6 +76,11 @@ def build_plugin(
     help="libm4r_trt_plugin.so (default: $M4R_TRT_PLUGIN or the `m4r build-plugin` output).",
 )
 @click.option("--no-plugin", is_flag=True, help="Let TensorRT import the scan's ONNX function body instead.")
+@click.option(
+    "--no-build-plugin",
+    is_flag=True,
+    help="Do not build the plugin when it is not found (default: build it).",
+)
 @click.option("--min-batch", type=int, default=1, show_default=True)
 @click.option("--opt-batch", type=int, default=64, show_default=True)
 @click.option("--max-batch", type=int, default=1024, show_default=True)
@@ -95,6 +100,7 @@ def build_engine(
     engine_name: str,
     plugin: Path | None,
     no_plugin: bool,
+    no_build_plugin: bool,
     min_batch: int,
     opt_batch: int,
     max_batch: int,
@@ -116,6 +122,7 @@ def build_engine(
         profile=profile,
         plugin_library=plugin,
         use_plugin=not no_plugin,
+        build_plugin=not no_build_plugin,
         timing_cache=timing_cache,
         optimization_level=opt_level,
     )

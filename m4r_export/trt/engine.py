@@ -17,7 +17,7 @@ from ..errors import M4RError, UsageError
 from ..fileio import sha256_file, write_bytes_atomic, write_json_atomic
 from .env import gpu_unavailable_reason, list_gpus, load_tensorrt, tensorrt_unavailable_reason
 from .manifest import INPUT_NAMES, MANIFEST_FORMAT, ShapeProfile, manifest_path_for
-from .native import find_plugin_library
+from .native import find_or_build_plugin, find_plugin_library
 
 if TYPE_CHECKING:
     import tensorrt
@@ -94,11 +94,17 @@ def build_engine(
     profile: ShapeProfile | None = None,
     plugin_library: Path | None = None,
     use_plugin: bool = True,
+    build_plugin: bool = True,
     timing_cache: Path | None = None,
     optimization_level: int = 3,
     workspace_mib: int | None = None,
 ) -> dict[str, Any]:
-    """Build and write ``engine_path`` and its manifest; returns the manifest. Needs TensorRT and a GPU."""
+    """Build and write ``engine_path`` and its manifest; returns the manifest. Needs TensorRT and a GPU.
+
+    The plugin: ``plugin_library``, else $M4R_TRT_PLUGIN or the `m4r build-plugin` output, else (with
+    ``build_plugin``) built now for this GPU. Without it the scan runs as its ONNX function body and the
+    manifest's notes say why.
+    """
     load_tensorrt()  # a clear error when TensorRT is absent or only stubs; then the typed import below
     import tensorrt as trt
 
@@ -117,7 +123,11 @@ def build_engine(
     plugin_path: Path | None = None
     if use_plugin:
         try:
-            plugin_path = find_plugin_library(plugin_library)
+            if build_plugin:  # for this GPU's architecture only: about a minute
+                archs = gpus[0].compute_capability.replace(".", "")
+                plugin_path = find_or_build_plugin(plugin_library, cuda_archs=archs)
+            else:
+                plugin_path = find_plugin_library(plugin_library)
         except UsageError:
             raise
         except M4RError as exc:
@@ -216,13 +226,15 @@ def try_build_engine(
     engine_name: str = "model.plan",
     profile: ShapeProfile | None = None,
     plugin_library: Path | None = None,
+    build_plugin: bool = True,
     timing_cache: Path | None = None,
     optimization_level: int = 3,
 ) -> EngineBuildResult:
     """Build ``out_dir/engine_name`` when TensorRT and a GPU are present; otherwise report why not.
 
     Called by ``m4r export`` after it wrote model.fp16.onnx. A missing TensorRT or GPU is not an error
-    (status "skipped"); a failure while building with both present raises M4RError.
+    (status "skipped"); a failure while building with both present raises M4RError. A missing plugin is
+    built (``build_plugin``) or, failing that, replaced by the scan's ONNX function body (see notes).
     """
     reason = tensorrt_unavailable_reason()
     if reason is None:
@@ -235,6 +247,7 @@ def try_build_engine(
         engine_path,
         profile=profile,
         plugin_library=plugin_library,
+        build_plugin=build_plugin,
         timing_cache=timing_cache,
         optimization_level=optimization_level,
     )

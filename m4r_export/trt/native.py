@@ -181,3 +181,26 @@ def find_library(name: str, explicit: Path | None = None, env_var: str | None = 
 def find_plugin_library(explicit: Path | None = None) -> Path:
     """The dynamic TensorRT plugin: explicit path, $M4R_TRT_PLUGIN, or the `m4r build-plugin` output."""
     return find_library(PLUGIN_LIBRARY, explicit, PLUGIN_ENV)
+
+
+def find_or_build_plugin(
+    explicit: Path | None = None, *, cuda_archs: str | None = None, echo: Callable[[str], None] | None = None
+) -> Path:
+    """The plugin library; when it is nowhere to be found, build it into the default build directory.
+
+    An explicit path is never replaced by a build. cuda_archs: e.g. "89" for the GPU at hand (one
+    architecture builds in about a minute).
+    """
+    try:
+        return find_plugin_library(explicit)
+    except UsageError:
+        raise
+    except M4RError as missing:
+        if explicit is not None:
+            raise
+        try:
+            build = build_native(cuda_archs=cuda_archs, require_plugin=True, echo=echo)
+        except M4RError as exc:
+            raise M4RError(f"{missing}; building it failed: {exc}") from exc
+        assert build.plugin is not None  # require_plugin
+        return build.plugin
