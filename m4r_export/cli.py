@@ -22,6 +22,8 @@ COMMANDS: dict[str, str] = {
     "build-engine": "m4r_export.trt.cli:build_engine",
     "verify": "m4r_export.verify.cli:verify",
     "bench": "m4r_export.verify.cli:bench",
+    "train": "m4r_export.training.cli:train",
+    "evaluate": "m4r_export.training.cli:evaluate",
 }
 
 

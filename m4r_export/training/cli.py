@@ -1,0 +1,235 @@
+"""``m4r train`` and ``m4r evaluate``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import UsageError
+
+BACKENDS = ["auto", "fast", "reference", "cuda"]
+
+
+@click.command("train")
+@click.option(
+    "--data", "data_path", required=True, type=click.Path(path_type=Path), help="Interaction file or folder."
+)
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None, help="YAML recipe.")
+@click.option(
+    "--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Checkpoint to write."
+)
+@click.option("--epochs", type=int, default=None, help="Override the recipe's epochs.")
+@click.option("--max-minutes", type=float, default=None, help="Stop after this much training time.")
+@click.option(
+    "--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: the recipe's (cpu)."
+)
+@click.option("--seed", type=int, default=None, help="Override the recipe's seed.")
+@click.option("--scan-backend", type=click.Choice(BACKENDS), default=None, help="Default: auto.")
+@click.option("--batch-size", type=int, default=None, help="Override train_batch_size (global).")
+@click.option("--lr", type=float, default=None, help="Override learning_rate.")
+@click.option(
+    "--loss", "loss_type", type=click.Choice(["CE", "BPR"]), default=None, help="Override loss_type."
+)
+@click.option("--resume", is_flag=True, help="Continue from the state file (--state).")
+@click.option(
+    "--state",
+    "state_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Training state file (default: OUT.state), written after every epoch.",
+)
+@click.option("--no-progress", is_flag=True, help="No progress bar (per-epoch lines only).")
+@click.option("--debug-dump", type=click.Path(path_type=Path), default=None, hidden=True)
+def train(
+    data_path: Path,
+    config_path: Path | None,
+    out: Path,
+    epochs: int | None,
+    max_minutes: float | None,
+    device: str | None,
+    seed: int | None,
+    scan_backend: str | None,
+    batch_size: int | None,
+    lr: float | None,
+    loss_type: str | None,
+    resume: bool,
+    state_path: Path | None,
+    no_progress: bool,
+    debug_dump: Path | None,
+) -> None:
+    """Train Mamba4Rec on an interaction file; write the best epoch's checkpoint to OUT.
+
+    Runs unchanged under `torchrun --nproc_per_node N` (DistributedDataParallel; rank 0 writes).
+    """
+    import torch
+    from rich.console import Console
+
+    from ..data import load_dataset
+    from .config import load_config
+    from .distributed import shutdown_distributed
+    from .trainer import Trainer
+
+    cfg = load_config(
+        config_path,
+        epochs=epochs,
+        max_minutes=max_minutes,
+        device=device,
+        seed=seed,
+        scan_backend=scan_backend,
+        train_batch_size=batch_size,
+        learning_rate=lr,
+        loss_type=loss_type,
+    )
+    console = Console(stderr=True, soft_wrap=True)
+    try:
+        ds = load_dataset(
+            data_path,
+            max_seq_len=cfg.max_seq_len,
+            min_user_inter=cfg.min_user_inter,
+            min_item_inter=cfg.min_item_inter,
+        )
+        trainer = Trainer(
+            ds,
+            cfg,
+            out,
+            data_path=str(data_path),
+            state_path=state_path,
+            progress=not no_progress,
+            log=lambda m: console.print(m, highlight=False),
+            debug_dump=debug_dump,
+        )
+        if trainer.info.is_main:
+            console.print(ds.summary(), highlight=False)
+            console.print(
+                f"model: hidden {cfg.hidden_size}, {cfg.num_layers} layer(s), d_state {cfg.d_state}; "
+                f"{cfg.loss_type} loss, batch {cfg.train_batch_size}, lr {cfg.learning_rate}, scan backend "
+                f"{trainer.backend}, {trainer.info.world_size} process(es), "
+                f"{torch.get_num_threads()} thread(s)",
+                highlight=False,
+            )
+        result = trainer.run(resume=resume)
+        if trainer.info.is_main:
+            _print_train_result(result, out, cfg.valid_metric)
+    finally:
+        shutdown_distributed()
+
+
+def _print_train_result(result: Any, out: Path, valid_metric: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"best epoch {result.best_epoch} (by valid {valid_metric}) -> {out}")
+    t.add_column("metric")
+    t.add_column("valid", justify="right")
+    t.add_column("test", justify="right")
+    for k, v in result.best_valid.items():
+        t.add_row(k, f"{v:.4f}", f"{result.best_test.get(k, float('nan')):.4f}")
+    console = Console()
+    console.print(t)
+    console.print(
+        f"{result.epochs_run} epoch(s) run this time (last epoch {result.last_epoch}), "
+        f"stopped by {result.stopped}, "
+        f"wall time {result.wall_seconds / 60:.1f} min",
+        highlight=False,
+    )
+
+
+@click.command("evaluate", context_settings={"ignore_unknown_options": False})
+@click.option("--ckpt", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Checkpoint.")
+@click.option("--data", "data_path", required=True, type=click.Path(path_type=Path), help="Interaction data.")
+@click.option(
+    "--k",
+    "ks",
+    multiple=True,
+    default=None,
+    help="Cut-offs: --k 10 20, --k 10 --k 20 or --k 10,20 (default 10).",
+)
+@click.argument("more_ks", nargs=-1, type=int, metavar="")
+@click.option("--split", type=click.Choice(["test", "valid"]), default="test", show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option(
+    "--baseline",
+    type=click.Choice(["pop", "none"]),
+    default="pop",
+    show_default=True,
+    help="Most-popular baseline.",
+)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--batch-size", type=int, default=4096, show_default=True)
+@click.option("--scan-backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
+@click.option("--max-seq-len", type=int, default=None, help="Default: the checkpoint's.")
+@click.option("--min-user-inter", type=int, default=None, help="Default: the checkpoint's (5).")
+@click.option("--min-item-inter", type=int, default=None, help="Default: the checkpoint's (5).")
+def evaluate(
+    ckpt: Path,
+    data_path: Path,
+    ks: tuple[str, ...],
+    more_ks: tuple[int, ...],
+    split: str,
+    json_path: Path | None,
+    baseline: str,
+    device: str,
+    batch_size: int,
+    scan_backend: str,
+    max_seq_len: int | None,
+    min_user_inter: int | None,
+    min_item_inter: int | None,
+) -> None:
+    """Full-ranking hit@K / ndcg@K / mrr@K of a checkpoint, beside the most-popular baseline.
+
+    Padding is scored -inf; items in the user's history are not masked (RecBole's behaviour for
+    sequential models).
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..fileio import write_json_atomic
+    from .evaluation import evaluate_checkpoint
+
+    cut_offs = _parse_ks(ks, more_ks)
+    report = evaluate_checkpoint(
+        ckpt,
+        data_path,
+        ks=cut_offs,
+        split=split,
+        baseline=baseline == "pop",
+        device=device,
+        batch_size=batch_size,
+        scan_backend=scan_backend,
+        max_seq_len=max_seq_len,
+        min_user_inter=min_user_inter,
+        min_item_inter=min_item_inter,
+    )
+    t = Table(title=f"{report.split} split, {report.rows} users, full ranking ({report.seconds:.1f} s)")
+    t.add_column("metric")
+    t.add_column("model", justify="right")
+    if report.baseline is not None:
+        t.add_column("most popular", justify="right")
+    for k, v in report.model.items():
+        row = [k, f"{v:.4f}"]
+        if report.baseline is not None:
+            row.append(f"{report.baseline[k]:.4f}")
+        t.add_row(*row)
+    Console().print(t)
+    if json_path is not None:
+        write_json_atomic(json_path, report.to_json())
+
+
+def _parse_ks(ks: tuple[str, ...], more: tuple[int, ...]) -> list[int]:
+    if more and not ks:
+        raise UsageError(f"unexpected argument(s) {' '.join(map(str, more))}; cut-offs go after --k")
+    values: list[int] = []
+    for item in (*ks, *map(str, more)):
+        for part in str(item).split(","):
+            if not part.strip():
+                continue
+            try:
+                k = int(part)
+            except ValueError:
+                raise UsageError(f"--k takes positive integers (e.g. --k 10 20), got {part!r}") from None
+            if k < 1:
+                raise UsageError(f"--k takes positive integers (e.g. --k 10 20), got {k}")
+            values.append(k)
+    return sorted(set(values)) or [10]

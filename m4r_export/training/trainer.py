@@ -1,0 +1,521 @@
+"""The training loop: CE (or BPR) over all items, Adam, early stopping on a validation metric.
+
+Follows the reference configuration (RecBole's ``Trainer`` with the Mamba4Rec ``config.yaml``):
+
+* loss: cross-entropy of ``model.logits`` against every item-embedding row, row 0 (padding)
+  included as an ordinary class, exactly as the reference; ``loss_type: BPR`` uses one uniformly
+  sampled negative per row instead;
+* Adam with ``learning_rate`` (1e-3) and ``weight_decay`` (0);
+* after every ``eval_step`` epochs the full-ranking ``valid_metric`` (NDCG@10) is computed; a value
+  ``>=`` the best so far is an improvement (RecBole's ``early_stopping``), and training stops after
+  ``stopping_step + 1`` evaluations in a row without one;
+* the best epoch's model is written (atomically) to ``out`` with its validation and test metrics.
+
+CPU specifics: ``torch.set_flush_denormal(True)`` -- the scan multiplies by ``exp(dt * A)`` decays
+that drive states and gradients into the subnormal range, and x86 CPUs process subnormal floats
+in slow microcode assists; flushing them to zero changes results by less than 1e-38 and makes the
+reference scan 5-10x faster. Each batch is cropped to its longest history (right padding + a causal
+model make this exact).
+
+Resuming: after every epoch (and when a time budget ends an epoch early) a *state file* holds the
+current weights, the optimizer, the epoch and batch position, the early-stopping counters and every
+rank's RNG state. ``resume=True`` continues from it. Shuffling depends only on ``(seed, epoch)`` and
+each epoch's dropout RNG is seeded from ``(seed, epoch, rank)``, so a resumed run makes the same
+updates as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..checkpoint import save_checkpoint
+from ..data import SequenceDataset
+from ..errors import UsageError
+from ..fileio import atomic_write
+from ..model import Mamba4Rec
+from ..model.scan import resolve_backend
+from . import distributed as D
+from .config import TrainConfig
+from .metrics import evaluate_scorer, means, model_scorer
+
+STATE_FORMAT = "m4r-train-state"
+STATE_VERSION = 1
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int  # 1-based; 0 = the untrained model (no epoch ran)
+    best_valid: dict[str, float]
+    best_test: dict[str, float]
+    epochs_run: int  # epochs (possibly the last one partial) run by this invocation
+    last_epoch: int  # 1-based index of the last epoch trained (over all invocations)
+    stopped: str  # "early-stopping", "epochs", "time-budget"
+    wall_seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _Objective(nn.Module):
+    """Loss as a module so DistributedDataParallel can wrap it (DDP hooks ``forward`` only)."""
+
+    def __init__(self, model: Mamba4Rec, loss_type: str) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_type = loss_type
+
+    def forward(self, item_seq: Tensor, item_seq_len: Tensor, target: Tensor) -> Tensor:
+        if self.loss_type == "CE":
+            return F.cross_entropy(self.model.logits(item_seq, item_seq_len), target)
+        user = self.model(item_seq, item_seq_len)
+        n = self.model.n_items
+        neg = torch.randint(1, n, target.shape, device=target.device)
+        neg = torch.where(neg == target, (neg % (n - 1)) + 1, neg)  # never the target itself
+        emb = self.model.item_embedding
+        pos_score = (user * emb(target)).sum(-1)
+        neg_score = (user * emb(neg)).sum(-1)
+        return -F.logsigmoid(pos_score - neg_score).mean()
+
+
+def set_cpu_flush_denormal() -> bool:
+    """Flush subnormal floats to zero on CPU (see the module docstring); True if supported."""
+    return bool(torch.set_flush_denormal(True))
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def vocabulary_digest(item_tokens: list[str]) -> str:
+    return hashlib.sha256("\x00".join(item_tokens).encode("utf-8")).hexdigest()
+
+
+def build_model(cfg: TrainConfig, n_items: int) -> Mamba4Rec:
+    return Mamba4Rec(
+        n_items,
+        hidden_size=cfg.hidden_size,
+        num_layers=cfg.num_layers,
+        d_state=cfg.d_state,
+        d_conv=cfg.d_conv,
+        expand=cfg.expand,
+        dropout_prob=cfg.dropout_prob,
+    )
+
+
+def _batch_tensors(split: Any, rows: np.ndarray, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    lens = split.item_seq_len[rows]
+    width = max(int(lens.max()), 1)
+    seq = split.item_seq[rows, :width]  # crop to the longest history (exact: right padding, causal)
+    return (
+        torch.from_numpy(seq).to(device),
+        torch.from_numpy(lens).to(device),
+        torch.from_numpy(split.target[rows]).to(device),
+    )
+
+
+# Model-shape and data-protocol fields that a resumed run must share with the state file.
+_FIXED_ON_RESUME = (
+    "hidden_size",
+    "num_layers",
+    "dropout_prob",
+    "d_state",
+    "d_conv",
+    "expand",
+    "max_seq_len",
+    "min_user_inter",
+    "min_item_inter",
+    "loss_type",
+    "train_batch_size",
+    "seed",
+)
+
+
+class Trainer:
+    """One training run; see the module docstring. Use :func:`train` for the common case."""
+
+    def __init__(
+        self,
+        dataset: SequenceDataset,
+        cfg: TrainConfig,
+        out: str | Path,
+        *,
+        data_path: str = "",
+        state_path: str | Path | None = None,
+        progress: bool = True,
+        log: Callable[[str], None] | None = None,
+        debug_dump: str | Path | None = None,
+    ) -> None:
+        self.ds = dataset
+        self.cfg = cfg
+        self.out = Path(out)
+        self.state_path = Path(state_path) if state_path is not None else default_state_path(self.out)
+        self.data_path = data_path
+        self.progress = progress
+        self.debug_dump = Path(debug_dump) if debug_dump is not None else None
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda was requested but CUDA is not available; use --device cpu")
+        if len(dataset.train) == 0:
+            raise UsageError(
+                f"{dataset.source or 'the dataset'} has no training samples after filtering; use more data"
+            )
+        self.info = D.init_distributed(cfg.device)
+        self.device = torch.device(f"cuda:{self.info.local_rank}" if cfg.device == "cuda" else "cpu")
+        self._log = log if log is not None else print
+        if self.device.type == "cpu":
+            set_cpu_flush_denormal()
+        try:
+            self.backend = resolve_backend(cfg.scan_backend, self.device)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.model = build_model(cfg, dataset.n_items).to(self.device)
+        self.model.set_scan_backend(self.backend)
+        self.model.item_tokens = list(dataset.item_tokens)
+        self.objective: nn.Module = _Objective(self.model, cfg.loss_type)
+        if self.info.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.objective = DistributedDataParallel(
+                self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+        )
+        # global batch = train_batch_size, split over the ranks (as RecBole's distributed trainer)
+        self.rank_batch = max(1, math.ceil(cfg.train_batch_size / self.info.world_size))
+        self.valid_metric = "{}@{}".format(*cfg.valid_metric_key())
+        self.ks = sorted(set(cfg.topk) | {cfg.valid_metric_key()[1]})
+        # run state (overwritten by resume)
+        self.epoch = 0  # 0-based index of the next epoch to run
+        self.next_batch = 0
+        self.best_score = -math.inf
+        self.best_epoch = 0
+        self.best_valid: dict[str, float] = {}
+        self.best_test: dict[str, float] = {}
+        self.cur_step = 0
+        self.history: list[dict[str, Any]] = []
+        self.elapsed_before = 0.0
+        self._rng_states: list[Tensor] | None = None
+        self._shards: dict[int, list[int]] = {}
+
+    def log(self, msg: str) -> None:
+        if self.info.is_main:
+            self._log(msg)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate_split(self, which: str) -> dict[str, float]:
+        """Metrics on ``valid`` or ``test``; rows are split over ranks and the sums all-reduced."""
+        split = getattr(self.ds, which)
+        if self.info.enabled:
+            split = split.subset(np.arange(self.info.rank, len(split), self.info.world_size))
+        self.model.eval()
+        sums, n = evaluate_scorer(
+            model_scorer(self.model), split, self.ks, batch_size=self.cfg.eval_batch_size, device=self.device
+        )
+        self.model.train()
+        sums["__n"] = float(n)
+        tot = D.all_reduce_dict(sums, self.info, self.device)
+        n_all = int(tot.pop("__n"))
+        return means(tot, n_all, self.ks)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        rng = D.gather_objects(torch.get_rng_state(), self.info)
+        return {
+            "format": STATE_FORMAT,
+            "format_version": STATE_VERSION,
+            "epoch": self.epoch,
+            "next_batch": self.next_batch,
+            "world_size": self.info.world_size,
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "best_valid": dict(self.best_valid),
+            "best_test": dict(self.best_test),
+            "cur_step": self.cur_step,
+            "history": list(self.history),
+            "elapsed": self.elapsed_before + (time.perf_counter() - self._t0),
+            "rng": rng,
+            "config": self.cfg.to_dict(),
+            "n_items": self.ds.n_items,
+            "vocabulary_sha256": vocabulary_digest(self.ds.item_tokens),
+        }
+
+    def save_state(self) -> None:
+        state = self.state_dict()  # collective (RNG gather): every rank calls it
+        if self.info.is_main:
+            with atomic_write(self.state_path, "wb") as fh:
+                torch.save(state, fh)
+
+    def load_state(self, path: str | Path | None = None) -> None:
+        p = Path(path) if path is not None else self.state_path
+        if not p.is_file():
+            raise UsageError(
+                f"cannot resume: state file {p} does not exist (it is written after each epoch next to "
+                "--out; pass --state PATH if it lives elsewhere, or drop --resume)"
+            )
+        try:
+            st = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated or foreign file
+            raise UsageError(f"cannot resume from {p}: not a readable m4r training state ({exc})") from None
+        if not isinstance(st, dict) or st.get("format") != STATE_FORMAT:
+            raise UsageError(f"cannot resume from {p}: not an m4r training state file")
+        if st["n_items"] != self.ds.n_items or st["vocabulary_sha256"] != vocabulary_digest(
+            self.ds.item_tokens
+        ):
+            raise UsageError(
+                f"cannot resume from {p}: it was trained on another item vocabulary ({st['n_items']} items) "
+                f"than {self.ds.source or 'this dataset'} ({self.ds.n_items}); pass the same --data"
+            )
+        changed = [k for k in _FIXED_ON_RESUME if st["config"].get(k) != getattr(self.cfg, k)]
+        if changed:
+            diffs = ", ".join(f"{k}: {st['config'].get(k)!r} -> {getattr(self.cfg, k)!r}" for k in changed)
+            raise UsageError(f"cannot resume from {p}: the config changed ({diffs}); use the run's config")
+        self.model.load_state_dict(st["model"])
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.epoch, self.next_batch = int(st["epoch"]), int(st["next_batch"])
+        self.best_score, self.best_epoch = float(st["best_score"]), int(st["best_epoch"])
+        self.best_valid, self.best_test = dict(st["best_valid"]), dict(st["best_test"])
+        self.cur_step, self.history = int(st["cur_step"]), list(st["history"])
+        self.elapsed_before = float(st["elapsed"])
+        if self.next_batch and st["world_size"] != self.info.world_size:
+            self.log(
+                f"note: the state was written by {st['world_size']} process(es), this run has "
+                f"{self.info.world_size}; epoch {self.epoch + 1} restarts from its first batch"
+            )
+            self.next_batch = 0
+        self._rng_states = list(st["rng"]) if self.next_batch else None
+
+    # ------------------------------------------------------------------ checkpoint
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "epoch": self.best_epoch,
+            "valid": dict(self.best_valid),
+            "test": dict(self.best_test),
+            "valid_metric": self.valid_metric,
+            "data": self.data_path,
+            "dataset_source": self.ds.source,
+            **self.ds.protocol(),
+            "seed": self.cfg.seed,
+            "config": self.cfg.to_dict(),
+            "scan_backend": self.backend,
+            "world_size": self.info.world_size,
+            "train_samples": len(self.ds.train),
+        }
+
+    def save_best(self) -> None:
+        if self.info.is_main:
+            save_checkpoint(self.out, self.model, list(self.ds.item_tokens), self._meta())
+
+    # ------------------------------------------------------------------ loop
+    def run(self, resume: bool = False) -> TrainResult:
+        self._t0 = time.perf_counter()
+        if resume:
+            self.load_state()
+            self.log(f"resumed from {self.state_path} at epoch {self.epoch + 1}, batch {self.next_batch}")
+        cfg = self.cfg
+        deadline = self._t0 + 60.0 * cfg.max_minutes if cfg.max_minutes else None
+        epochs_run = 0
+        stopped = "epochs"
+        if self.best_epoch == 0 and not self.best_valid and self.epoch == 0 and self.next_batch == 0:
+            # the untrained model is the baseline "best" (epoch 0), so a checkpoint always exists
+            self.best_valid = self.evaluate_split("valid")
+            self.best_test = self.evaluate_split("test")
+            self.best_score = -math.inf
+            if cfg.epochs == 0:
+                self.save_best()
+        self.model.train()
+        n = len(self.ds.train)
+        while self.epoch < cfg.epochs:
+            shard = D.shard_indices(n, cfg.seed, self.epoch, self.info.rank, self.info.world_size)
+            batches = [shard[a : a + self.rank_batch] for a in range(0, len(shard), self.rank_batch)]
+            if self._rng_states is not None:
+                torch.set_rng_state(self._rng_states[self.info.rank])
+                self._rng_states = None
+            else:
+                torch.manual_seed(epoch_seed(cfg.seed, self.epoch, self.info.rank))
+            start = self.next_batch
+            loss_sum, loss_n, partial = 0.0, 0, False
+            t_epoch = time.perf_counter()
+            with self._progress(len(batches), start) as bar:
+                for bi in range(start, len(batches)):
+                    rows = batches[bi]
+                    if self.debug_dump is not None:
+                        self._shards.setdefault(self.epoch, []).extend(rows.tolist())
+                    seq, lens, tgt = _batch_tensors(self.ds.train, rows, self.device)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss = self.objective(seq, lens, tgt)
+                    loss.backward()
+                    self.optimizer.step()
+                    loss_sum += float(loss.detach()) * len(rows)
+                    loss_n += len(rows)
+                    bar(
+                        len(rows),
+                        loss_sum / loss_n,
+                        (loss_n * self.info.world_size) / (time.perf_counter() - t_epoch),
+                    )
+                    if deadline is not None and D.any_rank(
+                        time.perf_counter() >= deadline, self.info, self.device
+                    ):
+                        if bi + 1 < len(batches):
+                            partial = True
+                            self.next_batch = bi + 1
+                        break
+            epochs_run += 1
+            done_batches = (self.next_batch if partial else len(batches)) - start
+            train_loss = D.all_reduce_dict({"s": loss_sum, "n": float(loss_n)}, self.info, self.device)
+            record: dict[str, Any] = {
+                "epoch": self.epoch + 1,
+                "train_loss": train_loss["s"] / max(train_loss["n"], 1.0),
+                "batches": done_batches,
+                "partial": partial,
+                "seconds": time.perf_counter() - t_epoch,
+            }
+            if not partial:
+                self.epoch += 1
+                self.next_batch = 0
+            evaluate_now = partial or (self.epoch % cfg.eval_step == 0) or self.epoch >= cfg.epochs
+            stop = False
+            if evaluate_now:
+                valid = self.evaluate_split("valid")
+                record["valid"] = valid
+                score = valid[self.valid_metric]
+                if score >= self.best_score:  # RecBole: ties count as improvements
+                    self.best_score, self.cur_step = score, 0
+                    self.best_epoch = record["epoch"]
+                    self.best_valid = valid
+                    self.best_test = self.evaluate_split("test")
+                    record["test"] = self.best_test
+                    record["best"] = True
+                    self.save_best()
+                else:
+                    self.cur_step += 1
+                    stop = self.cur_step > cfg.stopping_step
+            self.history.append(record)
+            self._log_epoch(record, len(batches))
+            self.save_state()
+            if stop:
+                stopped = "early-stopping"
+                self.log(
+                    f"early stopping: {self.valid_metric} did not improve for {self.cur_step} evaluations "
+                    f"(stopping_step {cfg.stopping_step}); best epoch {self.best_epoch}"
+                )
+                break
+            if partial or (
+                deadline is not None and time.perf_counter() >= deadline and self.epoch < cfg.epochs
+            ):
+                stopped = "time-budget"
+                self.log(f"time budget of {cfg.max_minutes} min reached; best epoch {self.best_epoch}")
+                break
+        if self.best_epoch == 0 and not self.out.exists():
+            self.save_best()
+        if self.debug_dump is not None:
+            self._dump_debug()
+        D.barrier(self.info)
+        return TrainResult(
+            best_epoch=self.best_epoch,
+            best_valid=dict(self.best_valid),
+            best_test=dict(self.best_test),
+            epochs_run=epochs_run,
+            last_epoch=self.history[-1]["epoch"] if self.history else 0,
+            stopped=stopped,
+            wall_seconds=time.perf_counter() - self._t0,
+            history=list(self.history),
+        )
+
+    def _log_epoch(self, rec: dict[str, Any], n_batches: int) -> None:
+        part = f" (partial: {rec['batches']}/{n_batches} batches)" if rec["partial"] else ""
+        msg = f"epoch {rec['epoch']}{part}: train loss {rec['train_loss']:.4f}, {rec['seconds']:.1f} s"
+        if "valid" in rec:
+            msg += ", valid " + ", ".join(f"{k} {v:.4f}" for k, v in rec["valid"].items())
+        if rec.get("best"):
+            msg += "  *best*"
+        self.log(msg)
+
+    def _progress(self, total: int, start: int) -> Any:
+        return _ProgressBar(total, start, enabled=self.progress and self.info.is_main, epoch=self.epoch + 1)
+
+    def _dump_debug(self) -> None:
+        import json
+
+        assert self.debug_dump is not None
+        self.debug_dump.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        for k, v in sorted(self.model.state_dict().items()):
+            digest.update(k.encode())
+            digest.update(v.detach().cpu().contiguous().numpy().tobytes())
+        (self.debug_dump / f"rank{self.info.rank}.json").write_text(
+            json.dumps(
+                {
+                    "rank": self.info.rank,
+                    "world_size": self.info.world_size,
+                    "shards": {str(k): v for k, v in self._shards.items()},
+                    "weights_sha256": digest.hexdigest(),
+                }
+            )
+        )
+
+
+class _ProgressBar:
+    """Rich progress bar with loss and samples/s (a no-op when disabled)."""
+
+    def __init__(self, total: int, start: int, *, enabled: bool, epoch: int) -> None:
+        self.enabled = enabled
+        self.total, self.start, self.epoch = total, start, epoch
+
+    def __enter__(self) -> Callable[[int, float, float], None]:
+        if not self.enabled:
+            return lambda n, loss, rate: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._p = Progress(
+            TextColumn("epoch {task.fields[epoch]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TextColumn("{task.fields[rate]:,.0f} samples/s"),
+            TimeElapsedColumn(),
+            transient=True,
+        )
+        self._p.start()
+        task = self._p.add_task(
+            "train", total=self.total, completed=self.start, epoch=self.epoch, loss=0.0, rate=0.0
+        )
+
+        def update(n: int, loss: float, rate: float) -> None:
+            self._p.update(task, advance=1, loss=loss, rate=rate)
+
+        return update
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self._p.stop()
+
+
+def default_state_path(out: Path) -> Path:
+    return out.with_name(out.name + ".state")
+
+
+def train(
+    dataset: SequenceDataset,
+    cfg: TrainConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    **kwargs: Any,
+) -> TrainResult:
+    """Train a Mamba4Rec on ``dataset`` and write the best epoch's checkpoint to ``out``."""
+    return Trainer(dataset, cfg, out, **kwargs).run(resume=resume)
+
+
+__all__ = ["TrainResult", "Trainer", "default_state_path", "set_cpu_flush_denormal", "train"]
