@@ -50,7 +50,11 @@ def logged(logger: tensorrt.ILogger, last: int = 8) -> str:
 
 def _plugin_registered(registry: tensorrt.IPluginRegistry) -> bool:
     # Scan the list instead of get_creator(): a failed lookup logs an error through TensorRT's logger.
-    for creator in registry.all_creators:
+    try:
+        creators = registry.all_creators
+    except Exception:  # the bindings raise on creator kinds they do not know
+        return False
+    for creator in creators:
         name = getattr(creator, "name", None)
         namespace = getattr(creator, "plugin_namespace", None)
         if name == "SelectiveScan" and namespace == "m4r":
