@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,7 +28,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..model.scan import selective_scan_fast, selective_scan_ref
@@ -125,15 +125,16 @@ def load_cpu_scan(path: Path) -> ScanFn:
     fn.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int32] * 6 + [ctypes.c_void_p]
 
     def run(t: Inputs, lengths: torch.Tensor, mode: str) -> torch.Tensor:
-        host = {k: np.ascontiguousarray(v.detach().float().cpu().numpy()) for k, v in t.items()}
-        lens = np.ascontiguousarray(lengths.cpu().numpy().astype(np.int32))
+        # torch CPU tensors instead of numpy arrays: the self-check must run where only torch is installed
+        host = {k: v.detach().float().cpu().contiguous() for k, v in t.items()}
+        lens = lengths.to(device="cpu", dtype=torch.int32).contiguous()
         b, d, seq = host["u"].shape
-        y = np.empty((b, d) if mode == "last" else (b, d, seq), dtype=np.float32)
-        rc = fn(*(host[k].ctypes.data for k in _NAMES), lens.ctypes.data, b, d, seq, host["A"].shape[1], 1,
-                int(mode == "last"), y.ctypes.data)  # fmt: skip
+        y = torch.empty((b, d) if mode == "last" else (b, d, seq), dtype=torch.float32)
+        rc = fn(*(host[k].data_ptr() for k in _NAMES), lens.data_ptr(), b, d, seq, host["A"].shape[1], 1,
+                int(mode == "last"), y.data_ptr())  # fmt: skip
         if rc != 0:
             raise RuntimeError("m4r_scan_cpu_f32 rejected its arguments")
-        return torch.from_numpy(y)
+        return y
 
     return run
 
@@ -187,7 +188,7 @@ def _time(fn: Callable[[], object], device: torch.device, budget_s: float = 2.0)
         fn()
         sync()
         times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return statistics.median(times)
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 512 << 20) -> float:
