@@ -1,8 +1,8 @@
-"""Small ONNX artifacts for tests: the real exporter when present, else a plain ``torch.onnx`` trace.
+"""Small ONNX artifacts for tests, traced with ``torch.onnx`` independently of the exporter.
 
-The fallback traces :class:`~m4r_export.serving.ServingModel` with a closed-form scan written in
-plain tensor ops (single-layer models only) at a static sequence width, and writes a
-``manifest.json`` with the keys ``verify`` reads. It exists so the verify/bench tests do not
+:func:`trace_onnx` traces :class:`~m4r_export.serving.ServingModel` with a closed-form scan written
+in plain tensor ops (single-layer models only) and writes a ``manifest.json`` with the keys
+``verify`` reads. It exists so the verify/bench tests do not
 depend on the exporter's progress; it is not a substitute for ``m4r export``.
 """
 
@@ -74,9 +74,14 @@ def trace_onnx(
     k: int = 10,
     exclude_history: bool = False,
     max_seq_len: int = 12,
+    static_seq: bool = False,
     name: str = "model.onnx",
 ) -> Path:
-    """Trace ``model`` to ``out_dir/name`` (+ manifest.json) with a static width ``max_seq_len``."""
+    """Trace ``model`` to ``out_dir/name`` (+ manifest.json).
+
+    The sequence axis is dynamic unless ``static_seq`` (then the graph takes exactly
+    ``max_seq_len`` columns, like a fixed-shape deployment).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     previous = [str(m.scan_backend) for m in model.modules() if hasattr(m, "scan_backend")]
@@ -94,7 +99,10 @@ def trace_onnx(
                 str(out / name),
                 input_names=list(INPUT_NAMES),
                 output_names=list(outputs),
-                dynamic_axes={n: {0: "batch"} for n in (*INPUT_NAMES, *outputs)},
+                dynamic_axes={
+                    **{n: {0: "batch"} for n in (*INPUT_NAMES, *outputs)},
+                    **({} if static_seq else {"item_seq": {0: "batch", 1: "seq"}}),
+                },
                 opset_version=18,
                 dynamo=False,
             )
@@ -107,7 +115,7 @@ def trace_onnx(
         "exclude_history": exclude_history,
         "max_seq_len": max_seq_len,
         "model": model.config.to_dict(),
-        "inputs": {"item_seq": ["batch", max_seq_len], "item_seq_len": ["batch"]},
+        "inputs": {"item_seq": ["batch", max_seq_len if static_seq else "seq"], "item_seq_len": ["batch"]},
         "outputs": list(outputs),
         "files": {"onnx": name},
         "parity": None,

@@ -1,0 +1,203 @@
+"""m4r verify end to end on tiny models: pass, fail with exit 1 naming the metric, usage errors (exit 2)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from m4r_export.checkpoint import save_checkpoint
+from m4r_export.cli import main
+from m4r_export.errors import M4RError, UsageError
+from m4r_export.verify import BACKENDS, Runner, make_runner, run_verify
+from m4r_export.verify.artifact import load_artifact
+from m4r_export.verify.runners import ArtifactRunner, OrtCpuRunner, TensorrtEngineRunner
+from m4r_export.verify.testing import perturb_onnx_weight, tiny_model, trace_onnx
+from m4r_export.verify.verify import Thresholds
+
+N_ITEMS = 40
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("verify")
+    model = tiny_model(N_ITEMS)
+    save_checkpoint(root / "model.pt", model, None, {"max_seq_len": 12})
+    paths = {"ckpt": root / "model.pt", "root": root}
+    for head in ("scores", "topk", "embedding"):
+        paths[head] = trace_onnx(model, root / head, head=head, k=10)
+    paths["exclude"] = trace_onnx(model, root / "exclude", head="topk", k=10, exclude_history=True)
+    return paths
+
+
+def _cli(*args: object) -> tuple[int, str]:
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    return res.exit_code, res.output
+
+
+@pytest.mark.parametrize("head", ["scores", "topk", "embedding", "exclude"])
+def test_verify_passes_on_a_faithful_artifact(tiny: dict[str, Path], head: str, tmp_path: Path) -> None:
+    code, out = _cli(
+        "verify", "--ckpt", tiny["ckpt"], "--artifact", tiny[head], "--users", 64, "--k", 5,
+        "--json", tmp_path / "r.json",
+    )  # fmt: skip
+    assert code == 0, out
+    assert "PASS" in out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["passed"] is True
+    assert report["threshold_source"] == "defaults for fp32 artifacts"
+    assert report["thresholds"]["max_abs_error"] == Thresholds.defaults("fp32").max_abs_error
+    m = report["results"][0]["metrics"]
+    assert m["max_abs_error"] < 1e-4
+    assert m["topk_overlap_min"] == 1.0 and m["kendall_tau_min"] == 1.0 and m["rbo_min"] == pytest.approx(1)
+    assert m["non_finite"] == 0 and m["mask_mismatches"] == 0
+    assert report["results"][0]["topk_overlap_histogram"] == {"5/5": 64}
+    assert report["inputs"]["length_min"] == 1 and report["inputs"]["length_max"] == 12
+
+
+def test_perturbed_weight_fails_with_exit_1_naming_the_metric(tiny: dict[str, Path], tmp_path: Path) -> None:
+    bad = tmp_path / "model.onnx"
+    (tmp_path / "manifest.json").write_text((tiny["scores"].parent / "manifest.json").read_text())
+    perturb_onnx_weight(tiny["scores"], bad, scale=0.5)
+    code, out = _cli(
+        "verify", "--ckpt", tiny["ckpt"], "--artifact", bad, "--users", 64, "--json", tmp_path / "r.json"
+    )
+    assert code == 1, out
+    assert "parity FAILED" in out and "max_abs_error = " in out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["passed"] is False
+    assert any(f.startswith("max_abs_error") for f in report["results"][0]["failures"])
+    # a loose enough threshold turns the same artifact into a pass on that metric
+    code, out = _cli(
+        "verify", "--ckpt", tiny["ckpt"], "--artifact", bad, "--users", 64, "--max-abs-error", 100,
+        "--max-rel-error", 1e9, "--min-kendall-tau", -1, "--min-overlap-mean", 0, "--min-overlap-min", 0,
+        "--min-rbo", 0,
+    )  # fmt: skip
+    assert code == 0, out
+
+
+def test_nan_output_is_reported_as_non_finite(tiny: dict[str, Path], tmp_path: Path) -> None:
+    bad = tmp_path / "model.onnx"
+    (tmp_path / "manifest.json").write_text((tiny["scores"].parent / "manifest.json").read_text())
+    perturb_onnx_weight(tiny["scores"], bad, scale=float("nan"))
+    report = run_verify(tiny["ckpt"], bad, users=16)
+    assert not report.passed
+    assert report.results[0].metrics["nan"] > 0
+    assert "non_finite" in report.failure_message()
+
+
+def test_dataset_inputs_give_offline_metrics(tmp_path: Path) -> None:
+    from m4r_export.data import load_dataset, synthetic_interactions, write_inter_file
+
+    users, items, ts = synthetic_interactions(n_users=60, n_items=30, seed=1)
+    inter = tmp_path / "syn.inter"
+    write_inter_file(inter, users, items, ts)
+    ds = load_dataset(inter, max_seq_len=12)
+    model = tiny_model(ds.n_items)
+    save_checkpoint(tmp_path / "model.pt", model, list(ds.item_tokens), {"max_seq_len": 12})
+    art = trace_onnx(model, tmp_path / "art", head="scores")
+    report = run_verify(tmp_path / "model.pt", art, data=inter, users=1000, k=5)
+    assert report.passed, report.failure_message()
+    m = report.results[0].metrics
+    assert m["hit@5_delta"] == 0.0 and m["ndcg@5_delta"] == 0.0
+    assert 0.0 <= m["hit@5_ref"] <= 1.0
+    assert report.inputs["users"] == len(ds.test)
+    # the same model saved with a reordered vocabulary: inputs are remapped by token
+    perm = np.r_[0, np.random.default_rng(0).permutation(np.arange(1, ds.n_items))]
+    tokens = [ds.item_tokens[i] for i in perm]
+    save_checkpoint(tmp_path / "perm.pt", model, tokens, {"max_seq_len": 12})
+    report = run_verify(tmp_path / "perm.pt", art, data=inter, users=1000, k=5)
+    assert report.passed
+    assert any("remapped" in n for n in report.notes)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--artifact", "missing.onnx"], "does not exist"),
+        (["--artifact", "{ckpt}"], "unknown file type"),
+        (["--artifact", "{topk}", "--k", "11"], "top-K"),
+        (["--artifact", "{scores}", "--backend", "nope"], "unknown backend"),
+        (["--artifact", "{scores}", "--data", "missing.inter"], "does not exist"),
+        (["--artifact", "{scores}", "--users", "0"], "--users"),
+    ],
+)
+def test_usage_errors_exit_2(tiny: dict[str, Path], args: list[str], needle: str) -> None:
+    args = [a.format(**{k: str(v) for k, v in tiny.items()}) for a in args]
+    code, out = _cli("verify", "--ckpt", tiny["ckpt"], *args)
+    assert code == 2, out
+    assert needle in out
+
+
+def test_checkpoint_that_does_not_match_the_artifact_is_a_usage_error(
+    tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    save_checkpoint(tmp_path / "other.pt", tiny_model(N_ITEMS + 5), None)
+    with pytest.raises(UsageError, match="n_items"):
+        run_verify(tmp_path / "other.pt", tiny["scores"], users=4)
+
+
+def test_plot_is_written(tiny: dict[str, Path], tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    code, out = _cli(
+        "verify",
+        "--ckpt",
+        tiny["ckpt"],
+        "--artifact",
+        tiny["scores"],
+        "--users",
+        16,
+        "--plot",
+        tmp_path / "o.png",
+    )
+    assert code == 0, out
+    assert (tmp_path / "o.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_artifact_without_manifest_infers_the_head(tiny: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "model.onnx").write_bytes(tiny["topk"].read_bytes())
+    art = load_artifact(tmp_path / "model.onnx")
+    assert (art.head, art.k, art.precision) == ("topk", 10, "fp32")
+    assert any("no manifest.json" in n for n in art.notes)
+
+
+def test_adding_a_backend_is_one_class(tiny: dict[str, Path]) -> None:
+    class EchoRunner(ArtifactRunner):
+        """Wraps ORT CPU and flips the best two items: a stand-in for a buggy backend."""
+
+        backend = "test-echo"
+        kinds = ("onnx",)
+
+        def __init__(self, artifact: object, *, threads: int | None = None) -> None:
+            self.inner = OrtCpuRunner(artifact, threads=threads)  # type: ignore[arg-type]
+            self.output_names = self.inner.output_names
+            self.name = self.backend
+
+        def infer(self, item_seq: np.ndarray, item_seq_len: np.ndarray) -> dict[str, np.ndarray]:
+            return self.inner.infer(item_seq, item_seq_len)
+
+    try:
+        assert BACKENDS["test-echo"] is EchoRunner
+        runner = make_runner("test-echo", load_artifact(tiny["scores"]))
+        assert isinstance(runner, Runner)
+        report = run_verify(tiny["ckpt"], tiny["scores"], users=8, backends=["ort-cpu", "test-echo"])
+        assert [r.backend for r in report.results] == ["ort-cpu", "test-echo"] and report.passed
+    finally:
+        BACKENDS.pop("test-echo", None)
+
+
+def test_unavailable_backends_say_why(tiny: dict[str, Path]) -> None:
+    reason = TensorrtEngineRunner.unavailable_reason()
+    if reason is None:
+        pytest.skip("TensorRT and a GPU are present")
+    assert "tensorrt" in reason.lower() or "gpu" in reason.lower() or "driver" in reason.lower()
+    with pytest.raises(UsageError, match="cannot run a onnx artifact"):
+        make_runner("tensorrt", load_artifact(tiny["scores"]))
+    cuda = BACKENDS["ort-cuda"].unavailable_reason()
+    if cuda is not None:
+        assert "CUDAExecutionProvider" in cuda
+        with pytest.raises(M4RError, match="CUDAExecutionProvider"):
+            make_runner("ort-cuda", load_artifact(tiny["scores"]))
