@@ -18,6 +18,7 @@ from .errors import M4RError
 #: command name -> "module:attribute" of a click.Command
 COMMANDS: dict[str, str] = {
     "data": "m4r_export.data.cli:data",
+    "export": "m4r_export.onnx.cli:export",
     "build-plugin": "m4r_export.trt.cli:build_plugin",
     "build-engine": "m4r_export.trt.cli:build_engine",
     "verify": "m4r_export.verify.cli:verify",

@@ -1,0 +1,10 @@
+"""torch -> ONNX: the serving graph, the ``m4r::SelectiveScan`` node and its function bodies, fp16.
+
+See docs/onnx-export.md. Heavy imports (torch.onnx, onnx, onnxruntime) happen in the submodules.
+"""
+
+from __future__ import annotations
+
+from .inputs import histories_to_inputs, truncate_inputs
+
+__all__ = ["histories_to_inputs", "truncate_inputs"]

@@ -1,0 +1,358 @@
+"""ONNX function bodies of ``m4r::SelectiveScan`` (standard ops only, so ONNX Runtime needs no plugin).
+
+The node and its function share one signature (design.md, "The selective scan as one ONNX node")::
+
+    SelectiveScan(u, delta, A, B, C, D, z, delta_bias, lengths) -> y
+      attributes: delta_softplus (int), mode ("all" | "last"), plugin_namespace, plugin_version
+
+``u, delta, z`` are (batch, D, L); ``B, C`` (batch, N, L); ``A`` (D, N) fp32 (= -exp(A_log));
+``D, delta_bias`` (D,) fp32; ``lengths`` (batch,) int32, clamped to [1, L] inside. The I/O dtype
+(u, delta, B, C, z, y) is fp32 or fp16; every body casts to fp32 first and accumulates in fp32.
+
+Two bodies (pick with ``body=``; measured in docs/onnx-export.md):
+
+* ``closed`` (default): ``mode="last"`` uses the exact closed form
+  ``h_last = sum_s exp(A * decay_s) * dt_s * u_s * B_s`` with
+  ``decay_s = sum_{s<r<=last} dt_r`` computed by ``CumSum(exclusive=1, reverse=1)`` (never as
+  ``total - cumsum``, which cancels catastrophically in fp32 for long sequences). Every exponent
+  is <= 0, so nothing overflows. All positions at once: a handful of large vectorised ops.
+* ``scan``: a ``Scan`` loop over time carrying the fp32 state ``h`` (batch, D, N).
+
+``mode="all"`` (only used by layers before the last one) runs the ``Scan`` loop in both bodies:
+a closed form for every position costs O(L^2) exponentials.
+
+The string attribute ``mode`` selects the branch through ``If(Equal(Constant(value_string=@mode),
+"last"))``; string ``Equal`` needs opset >= 19. After ONNX Runtime inlines the function the
+condition is a constant and only one branch ever runs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import AttributeProto, TensorProto, helper, numpy_helper
+
+DOMAIN = "m4r"
+OP_NAME = "SelectiveScan"
+OP_VERSION = 1
+PLUGIN_NAMESPACE = "m4r"
+PLUGIN_VERSION = "1"
+INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "lengths")
+BODIES = ("rowwise", "vectorized", "timeloop")
+DEFAULT_BODY = "rowwise"
+MIN_OPSET = 19
+
+
+def _const(name: str, value: np.ndarray) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value, name))
+
+
+def _i64(name: str, values: list[int]) -> onnx.NodeProto:
+    return _const(name, np.array(values, dtype=np.int64))
+
+
+def _f32(name: str, value: float) -> onnx.NodeProto:
+    return _const(name, np.array(value, dtype=np.float32))
+
+
+def _attr_ref_const(out: str, attr_name: str, attr_type: int, field: str) -> onnx.NodeProto:
+    """A Constant whose value is the calling node's attribute ``attr_name``."""
+    node = helper.make_node("Constant", [], [out])
+    ref = AttributeProto()
+    ref.name = field
+    ref.ref_attr_name = attr_name
+    ref.type = attr_type  # type: ignore[assignment]
+    node.attribute.append(ref)
+    return node
+
+
+def _zeros_state(p: str) -> list[onnx.NodeProto]:
+    """``{p}h0``: zeros (b, D, N) fp32."""
+    return [
+        helper.make_node("Shape", ["u"], [f"{p}BD"], start=0, end=2),
+        helper.make_node("Shape", ["Af"], [f"{p}N1"], start=1, end=2),
+        helper.make_node("Concat", [f"{p}BD", f"{p}N1"], [f"{p}hshape"], axis=0),
+        helper.make_node(
+            "ConstantOfShape",
+            [f"{p}hshape"],
+            [f"{p}h0"],
+            value=numpy_helper.from_array(np.zeros(1, np.float32)),
+        ),
+    ]
+
+
+def _scan_loop(p: str, dt: str, dtu: str, output_all: bool) -> tuple[list[onnx.NodeProto], str]:
+    """The recurrence as a Scan over time (axis 2); fp32 state ``h`` (b, D, N).
+
+    ``dt``/``dtu`` are (b, D, L); reads ``Bf``/``Cf`` (b, N, L) and ``Af``. Returns the nodes and
+    the result: all read-outs ``C_t . h_t`` (b, D, L) when ``output_all``, else the final state.
+    """
+    f32 = TensorProto.FLOAT
+    nodes = [
+        *_zeros_state(p),
+        helper.make_node("Unsqueeze", [dt, "ax3"], [f"{p}dt3"]),  # (b, D, L, 1)
+        helper.make_node("Unsqueeze", [dtu, "ax3"], [f"{p}dtu3"]),
+        helper.make_node("Transpose", ["Bf"], [f"{p}Bt"], perm=[0, 2, 1]),
+        helper.make_node("Unsqueeze", [f"{p}Bt", "ax1"], [f"{p}Bs"]),  # (b, 1, L, N)
+    ]
+    body_nodes = [
+        helper.make_node("Mul", [f"{p}dt_t", "Af"], [f"{p}adt"]),  # (b, D, N)
+        helper.make_node("Exp", [f"{p}adt"], [f"{p}dA"]),
+        helper.make_node("Mul", [f"{p}dA", f"{p}h_in"], [f"{p}hdecay"]),
+        helper.make_node("Mul", [f"{p}dtu_t", f"{p}B_t"], [f"{p}dBu"]),
+        helper.make_node("Add", [f"{p}hdecay", f"{p}dBu"], [f"{p}h_out"]),
+    ]
+    body_inputs = [
+        helper.make_tensor_value_info(f"{p}{n}", f32, None) for n in ("h_in", "dt_t", "dtu_t", "B_t")
+    ]
+    body_outputs = [helper.make_tensor_value_info(f"{p}h_out", f32, None)]
+    scan_inputs = [f"{p}h0", f"{p}dt3", f"{p}dtu3", f"{p}Bs"]
+    scan_outputs = [f"{p}h_last"]
+    if output_all:
+        nodes += [
+            helper.make_node("Transpose", ["Cf"], [f"{p}Ct"], perm=[0, 2, 1]),
+            helper.make_node("Unsqueeze", [f"{p}Ct", "ax1"], [f"{p}Cs"]),
+        ]
+        body_inputs.append(helper.make_tensor_value_info(f"{p}C_t", f32, None))
+        body_nodes += [
+            helper.make_node("Mul", [f"{p}h_out", f"{p}C_t"], [f"{p}hc"]),
+            helper.make_node("ReduceSum", [f"{p}hc", "ax2"], [f"{p}y_t"], keepdims=0),  # (b, D)
+        ]
+        body_outputs.append(helper.make_tensor_value_info(f"{p}y_t", f32, None))
+        scan_inputs.append(f"{p}Cs")
+        scan_outputs.append(f"{p}y_all")
+    n_scan_in = len(scan_inputs) - 1
+    nodes.append(
+        helper.make_node(
+            "Scan",
+            scan_inputs,
+            scan_outputs,
+            body=helper.make_graph(body_nodes, f"{p}step", body_inputs, body_outputs),
+            num_scan_inputs=n_scan_in,
+            scan_input_axes=[2] * n_scan_in,
+        )
+    )
+    if output_all:
+        nodes[-1].attribute.append(helper.make_attribute("scan_output_axes", [2]))
+    return nodes, scan_outputs[-1]
+
+
+def _last_closed_form(p: str) -> tuple[list[onnx.NodeProto], str]:
+    """mode="last", closed form over all positions at once -> (b, D) before the D/z terms."""
+    nodes = [
+        helper.make_node("CumSum", [f"{p}dtv", "ax2"], [f"{p}decay"], exclusive=1, reverse=1),
+        helper.make_node("Unsqueeze", [f"{p}decay", "ax3"], [f"{p}decay4"]),  # (b, D, L, 1)
+        helper.make_node("Unsqueeze", ["Af", "ax0_2"], [f"{p}A4"]),  # (1, D, 1, N)
+        helper.make_node("Mul", [f"{p}decay4", f"{p}A4"], [f"{p}expo"]),
+        helper.make_node("Exp", [f"{p}expo"], [f"{p}W"]),  # (b, D, L, N), all <= 1
+        helper.make_node("Mul", ["Bf", f"{p}C_last"], [f"{p}BC"]),  # (b, N, L)
+        helper.make_node("Transpose", [f"{p}BC"], [f"{p}BCt"], perm=[0, 2, 1]),  # (b, L, N)
+        helper.make_node("Unsqueeze", [f"{p}BCt", "ax1"], [f"{p}BC4"]),  # (b, 1, L, N)
+        helper.make_node("Mul", [f"{p}W", f"{p}BC4"], [f"{p}WBC"]),
+        helper.make_node("ReduceSum", [f"{p}WBC", "ax3"], [f"{p}S"], keepdims=0),  # (b, D, L)
+        helper.make_node("Mul", [f"{p}S", f"{p}dtu"], [f"{p}Sdtu"]),
+        helper.make_node("ReduceSum", [f"{p}Sdtu", "ax2"], [f"{p}core"], keepdims=0),  # (b, D)
+    ]
+    return nodes, f"{p}core"
+
+
+def _last_rowwise(p: str) -> tuple[list[onnx.NodeProto], str]:
+    """mode="last", closed form one row at a time: a Scan over the batch (axis 0).
+
+    Each iteration slices its row to its own length (padding costs nothing) and keeps its
+    (len, N, D) temporaries cache-sized. Layout (len, N, D) keeps D innermost, so the exponent is
+    one broadcast product, and the N reduction is a batched (1 x N) @ (N x D) product; the dt*u
+    factor is applied after it, on (len, D) only. Per element: one Mul, one Exp, one MatMul read.
+    """
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    r = f"{p}r_"
+    body_nodes = [
+        _i64(f"{r}zero", [0]),
+        _i64(f"{r}one", [1]),
+        helper.make_node("Reshape", [f"{r}len", f"{r}one"], [f"{r}len1"]),  # (1,)
+        helper.make_node("Sub", [f"{r}len1", f"{r}one"], [f"{r}idx1"]),
+        helper.make_node("Slice", [f"{r}dt", f"{r}zero", f"{r}len1", f"{r}one"], [f"{r}dts"]),  # (D, l)
+        helper.make_node("Slice", [f"{r}u", f"{r}zero", f"{r}len1", f"{r}one"], [f"{r}us"]),
+        helper.make_node("Slice", [f"{r}B", f"{r}zero", f"{r}len1", f"{r}one"], [f"{r}Bs"]),  # (N, l)
+        helper.make_node("Gather", [f"{r}C", f"{r}idx1"], [f"{r}Cl"], axis=1),  # (N, 1)
+        helper.make_node("Transpose", [f"{r}dts"], [f"{r}dtT"], perm=[1, 0]),  # (l, D)
+        # decay_s = sum_{s<r<=last} dt_r, summed from the end (no total - cumsum cancellation)
+        helper.make_node("CumSum", [f"{r}dtT", f"{r}zero"], [f"{r}decay"], exclusive=1, reverse=1),
+        helper.make_node("Unsqueeze", [f"{r}decay", f"{r}one"], [f"{r}decay3"]),  # (l, 1, D)
+        helper.make_node("Mul", [f"{r}decay3", f"{p}At3"], [f"{r}expo"]),  # (l, N, D), <= 0
+        helper.make_node("Exp", [f"{r}expo"], [f"{r}W"]),
+        helper.make_node("Mul", [f"{r}Bs", f"{r}Cl"], [f"{r}BC"]),  # (N, l)
+        helper.make_node("Transpose", [f"{r}BC"], [f"{r}BCt"], perm=[1, 0]),  # (l, N)
+        helper.make_node("Unsqueeze", [f"{r}BCt", f"{r}one"], [f"{r}BC3"]),  # (l, 1, N)
+        helper.make_node("MatMul", [f"{r}BC3", f"{r}W"], [f"{r}S3"]),  # (l, 1, D)
+        helper.make_node("Squeeze", [f"{r}S3", f"{r}one"], [f"{r}S"]),  # (l, D)
+        helper.make_node("Mul", [f"{r}dts", f"{r}us"], [f"{r}dtu"]),  # (D, l)
+        helper.make_node("Transpose", [f"{r}dtu"], [f"{r}dtuT"], perm=[1, 0]),
+        helper.make_node("Mul", [f"{r}S", f"{r}dtuT"], [f"{r}Sd"]),
+        helper.make_node("ReduceSum", [f"{r}Sd", f"{r}zero"], [f"{r}y"], keepdims=0),  # (D,)
+    ]
+    body = helper.make_graph(
+        body_nodes,
+        f"{p}row",
+        [
+            helper.make_tensor_value_info(f"{r}dt", f32, None),
+            helper.make_tensor_value_info(f"{r}u", f32, None),
+            helper.make_tensor_value_info(f"{r}B", f32, None),
+            helper.make_tensor_value_info(f"{r}C", f32, None),
+            helper.make_tensor_value_info(f"{r}len", i64, None),
+        ],
+        [helper.make_tensor_value_info(f"{r}y", f32, None)],
+    )
+    nodes = [
+        helper.make_node("Transpose", ["Af"], [f"{p}At"], perm=[1, 0]),  # (N, D)
+        helper.make_node("Unsqueeze", [f"{p}At", "ax0"], [f"{p}At3"]),  # (1, N, D)
+        helper.make_node(
+            "Scan", ["dt", "uf", "Bf", "Cf", f"{p}len_c"], [f"{p}core"], body=body, num_scan_inputs=5
+        ),
+    ]
+    return nodes, f"{p}core"
+
+
+def _last_scan(p: str) -> tuple[list[onnx.NodeProto], str]:
+    """mode="last" with a Scan: masked steps (dt = 0) keep the state; y = C_last . h_final."""
+    nodes, h_last = _scan_loop(p, f"{p}dtv", f"{p}dtu", output_all=False)
+    nodes += [
+        helper.make_node("Transpose", [f"{p}C_last"], [f"{p}C_last_t"], perm=[0, 2, 1]),  # (b, 1, N)
+        helper.make_node("Mul", [h_last, f"{p}C_last_t"], [f"{p}hC"]),
+        helper.make_node("ReduceSum", [f"{p}hC", "ax2"], [f"{p}core"], keepdims=0),
+    ]
+    return nodes, f"{p}core"
+
+
+def _branch_graph(name: str, nodes: list[onnx.NodeProto], out: str) -> onnx.GraphProto:
+    return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
+
+
+def make_function(body: str = DEFAULT_BODY, opset: int = 20, io_float16: bool = False) -> onnx.FunctionProto:
+    """The FunctionProto ``m4r::SelectiveScan`` with the chosen body (``closed`` or ``scan``).
+
+    ``io_float16``: the model feeds fp16 u/delta/B/C/z; the body then casts them to fp32 first
+    (for fp32 models the casts are left out: ONNX Runtime would remove them anyway, and warns
+    when it cannot rename the sub-graph inputs that referred to them).
+    """
+    if body not in BODIES:
+        raise ValueError(f"body must be one of {BODIES}, got {body!r}")
+    F = TensorProto.FLOAT
+    pre = [
+        _i64("ax0", [0]),
+        _i64("ax1", [1]),
+        _i64("ax2", [2]),
+        _i64("ax3", [3]),
+        _i64("ax0_2", [0, 2]),
+        _i64("one_s", [1]),
+        _i64("zero_s", [0]),
+        _const("last_str", np.array("last", dtype=object)),
+        _attr_ref_const("mode_str", "mode", AttributeProto.STRING, "value_string"),
+        helper.make_node("Equal", ["mode_str", "last_str"], ["is_last"]),
+        _attr_ref_const("softplus_i", "delta_softplus", AttributeProto.INT, "value_int"),
+        helper.make_node("Cast", ["softplus_i"], ["softplus_b"], to=TensorProto.BOOL),
+        # fp32 working copies (a no-op for fp32 inputs)
+        *[helper.make_node("Cast", [n], [f"{n}f"], to=F) for n in ("u", "delta", "B", "C", "z")],
+        # dt = softplus(delta + delta_bias) (softplus only when delta_softplus)
+        helper.make_node("Unsqueeze", ["dbf", "ax1"], ["db2"]),
+        helper.make_node("Add", ["deltaf", "db2"], ["dtb"]),
+        helper.make_node("Softplus", ["dtb"], ["dtsp"]),
+        helper.make_node("Where", ["softplus_b", "dtsp", "dtb"], ["dt"]),
+        helper.make_node("Mul", ["dt", "uf"], ["dtu_all"]),
+        helper.make_node("Shape", ["u"], ["L1"], start=2, end=3),
+    ]
+    # --- mode="all": Scan over time, then y = (y + D u) * silu(z)
+    all_nodes, y_all = _scan_loop("a_", "dt", "dtu_all", output_all=True)
+    all_nodes += [
+        helper.make_node("Unsqueeze", ["Df", "ax1"], ["a_D2"]),
+        helper.make_node("Mul", ["uf", "a_D2"], ["a_Du"]),
+        helper.make_node("Add", [y_all, "a_Du"], ["a_yD"]),
+        helper.make_node("Sigmoid", ["zf"], ["a_zsig"]),
+        helper.make_node("Mul", ["zf", "a_zsig"], ["a_zsilu"]),
+        helper.make_node("Mul", ["a_yD", "a_zsilu"], ["a_y"]),
+    ]
+    # --- mode="last": mask positions after lengths-1, read out once at lengths-1
+    p = "l_"
+    last_nodes = [
+        helper.make_node("Squeeze", ["L1"], [f"{p}L0"]),
+        helper.make_node("Cast", ["lengths"], [f"{p}len64"], to=TensorProto.INT64),
+        helper.make_node("Clip", [f"{p}len64", "one_s", f"{p}L0"], [f"{p}len_c"]),
+        helper.make_node("Sub", [f"{p}len_c", "one_s"], [f"{p}idx"]),  # (b,)
+        helper.make_node("Range", ["zero_s", f"{p}L0", "one_s"], [f"{p}pos"]),  # (L,)
+        helper.make_node("Unsqueeze", [f"{p}pos", "ax0"], [f"{p}pos2"]),  # (1, L)
+        helper.make_node("Unsqueeze", [f"{p}idx", "ax1"], [f"{p}idx2"]),  # (b, 1)
+        helper.make_node("LessOrEqual", [f"{p}pos2", f"{p}idx2"], [f"{p}valid"]),  # (b, L)
+        helper.make_node("Equal", [f"{p}pos2", f"{p}idx2"], [f"{p}is_idx"]),
+        helper.make_node("Cast", [f"{p}valid"], [f"{p}validf"], to=F),
+        helper.make_node("Cast", [f"{p}is_idx"], [f"{p}onehot"], to=F),
+        helper.make_node("Unsqueeze", [f"{p}validf", "ax1"], [f"{p}valid3"]),  # (b, 1, L)
+        helper.make_node("Unsqueeze", [f"{p}onehot", "ax2"], [f"{p}onehot3"]),  # (b, L, 1)
+        helper.make_node("Mul", ["dt", f"{p}valid3"], [f"{p}dtv"]),
+        helper.make_node("Mul", ["dtu_all", f"{p}valid3"], [f"{p}dtu"]),
+        # gathers at lengths-1 as products with a one-hot column (exact for finite inputs)
+        helper.make_node("MatMul", ["Cf", f"{p}onehot3"], [f"{p}C_last"]),  # (b, N, 1)
+        helper.make_node("MatMul", ["uf", f"{p}onehot3"], [f"{p}u_last3"]),  # (b, D, 1)
+        helper.make_node("MatMul", ["zf", f"{p}onehot3"], [f"{p}z_last3"]),
+        helper.make_node("Squeeze", [f"{p}u_last3", "ax2"], [f"{p}u_last"]),
+        helper.make_node("Squeeze", [f"{p}z_last3", "ax2"], [f"{p}z_last"]),
+    ]
+    builders = {"rowwise": _last_rowwise, "vectorized": _last_closed_form, "timeloop": _last_scan}
+    core, y_core = builders[body](p)
+    last_nodes += core
+    last_nodes += [
+        helper.make_node("Mul", [f"{p}u_last", "Df"], [f"{p}Du"]),
+        helper.make_node("Add", [y_core, f"{p}Du"], [f"{p}yD"]),
+        helper.make_node("Sigmoid", [f"{p}z_last"], [f"{p}zsig"]),
+        helper.make_node("Mul", [f"{p}z_last", f"{p}zsig"], [f"{p}zsilu"]),
+        helper.make_node("Mul", [f"{p}yD", f"{p}zsilu"], [f"{p}y"]),
+    ]
+    branch_if = helper.make_node(
+        "If",
+        ["is_last"],
+        ["yf"],
+        then_branch=_branch_graph("last_mode", last_nodes, f"{p}y"),
+        else_branch=_branch_graph("all_mode", all_nodes, "a_y"),
+    )
+    nodes = [*pre, branch_if, helper.make_node("Cast", ["yf"], ["y"], to=TensorProto.FLOAT16)]
+    # A, D and delta_bias are fp32 by contract; fp32 I/O needs no casts at all
+    alias = {"Af": "A", "Df": "D", "dbf": "delta_bias"}
+    if not io_float16:
+        alias.update({f"{n}f": n for n in ("u", "delta", "B", "C", "z")})
+        alias["yf"] = "y"
+        nodes = nodes[:-1]  # the final Cast
+    nodes = [n for n in nodes if not (n.op_type == "Cast" and n.output[0] in alias)]
+    for n in _walk(nodes):
+        for i, name in enumerate(n.input):
+            n.input[i] = alias.get(name, name)
+        for i, name in enumerate(n.output):
+            n.output[i] = alias.get(name, name)
+    fn = helper.make_function(
+        DOMAIN,
+        OP_NAME,
+        list(INPUTS),
+        ["y"],
+        nodes,
+        opset_imports=[helper.make_opsetid("", opset)],
+        attributes=[],
+        doc_string=f"m4r::SelectiveScan, function body '{body}' (see m4r_export/onnx/bodies.py)",
+    )
+    fn.attribute_proto.extend(
+        [
+            helper.make_attribute("delta_softplus", 1),
+            helper.make_attribute("mode", "all"),
+            helper.make_attribute("plugin_namespace", PLUGIN_NAMESPACE),
+            helper.make_attribute("plugin_version", PLUGIN_VERSION),
+        ]
+    )
+    return fn
+
+
+def _walk(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """Nodes and the nodes of their sub-graphs (Scan bodies), depth first."""
+    out: list[onnx.NodeProto] = []
+    for n in nodes:
+        out.append(n)
+        for a in n.attribute:
+            if a.type == AttributeProto.GRAPH:
+                out += _walk(list(a.g.node))
+    return out

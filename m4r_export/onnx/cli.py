@@ -1,0 +1,123 @@
+"""``m4r export``: checkpoint -> model.onnx (+ model.fp16.onnx) + items.txt + manifest.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import M4RError
+
+
+@click.command()
+@click.option(
+    "--ckpt", "ckpt", required=True, type=click.Path(path_type=Path), help="model.pt (m4r or RecBole)."
+)
+@click.option(
+    "--out-dir", required=True, type=click.Path(path_type=Path), help="Directory for the artifacts."
+)
+@click.option(
+    "--head",
+    type=click.Choice(["scores", "topk", "embedding"]),
+    default="scores",
+    show_default=True,
+    help="scores: [batch, n_items]; topk: topk_scores/topk_items [batch, K]; embedding: user_embedding.",
+)
+@click.option("--k", type=int, default=100, show_default=True, help="K for --head topk.")
+@click.option("--exclude-history", is_flag=True, help="Never rank items already in the input history.")
+@click.option(
+    "--max-seq-len",
+    type=int,
+    default=None,
+    help="Longest history the artifact accepts (default: the checkpoint's training length, else 50). "
+    "May exceed the training length (no positional embeddings).",
+)
+@click.option(
+    "--fp16", is_flag=True, help="Also write model.fp16.onnx (and build a TensorRT engine if possible)."
+)
+@click.option("--opset", type=int, default=None, help="ONNX opset (default 20; supported 19..23).")
+@click.option(
+    "--body",
+    type=click.Choice(["rowwise", "vectorized", "timeloop"]),
+    default="rowwise",
+    show_default=True,
+    help="SelectiveScan function body used by ONNX Runtime (see docs/onnx-export.md).",
+)
+@click.option(
+    "--dataset",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Interaction file the model was trained on; only needed for the item vocabulary of a RecBole "
+    "checkpoint.",
+)
+@click.option("--no-trt", is_flag=True, help="Do not try to build a TensorRT engine after --fp16.")
+def export(
+    ckpt: Path,
+    out_dir: Path,
+    head: str,
+    k: int,
+    exclude_history: bool,
+    max_seq_len: int | None,
+    fp16: bool,
+    opset: int | None,
+    body: str,
+    dataset: Path | None,
+    no_trt: bool,
+) -> None:
+    """Export a checkpoint to ONNX: one m4r::SelectiveScan node per layer with a portable function body.
+
+    Writes DIR/model.onnx, DIR/model.fp16.onnx (--fp16), DIR/items.txt, DIR/item_embedding.npy
+    (--head embedding) and DIR/manifest.json, each atomically; the export measures ONNX Runtime
+    against PyTorch and fails (writing nothing) when parity is outside the stated tolerance.
+    """
+    from ..checkpoint import read_checkpoint
+    from ..fileio import ensure_writable_dir
+    from .export import DEFAULT_OPSET, ExportOptions, export_artifacts
+
+    ds = None
+    if dataset is not None:
+        from ..data import load_dataset
+
+        ds = load_dataset(dataset)
+    checkpoint = read_checkpoint(ckpt, ds)
+    model = checkpoint.build_model()
+    if max_seq_len is None:
+        max_seq_len = int(checkpoint.meta.get("max_seq_len") or 50)
+    opts = ExportOptions(
+        head=head,
+        k=k,
+        exclude_history=exclude_history,
+        max_seq_len=max_seq_len,
+        fp16=fp16,
+        opset=DEFAULT_OPSET if opset is None else opset,
+        body=body,
+    )
+    opts.validate(model.n_items)
+    ensure_writable_dir(out_dir)  # fail fast, before the slow parts
+    result = export_artifacts(
+        model,
+        out_dir,
+        opts,
+        checkpoint_path=ckpt,
+        build_trt=not no_trt,
+        echo=lambda m: click.echo(m, err=True),
+    )
+    m = result.manifest
+    for name, info in m["files"].items():
+        click.echo(f"wrote {result.out_dir / name} ({info['bytes']} bytes)")
+    click.echo(f"wrote {result.out_dir / 'manifest.json'}")
+    for precision, p in m["parity"].items():
+        click.echo(
+            f"parity {precision}: max abs diff {p['max_abs_diff']:.3g}, "
+            f"top-10 overlap {p['top10_overlap']:.4f} "
+            f"(tolerance atol {p['tolerance']['atol']}, rtol {p['tolerance']['rtol']})"
+        )
+    trt = m["tensorrt"]
+    if trt["status"] == "built":
+        click.echo(f"TensorRT: built {result.out_dir / str(trt['engine'])}")
+    elif trt["status"] == "failed":
+        raise M4RError(
+            f"TensorRT engine build failed: {trt['reason']} (the ONNX files and manifest were written)"
+        )
+    else:
+        click.echo(f"TensorRT: skipped: {trt['reason']}")

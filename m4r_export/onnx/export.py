@@ -1,0 +1,624 @@
+"""PyTorch -> ONNX for the serving heads, with ``m4r::SelectiveScan`` as one node plus its function.
+
+Pipeline (:func:`export_artifacts`, used by ``m4r export``):
+
+1. Trace :class:`~m4r_export.serving.ServingModel` (the one definition of the heads) with the
+   torch.export-based exporter, dynamic ``batch`` and ``seq``. During the trace the model's scan
+   backend is ``onnx-export``, which emits the node with ``torch.onnx.ops.symbolic``; the last
+   layer runs in ``mode="last"`` so everything after its scan works on one row per user.
+2. Add the local function ``m4r::SelectiveScan`` (body from :mod:`.bodies`) so ONNX Runtime runs
+   the file with no custom-op library, and TensorRT maps the node to the plugin.
+3. ``onnx.checker.check_model(full_check=True)``.
+4. Parity against the PyTorch module on generated inputs (fixed seed); the export fails when the
+   stated tolerance is violated (like HuggingFace Optimum's export validation).
+5. Write every file atomically, ``manifest.json`` last (an older manifest is removed first, so a
+   directory without one is visibly incomplete).
+
+``--fp16``: a second trace of a half-precision copy: weights and activations fp16, LayerNorm
+computed in fp32, the scan's A/D/delta_bias fp32 and its state fp32 inside the op. Its outputs are
+cast to fp32 so both files share one I/O signature (scores in the fp16 file carry fp16 precision).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime as _dt
+import io
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import __version__
+from ..errors import M4RError, UsageError
+from ..model import Mamba4Rec, register_scan_backend
+from ..model.scan import selective_scan_fast
+from ..serving import HEAD_OUTPUTS, HEADS, INPUT_NAMES, ServingModel
+from . import bodies
+
+SCAN_BACKEND = "onnx-export"
+DEFAULT_OPSET = 20
+#: opsets we export and test: >= 19 for the function body's string Equal; <= what onnx/ORT know
+SUPPORTED_OPSETS = tuple(range(19, 24))
+MANIFEST_FORMAT = "m4r-export-manifest"
+MANIFEST_VERSION = 1
+ITEM_TABLE = "item_embedding.npy"
+
+
+# ----------------------------------------------------------------------------- scan as one node
+
+
+def _onnx_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    lengths: Tensor | None = None,
+    mode: str = "all",
+) -> Tensor:
+    """Scan backend that emits ``m4r::SelectiveScan`` while exporting (eager: the exact fast scan)."""
+    if not (torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()):
+        return selective_scan_fast(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths, mode)
+    if D is None or z is None or delta_bias is None:
+        raise ValueError("the SelectiveScan op needs D, z and delta_bias")
+    batch, dim, seq_len = u.shape
+    if lengths is None:
+        lengths = torch.full((batch,), seq_len, dtype=torch.int32, device=u.device)
+    shape = [batch, dim] if mode == "last" else [batch, dim, seq_len]
+    return torch.onnx.ops.symbolic(
+        f"{bodies.DOMAIN}::{bodies.OP_NAME}",
+        [u, delta, A.float(), B, C, D.float(), z, delta_bias.float(), lengths.to(torch.int32)],
+        {
+            "delta_softplus": int(delta_softplus),
+            "mode": mode,
+            "plugin_namespace": bodies.PLUGIN_NAMESPACE,
+            "plugin_version": bodies.PLUGIN_VERSION,
+        },
+        dtype=u.dtype,
+        shape=shape,
+        version=bodies.OP_VERSION,
+    )
+
+
+register_scan_backend(SCAN_BACKEND, _onnx_scan)
+
+
+# ------------------------------------------------------------------------------------- fp16 copy
+
+
+class _Fp32LayerNorm(nn.LayerNorm):
+    """LayerNorm whose statistics and affine parameters stay fp32 in a half-precision model."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
+        return y.to(x.dtype)
+
+
+def half_model(model: Mamba4Rec) -> Mamba4Rec:
+    """A copy in fp16 except LayerNorm (fp32 statistics and weights) and the scan's A_log/D/dt bias."""
+    half = copy.deepcopy(model).eval()
+    half.item_tokens = model.item_tokens
+    keep = {name: p.detach().clone() for name, p in half.named_parameters() if name.endswith(("A_log", ".D"))}
+    keep.update(
+        {name: p.detach().clone() for name, p in half.named_parameters() if name.endswith("dt_proj.bias")}
+    )
+    half.half()
+    for module in list(half.modules()):
+        if isinstance(module, nn.LayerNorm) and not isinstance(module, _Fp32LayerNorm):
+            module.float()
+            module.__class__ = _Fp32LayerNorm
+    params = dict(half.named_parameters())
+    for name, value in keep.items():
+        params[name].data = value.float()
+    return half
+
+
+class _FloatOutputs(nn.Module):
+    """Casts floating outputs to fp32 so the fp16 file has the fp32 file's I/O signature."""
+
+    def __init__(self, inner: ServingModel) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, item_seq: Tensor, item_seq_len: Tensor) -> tuple[Tensor, ...]:
+        outs = self.inner(item_seq, item_seq_len)
+        return tuple(o.float() if o.is_floating_point() else o for o in outs)
+
+
+# ------------------------------------------------------------------------------------ the export
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    head: str = "scores"
+    k: int = 100
+    exclude_history: bool = False
+    max_seq_len: int = 50
+    fp16: bool = False
+    opset: int = DEFAULT_OPSET
+    body: str = bodies.DEFAULT_BODY
+
+    def validate(self, n_items: int) -> None:
+        if self.head not in HEADS:
+            raise UsageError(f"--head {self.head!r}: choose one of {', '.join(HEADS)}")
+        if self.head == "topk" and not 1 <= self.k <= n_items - 1:
+            raise UsageError(
+                f"--k {self.k}: the model has {n_items - 1} items (plus padding); choose K between 1 and "
+                f"{n_items - 1}"
+            )
+        if self.opset not in SUPPORTED_OPSETS:
+            raise UsageError(
+                f"--opset {self.opset} is not supported: m4r exports opsets {SUPPORTED_OPSETS[0]}.."
+                f"{SUPPORTED_OPSETS[-1]} (the SelectiveScan function body needs opset >= 19); "
+                f"the default is {DEFAULT_OPSET}"
+            )
+        if self.max_seq_len < 1:
+            raise UsageError(f"--max-seq-len {self.max_seq_len}: must be >= 1")
+        if self.body not in bodies.BODIES:
+            raise UsageError(f"--body {self.body!r}: choose one of {', '.join(bodies.BODIES)}")
+
+
+def _serving_module(model: Mamba4Rec, opts: ExportOptions, fp16: bool) -> nn.Module:
+    m = half_model(model) if fp16 else copy.deepcopy(model).eval()
+    m.set_scan_backend(SCAN_BACKEND)
+    serving = ServingModel(m, opts.head, opts.k, opts.exclude_history).eval()
+    return _FloatOutputs(serving).eval() if fp16 else serving
+
+
+def _sample_inputs(n_items: int, max_seq_len: int) -> tuple[Tensor, Tensor]:
+    seq = max(2, min(max_seq_len, 8))
+    g = torch.Generator().manual_seed(0)
+    item_seq = torch.randint(1, max(2, n_items), (3, seq), generator=g)
+    return item_seq, torch.tensor([seq, 2, 1])
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's progress prints and known-harmless warnings (torchvision, deprecations)."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
+
+
+def trace_onnx(model: Mamba4Rec, opts: ExportOptions, fp16: bool = False) -> Any:
+    """ServingModel -> ONNX ModelProto with the SelectiveScan node(s) and the local function."""
+    import onnx
+
+    module = _serving_module(model, opts, fp16)
+    args = _sample_inputs(model.n_items, opts.max_seq_len)
+    batch = torch.export.Dim("batch", min=1)
+    seq = torch.export.Dim("seq", min=1, max=max(opts.max_seq_len, 2))
+    sink = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(sink), torch.no_grad(), _quiet_exporter():
+            program = torch.onnx.export(
+                module,
+                args,
+                dynamo=True,
+                input_names=list(INPUT_NAMES),
+                output_names=list(HEAD_OUTPUTS[opts.head]),
+                dynamic_shapes={"item_seq": {0: batch, 1: seq}, "item_seq_len": {0: batch}},
+                opset_version=opts.opset,
+                external_data=False,
+                verbose=False,
+            )
+    except Exception as exc:  # an exporter failure is a bug or an unsupported model, not user error
+        raise M4RError(
+            f"torch.onnx.export failed ({type(exc).__name__}: {str(exc)[:500]}); exporter log:\n"
+            f"{sink.getvalue()[-2000:]}"
+        ) from exc
+    assert program is not None
+    proto = program.model_proto
+    finalize_model(proto, opts, fp16)
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def finalize_model(proto: Any, opts: ExportOptions, fp16: bool) -> None:
+    """Attach the function, fix the op-set import, name the dynamic dims, add metadata."""
+    import onnx
+    from onnx import helper
+
+    scan_nodes = [n for n in proto.graph.node if n.op_type == bodies.OP_NAME and n.domain == bodies.DOMAIN]
+    if not scan_nodes:
+        raise M4RError("the exported graph has no m4r::SelectiveScan node; the scan backend was not used")
+    for n in scan_nodes:
+        names = {a.name for a in n.attribute}
+        missing = {"delta_softplus", "mode", "plugin_namespace", "plugin_version"} - names
+        if missing or len(n.input) != len(bodies.INPUTS):
+            raise M4RError(f"SelectiveScan node {n.name} is malformed (missing {sorted(missing)})")
+    imports = {o.domain: o for o in proto.opset_import}
+    if bodies.DOMAIN not in imports:
+        proto.opset_import.append(helper.make_opsetid(bodies.DOMAIN, bodies.OP_VERSION))
+    else:
+        imports[bodies.DOMAIN].version = bodies.OP_VERSION
+    del proto.functions[:]
+    proto.functions.append(bodies.make_function(opts.body, opts.opset, io_float16=fp16))
+    # dynamic dims: batch and seq on the inputs; batch on every output
+    for vi in proto.graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        dims[0].dim_param = "batch"
+        if vi.name == "item_seq":
+            dims[1].dim_param = "seq"
+    for vi in proto.graph.output:
+        vi.type.tensor_type.shape.dim[0].dim_param = "batch"
+    meta = {
+        "m4r.format": MANIFEST_FORMAT,
+        "m4r.tool_version": __version__,
+        "m4r.head": opts.head,
+        "m4r.k": str(opts.k) if opts.head == "topk" else "",
+        "m4r.exclude_history": str(int(opts.exclude_history)),
+        "m4r.max_seq_len": str(opts.max_seq_len),
+        "m4r.precision": "fp16" if fp16 else "fp32",
+        "m4r.function_body": opts.body,
+        "m4r.input_semantics": "ids outside [0, n_items) -> 0; item_seq_len clamped to [1, seq]",
+    }
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+    proto.producer_name = "m4r-export"
+    proto.producer_version = __version__
+    proto.doc_string = (
+        f"Mamba4Rec serving graph, head={opts.head}; the selective scan is one m4r::SelectiveScan node "
+        "(TensorRT plugin m4r/SelectiveScan v1) with a local ONNX function body."
+    )
+
+
+# -------------------------------------------------------------------------------------- parity
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float
+    rtol: float
+    min_top10_overlap: float
+
+    def to_json(self) -> dict[str, float]:
+        return {"atol": self.atol, "rtol": self.rtol, "min_top10_overlap": self.min_top10_overlap}
+
+
+TOLERANCES = {
+    "fp32": Tolerance(atol=1e-4, rtol=1e-4, min_top10_overlap=0.99),
+    "fp16": Tolerance(atol=5e-2, rtol=2e-2, min_top10_overlap=0.8),
+}
+
+PARITY_INPUTS = (
+    "seed 0: 32 rows at seq=max_seq_len with lengths uniform in [1, max_seq_len]; 8 rows at "
+    "seq=min(7, max_seq_len) with edge cases (lengths 0, -1, > seq; ids -3 and >= n_items); 1 row at seq=1"
+)
+
+
+def parity_inputs(n_items: int, max_seq_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    batches = []
+    L = max_seq_len
+    seq = rng.integers(1, max(2, n_items), size=(32, L))
+    lengths = rng.integers(1, L + 1, size=32)
+    batches.append((seq, lengths))
+    s = min(7, L)
+    seq = rng.integers(1, max(2, n_items), size=(8, s))
+    seq[0, 0] = -3
+    seq[1, s - 1] = n_items + 5
+    lengths = np.array([s, s, 0, -1, s + 10, 1, max(1, s // 2), s])
+    batches.append((seq, lengths))
+    batches.append((rng.integers(1, max(2, n_items), size=(1, 1)), np.array([1])))
+    return [(a.astype(np.int64), b.astype(np.int64)) for a, b in batches]
+
+
+def _scores_from(outputs: dict[str, np.ndarray], head: str, table: np.ndarray | None) -> np.ndarray | None:
+    if head == "scores":
+        return outputs["scores"]
+    if head == "embedding" and table is not None:
+        s = outputs["user_embedding"].astype(np.float64) @ table.T.astype(np.float64)
+        s[:, 0] = -np.inf
+        return s
+    return None
+
+
+def _top10(scores: np.ndarray) -> np.ndarray:
+    k = min(10, scores.shape[1] - 1)
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+def overlap(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over rows of |set(a_row) & set(b_row)| / width."""
+    if a.size == 0:
+        return 1.0
+    return float(
+        np.mean([len(set(x) & set(y)) / len(x) for x, y in zip(a.tolist(), b.tolist(), strict=True)])
+    )
+
+
+def compare_outputs(
+    ref: dict[str, np.ndarray], got: dict[str, np.ndarray], head: str, table: np.ndarray | None
+) -> tuple[float, float]:
+    """(max abs diff over finite reference values, mean top-10 overlap).
+
+    Non-finite reference entries (masked items) must be exactly where the artifact has them;
+    otherwise the difference is reported as infinite.
+    """
+    max_diff = 0.0
+    for name, r in ref.items():
+        g = got[name]
+        if r.shape != g.shape:
+            raise M4RError(f"output {name}: ONNX shape {g.shape} != PyTorch shape {r.shape}")
+        if not np.issubdtype(r.dtype, np.floating):
+            continue
+        finite = np.isfinite(r)
+        if not np.array_equal(finite, np.isfinite(g)) or not np.array_equal(r[~finite], g[~finite]):
+            return float("inf"), 0.0
+        if finite.any():
+            d = np.abs(r[finite].astype(np.float64) - g[finite].astype(np.float64))
+            max_diff = max(max_diff, float(d.max()))
+    if head == "topk":
+        k = min(10, ref["topk_items"].shape[1])
+        return max_diff, overlap(ref["topk_items"][:, :k], got["topk_items"][:, :k])
+    rs, gs = _scores_from(ref, head, table), _scores_from(got, head, table)
+    ov = overlap(_top10(rs), _top10(gs)) if rs is not None and gs is not None else 1.0
+    return max_diff, ov
+
+
+def _within(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], tol: Tolerance) -> bool:
+    for name, r in ref.items():
+        if not np.issubdtype(r.dtype, np.floating):
+            continue
+        finite = np.isfinite(r)
+        d = np.abs(r[finite].astype(np.float64) - got[name][finite].astype(np.float64))
+        if (d > tol.atol + tol.rtol * np.abs(r[finite])).any():
+            return False
+    return True
+
+
+def ort_session(model_bytes: bytes, threads: int | None = None) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+
+
+def torch_outputs(
+    serving: ServingModel, item_seq: np.ndarray, item_seq_len: np.ndarray
+) -> dict[str, np.ndarray]:
+    with torch.no_grad():
+        outs = serving(torch.from_numpy(item_seq), torch.from_numpy(item_seq_len))
+    return {n: o.numpy() for n, o in zip(serving.output_names, outs, strict=True)}
+
+
+def measure_parity(
+    model: Mamba4Rec, opts: ExportOptions, model_bytes: bytes, precision: str
+) -> dict[str, Any]:
+    """Run the ONNX model (ORT CPU) and the PyTorch ServingModel (fp32) on the parity inputs."""
+    reference = copy.deepcopy(model).eval()
+    reference.set_scan_backend("fast")
+    serving = ServingModel(reference, opts.head, opts.k, opts.exclude_history)
+    table = model.item_embedding.weight.detach().numpy() if opts.head == "embedding" else None
+    sess = ort_session(model_bytes)
+    tol = TOLERANCES[precision]
+    max_diff, overlaps, ok = 0.0, [], True
+    for item_seq, item_seq_len in parity_inputs(model.n_items, opts.max_seq_len):
+        ref = torch_outputs(serving, item_seq, item_seq_len)
+        got = dict(
+            zip(
+                serving.output_names,
+                sess.run(None, {"item_seq": item_seq, "item_seq_len": item_seq_len}),
+                strict=True,
+            )
+        )
+        d, ov = compare_outputs(ref, got, opts.head, table)
+        max_diff = max(max_diff, d)
+        overlaps.append((ov, len(item_seq)))
+        ok &= bool(np.isfinite(d)) and _within(ref, got, tol)
+    top10 = sum(o * n for o, n in overlaps) / sum(n for _, n in overlaps)
+    ok &= top10 >= tol.min_top10_overlap
+    return {
+        "max_abs_diff": max_diff,
+        "top10_overlap": round(top10, 6),
+        "tolerance": tol.to_json(),
+        "inputs": PARITY_INPUTS,
+        "reference": "m4r_export.serving.ServingModel, fp32, scan backend 'fast'",
+        "runtime": "onnxruntime CPUExecutionProvider",
+        "passed": bool(ok),
+    }
+
+
+# --------------------------------------------------------------------------------------- writing
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    manifest: dict[str, Any]
+    files: list[Path] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)
+
+
+def _io_spec(proto: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    from onnx import helper
+
+    def spec(vi: Any) -> dict[str, Any]:
+        t = vi.type.tensor_type
+        dims = [d.dim_param if d.dim_param else int(d.dim_value) for d in t.shape.dim]
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)).name
+        return {"name": vi.name, "dtype": dtype, "shape": dims}
+
+    return [spec(v) for v in proto.graph.input], [spec(v) for v in proto.graph.output]
+
+
+def _items_text(model: Mamba4Rec) -> str:
+    tokens = model.item_tokens or ["[PAD]", *(str(i) for i in range(1, model.n_items))]
+    if len(tokens) != model.n_items:
+        raise UsageError(
+            f"checkpoint vocabulary has {len(tokens)} tokens but the model has {model.n_items} items"
+        )
+    for t in tokens:
+        if "\n" in t or "\r" in t:
+            raise UsageError(f"item token {t!r} contains a line break; items.txt holds one token per line")
+    return "".join(f"{t}\n" for t in tokens)
+
+
+def export_artifacts(
+    model: Mamba4Rec,
+    out_dir: str | os.PathLike[str],
+    opts: ExportOptions,
+    *,
+    checkpoint_path: str | os.PathLike[str] | None = None,
+    build_trt: bool = True,
+    echo: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Export, check, measure parity, then write everything (see the module docstring)."""
+    from ..fileio import (
+        ensure_writable_dir,
+        sha256_file,
+        write_bytes_atomic,
+        write_json_atomic,
+        write_text_atomic,
+    )
+
+    say = echo or (lambda _msg: None)
+    opts.validate(model.n_items)
+    out = ensure_writable_dir(out_dir)
+    items_txt = _items_text(model)
+
+    precisions = ["fp32", "fp16"] if opts.fp16 else ["fp32"]
+    protos: dict[str, Any] = {}
+    blobs: dict[str, bytes] = {}
+    parity: dict[str, Any] = {}
+    for precision in precisions:
+        say(f"tracing the {opts.head} head ({precision}) ...")
+        proto = trace_onnx(model, opts, fp16=precision == "fp16")
+        protos[precision] = proto
+        blobs[precision] = proto.SerializeToString()
+        say(f"checking parity with PyTorch ({precision}) ...")
+        parity[precision] = measure_parity(model, opts, blobs[precision], precision)
+        if not parity[precision]["passed"]:
+            p = parity[precision]
+            raise M4RError(
+                f"export parity check failed for {precision}: max abs diff {p['max_abs_diff']:.3g}, top-10 "
+                f"overlap {p['top10_overlap']:.3f} (tolerance {p['tolerance']}); nothing was written. "
+                "This is a bug in m4r export: please report it with the checkpoint's config"
+            )
+
+    # everything validated: write (manifest last; remove a stale one first)
+    manifest_path = out / "manifest.json"
+    with contextlib.suppress(FileNotFoundError):
+        manifest_path.unlink()
+    names = {"fp32": "model.onnx", "fp16": "model.fp16.onnx"}
+    files: dict[str, dict[str, Any]] = {}
+    written: list[Path] = []
+    for precision in precisions:
+        path = out / names[precision]
+        write_bytes_atomic(path, blobs[precision])
+        files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size, "precision": precision}
+        written.append(path)
+    write_text_atomic(out / "items.txt", items_txt)
+    files["items.txt"] = {
+        "sha256": sha256_file(out / "items.txt"),
+        "bytes": (out / "items.txt").stat().st_size,
+    }
+    written.append(out / "items.txt")
+    if opts.head == "embedding":
+        buf = io.BytesIO()
+        np.save(buf, model.item_embedding.weight.detach().float().numpy())
+        write_bytes_atomic(out / ITEM_TABLE, buf.getvalue())
+        files[ITEM_TABLE] = {
+            "sha256": sha256_file(out / ITEM_TABLE),
+            "bytes": (out / ITEM_TABLE).stat().st_size,
+            "precision": "fp32",
+            "shape": [model.n_items, model.config.hidden_size],
+            "note": "row i = item index i; row 0 is padding and must never be returned; "
+            "score = user_embedding @ table.T",
+        }
+        written.append(out / ITEM_TABLE)
+
+    trt = {"status": "skipped", "reason": "no --fp16 file (TensorRT engines are built from model.fp16.onnx)"}
+    if opts.fp16 and build_trt:
+        trt = _try_trt(out / names["fp16"], out, opts)
+
+    inputs, outputs = _io_spec(protos["fp32"])
+    ckpt: dict[str, Any] = {"path": None, "sha256": None}
+    if checkpoint_path is not None:
+        ckpt = {"path": str(Path(checkpoint_path).resolve()), "sha256": sha256_file(checkpoint_path)}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "format_version": MANIFEST_VERSION,
+        "tool_version": __version__,
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "checkpoint": ckpt,
+        "model": model.config.to_dict(),
+        "max_seq_len": opts.max_seq_len,
+        "head": opts.head,
+        "k": opts.k if opts.head == "topk" else None,
+        "exclude_history": opts.exclude_history,
+        "opset": opts.opset,
+        "custom_op": {
+            "domain": bodies.DOMAIN,
+            "name": bodies.OP_NAME,
+            "version": bodies.OP_VERSION,
+            "plugin_namespace": bodies.PLUGIN_NAMESPACE,
+            "plugin_version": bodies.PLUGIN_VERSION,
+            "function_body": opts.body,
+        },
+        "inputs": inputs,
+        "outputs": outputs,
+        "input_semantics": {
+            "item_seq": "int64 item indices, right-padded with 0, oldest first; "
+            "ids outside [0, n_items) -> 0",
+            "item_seq_len": "int64, clamped to [1, seq]; the user representation is read at item_seq_len - 1",
+            "longer_histories": f"keep the most recent {opts.max_seq_len} items "
+            "(m4r_export.onnx.truncate_inputs / histories_to_inputs)",
+        },
+        "files": files,
+        "parity": parity,
+        "tensorrt": trt,
+    }
+    write_json_atomic(manifest_path, manifest)
+    written.append(manifest_path)
+    return ExportResult(out, manifest, written)
+
+
+def _try_trt(fp16_path: Path, out: Path, opts: ExportOptions) -> dict[str, Any]:
+    """Build a TensorRT engine when TensorRT and a GPU are there (m4r_export.trt decides)."""
+    try:
+        from ..trt import ShapeProfile, try_build_engine
+    except Exception as exc:  # the TensorRT package itself failed to import: report, do not fail
+        return {"status": "skipped", "reason": f"m4r_export.trt unavailable ({exc})"}
+    max_seq = max(opts.max_seq_len, 1)
+    profile = ShapeProfile(min_seq=1, opt_seq=min(50, max_seq), max_seq=max_seq)
+    try:
+        result = try_build_engine(fp16_path, out, profile=profile)
+    except M4RError as exc:
+        return {"status": "failed", "reason": str(exc)}
+    if result.built:
+        return {
+            "status": "built",
+            "engine": result.engine_path.name if result.engine_path else None,
+            "engine_manifest": result.manifest_path.name if result.manifest_path else None,
+            "notes": list(result.notes),
+        }
+    return {"status": "skipped", "reason": result.reason}
