@@ -20,7 +20,9 @@
 #include "selectiveScanKernel.h"
 #include "selectiveScanMath.h"
 
-#if !defined(M4R_KERNEL_EMULATION) // tests/scanKernelEmulation.cpp runs the fp32 kernel on host threads
+// tests/scanKernelEmulation.cpp runs this kernel on host threads; it includes these headers itself,
+// before it redefines the CUDA keywords they rely on.
+#if !defined(M4R_KERNEL_EMULATION)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #endif
@@ -40,7 +42,6 @@ __device__ __forceinline__ float toFloat<float>(float v)
 {
     return v;
 }
-#if !defined(M4R_KERNEL_EMULATION)
 template <>
 __device__ __forceinline__ float toFloat<__half>(__half v)
 {
@@ -51,7 +52,6 @@ __device__ __forceinline__ float toFloat<__nv_bfloat16>(__nv_bfloat16 v)
 {
     return __bfloat162float(v);
 }
-#endif
 
 template <typename T>
 __device__ __forceinline__ T fromFloat(float v);
@@ -60,7 +60,6 @@ __device__ __forceinline__ float fromFloat<float>(float v)
 {
     return v;
 }
-#if !defined(M4R_KERNEL_EMULATION)
 template <>
 __device__ __forceinline__ __half fromFloat<__half>(float v)
 {
@@ -71,7 +70,6 @@ __device__ __forceinline__ __nv_bfloat16 fromFloat<__nv_bfloat16>(float v)
 {
     return __float2bfloat16_rn(v);
 }
-#endif
 
 //! T: I/O element type; kN: register capacity for the state (>= p.dstate); kLast: mode "last".
 //! grid = (batch, ceil(dim / kChannels)), block = kChannels.
