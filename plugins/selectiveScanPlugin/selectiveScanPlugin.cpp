@@ -138,7 +138,13 @@ nvinfer1::IPluginCapability* SelectiveScanPlugin::getCapabilityInterface(nvinfer
 
 nvinfer1::IPluginV3* SelectiveScanPlugin::clone() noexcept
 {
-    return new (std::nothrow) SelectiveScanPlugin(mAttrs);
+    // Attributes plus the configured input count; the serialization buffers are rebuilt on demand.
+    auto* copy = new (std::nothrow) SelectiveScanPlugin(mAttrs);
+    if (copy != nullptr)
+    {
+        copy->mNbInputs = mNbInputs;
+    }
+    return copy;
 }
 
 char const* SelectiveScanPlugin::getPluginName() const noexcept
