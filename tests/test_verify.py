@@ -201,3 +201,16 @@ def test_unavailable_backends_say_why(tiny: dict[str, Path]) -> None:
         assert "CUDAExecutionProvider" in cuda
         with pytest.raises(M4RError, match="CUDAExecutionProvider"):
             make_runner("ort-cuda", load_artifact(tiny["scores"]))
+
+
+def test_precision_comes_from_the_manifest_and_picks_the_thresholds(
+    tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    manifest = json.loads((tiny["scores"].parent / "manifest.json").read_text())
+    manifest["files"] = {"model.fp16.onnx": {"precision": "fp16"}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "model.fp16.onnx").write_bytes(tiny["scores"].read_bytes())
+    assert load_artifact(tmp_path / "model.fp16.onnx").precision == "fp16"
+    report = run_verify(tiny["ckpt"], tmp_path / "model.fp16.onnx", users=8)
+    assert report.thresholds == Thresholds.defaults("fp16")
+    assert report.threshold_source == "defaults for fp16 artifacts"

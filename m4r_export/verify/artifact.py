@@ -104,6 +104,15 @@ def _find_item_table(directory: Path, manifest: dict[str, Any] | None) -> Path |
     return None
 
 
+def _precision(manifest: dict[str, Any] | None, onnx_path: Path, graph_is_fp16: bool) -> str:
+    """The manifest's word for this file ("files": {name: {"precision": ...}}), else the graph's types."""
+    files = (manifest or {}).get("files")
+    entry = files.get(onnx_path.name) if isinstance(files, dict) else None
+    if isinstance(entry, dict) and entry.get("precision") in ("fp32", "fp16"):
+        return str(entry["precision"])
+    return "fp16" if graph_is_fp16 else "fp32"
+
+
 def load_artifact(path: str | Path) -> ArtifactInfo:
     """Read what ``verify``/``bench`` need to know about ``path`` (.onnx, or .plan/.engine)."""
     p = Path(path)
@@ -161,7 +170,7 @@ def load_artifact(path: str | Path) -> ArtifactInfo:
         k=k,
         exclude_history=exclude_history,
         max_seq_len=max_seq_len,
-        precision="fp16" if is_fp16 else "fp32",
+        precision=_precision(manifest, onnx_path, is_fp16),
         model_config=config,
         manifest=manifest,
         onnx_path=onnx_path,
