@@ -41,7 +41,7 @@ def target_ranks(scores: Tensor, target: Tensor) -> Tensor:
     tgt = scores.gather(1, target.view(-1, 1))
     higher = (scores > tgt).sum(1)
     # a NaN target score ranks last
-    higher = torch.where(torch.isnan(tgt.squeeze(1)), torch.full_like(higher, scores.shape[1]), higher)
+    higher = torch.where(torch.isnan(tgt.squeeze(1)), torch.full_like(higher, scores.shape[1] - 1), higher)
     return higher + 1
 
 
