@@ -15,7 +15,7 @@ from m4r_export.checkpoint import load_checkpoint, read_checkpoint
 from m4r_export.cli import main
 from m4r_export.data import SequenceDataset, build_dataset, synthetic_interactions, write_inter_file
 from m4r_export.errors import UsageError
-from m4r_export.training import Trainer, TrainConfig, config_from_dict, load_config, train
+from m4r_export.training import TrainConfig, Trainer, config_from_dict, load_config, train
 from m4r_export.training.metrics import evaluate, popularity_scorer
 from m4r_export.training.trainer import _batch_tensors, default_state_path
 
