@@ -145,3 +145,17 @@ def test_function_declares_contract_attributes() -> None:
     }
     with pytest.raises(ValueError, match="body"):
         make_function("nope")
+
+
+@pytest.mark.parametrize("body", BODIES)
+@pytest.mark.parametrize("mode", ["last", "all"])
+def test_body_runs_when_the_caller_declares_no_shapes(body: str, mode: str) -> None:
+    """Scan sub-graph outputs declare their rank, so ORT runs even without caller shape info."""
+    model = scan_model(body, mode)
+    for vi in [*model.graph.input, *model.graph.output]:
+        vi.type.tensor_type.ClearField("shape")
+    args = inputs(2, 4, 3, 6)
+    lengths = torch.tensor([6, 2], dtype=torch.int32)
+    got = run(model, args, lengths)
+    ref = selective_scan_ref(*args, delta_softplus=True, lengths=lengths, mode=mode).numpy()
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5)

@@ -103,9 +103,11 @@ def _scan_loop(p: str, dt: str, dtu: str, output_all: bool) -> tuple[list[onnx.N
         helper.make_node("Add", [f"{p}hdecay", f"{p}dBu"], [f"{p}h_out"]),
     ]
     body_inputs = [
-        helper.make_tensor_value_info(f"{p}{n}", f32, None) for n in ("h_in", "dt_t", "dtu_t", "B_t")
+        helper.make_tensor_value_info(f"{p}{n}", f32, [None, None, None])
+        for n in ("h_in", "dt_t", "dtu_t", "B_t")
     ]
-    body_outputs = [helper.make_tensor_value_info(f"{p}h_out", f32, None)]
+    # ranks are declared: ONNX Runtime needs them on Scan outputs when the caller's shapes are unknown
+    body_outputs = [helper.make_tensor_value_info(f"{p}h_out", f32, [None, None, None])]
     scan_inputs = [f"{p}h0", f"{p}dt3", f"{p}dtu3", f"{p}Bs"]
     scan_outputs = [f"{p}h_last"]
     if output_all:
@@ -113,12 +115,12 @@ def _scan_loop(p: str, dt: str, dtu: str, output_all: bool) -> tuple[list[onnx.N
             helper.make_node("Transpose", ["Cf"], [f"{p}Ct"], perm=[0, 2, 1]),
             helper.make_node("Unsqueeze", [f"{p}Ct", "ax1"], [f"{p}Cs"]),
         ]
-        body_inputs.append(helper.make_tensor_value_info(f"{p}C_t", f32, None))
+        body_inputs.append(helper.make_tensor_value_info(f"{p}C_t", f32, [None, None, None]))
         body_nodes += [
             helper.make_node("Mul", [f"{p}h_out", f"{p}C_t"], [f"{p}hc"]),
             helper.make_node("ReduceSum", [f"{p}hc", "ax2"], [f"{p}y_t"], keepdims=0),  # (b, D)
         ]
-        body_outputs.append(helper.make_tensor_value_info(f"{p}y_t", f32, None))
+        body_outputs.append(helper.make_tensor_value_info(f"{p}y_t", f32, [None, None]))
         scan_inputs.append(f"{p}Cs")
         scan_outputs.append(f"{p}y_all")
     n_scan_in = len(scan_inputs) - 1
@@ -195,13 +197,13 @@ def _last_rowwise(p: str) -> tuple[list[onnx.NodeProto], str]:
         body_nodes,
         f"{p}row",
         [
-            helper.make_tensor_value_info(f"{r}dt", f32, None),
-            helper.make_tensor_value_info(f"{r}u", f32, None),
-            helper.make_tensor_value_info(f"{r}B", f32, None),
-            helper.make_tensor_value_info(f"{r}C", f32, None),
-            helper.make_tensor_value_info(f"{r}len", i64, None),
+            helper.make_tensor_value_info(f"{r}dt", f32, [None, None]),
+            helper.make_tensor_value_info(f"{r}u", f32, [None, None]),
+            helper.make_tensor_value_info(f"{r}B", f32, [None, None]),
+            helper.make_tensor_value_info(f"{r}C", f32, [None, None]),
+            helper.make_tensor_value_info(f"{r}len", i64, []),
         ],
-        [helper.make_tensor_value_info(f"{r}y", f32, None)],
+        [helper.make_tensor_value_info(f"{r}y", f32, [None])],
     )
     nodes = [
         helper.make_node("Transpose", ["Af"], [f"{p}At"], perm=[1, 0]),  # (N, D)
