@@ -214,3 +214,32 @@ def test_precision_comes_from_the_manifest_and_picks_the_thresholds(
     report = run_verify(tiny["ckpt"], tmp_path / "model.fp16.onnx", users=8)
     assert report.thresholds == Thresholds.defaults("fp16")
     assert report.threshold_source == "defaults for fp16 artifacts"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """An artifact written by the real exporter (m4r export), fp32."""
+    export = pytest.importorskip("m4r_export.onnx.export")
+    root = tmp_path_factory.mktemp("exported")
+    model = tiny_model(N_ITEMS, seed=3)
+    save_checkpoint(root / "model.pt", model, None, {"max_seq_len": 12})
+    export.export_artifacts(
+        model, root / "out", export.ExportOptions(head="scores", max_seq_len=12), build_trt=False
+    )
+    return {"ckpt": root / "model.pt", "onnx": root / "out" / "model.onnx"}
+
+
+def test_exporter_artifact_passes_and_one_perturbed_weight_fails(
+    exported: dict[str, Path], tmp_path: Path
+) -> None:
+    code, out = _cli("verify", "--ckpt", exported["ckpt"], "--artifact", exported["onnx"], "--users", 64)
+    assert code == 0, out
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    (bad_dir / "manifest.json").write_text((exported["onnx"].parent / "manifest.json").read_text())
+    name = perturb_onnx_weight(exported["onnx"], bad_dir / "model.onnx", scale=0.5)
+    code, out = _cli(
+        "verify", "--ckpt", exported["ckpt"], "--artifact", bad_dir / "model.onnx", "--users", 64
+    )
+    assert code == 1, out
+    assert "max_abs_error = " in out, (name, out)

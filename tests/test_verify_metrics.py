@@ -36,16 +36,18 @@ def test_score_errors_ignore_masked_entries_and_count_mask_mismatches() -> None:
     assert e.max_abs == pytest.approx(0.5)
     assert e.worst_user == 1
     assert e.mask_mismatches == 1  # ref finite, out -inf
-    # relative: 0.5 / max(|2|, 0.01 * 2) = 0.25
+    # relative: 0.5 / max(|2|, std(0, 1, 2) = 0.816) = 0.25
     assert e.max_rel == pytest.approx(0.25)
     assert e.mean_abs == pytest.approx(0.6 / 5)
 
 
 def test_relative_error_floor_keeps_near_zero_scores_finite() -> None:
-    ref = np.array([[1e-9, 10.0]])
-    out = np.array([[1e-3, 10.0]])
-    # floor = 1 % of the row's max |ref| = 0.1
-    assert score_errors(ref, out).max_rel == pytest.approx(1e-3 / 0.1, rel=1e-6)
+    ref = np.array([[NEG, 1e-9, 10.0]])
+    out = np.array([[NEG, 1e-3, 10.0]])
+    # floor = the row's score spread: std(1e-9, 10) = 5 (masked entries ignored)
+    assert score_errors(ref, out).max_rel == pytest.approx(1e-3 / 5, rel=1e-6)
+    big = np.array([[NEG, 100.0, 101.0]])
+    assert score_errors(big, big + [[0, 1.0, 0]]).max_rel == pytest.approx(0.01)  # |ref| > spread
 
 
 def test_non_finite_counts() -> None:

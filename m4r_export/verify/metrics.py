@@ -6,8 +6,9 @@ Inputs are per-user score rows ``[users, n_items]`` (masked entries are ``-inf``
 artifact, its ``topk_items``/``topk_scores``. Definitions (also in docs/verify-bench.md):
 
 * **abs error**: ``|out - ref|`` over entries finite in both; **relative error**:
-  ``|out - ref| / max(|ref|, 0.01 * max_row |ref|)`` (the floor keeps scores that cross zero from
-  dividing by ~0; 1 % of the row's largest score magnitude is the scale a ranking cares about).
+  ``|out - ref| / max(|ref|, std_row(ref))``: relative to the score itself, but never to less than
+  the spread of that user's scores (the scale a ranking cares about), so that scores near zero do
+  not divide by ~0. An error of 0.01 means 1 % of the score or 1 % of the spread, whichever is larger.
 * **mask mismatches**: entries that are ``-inf`` on one side only (item 0, excluded history).
 * **NaN / +Inf / unexpected -Inf** counts in the candidate's outputs.
 * **top-K overlap**: ``|top_K(ref) & top_K(out)| / K`` per user; mean and worst user.
@@ -26,8 +27,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-REL_FLOOR = 0.01
 
 
 def topk_from_scores(scores: np.ndarray, k: int) -> np.ndarray:
@@ -68,7 +67,11 @@ def score_errors(ref: np.ndarray, out: np.ndarray) -> ScoreErrors:
     ref0 = np.where(both, ref, 0.0)
     diff = np.abs(np.where(both, out, 0.0) - ref0)
     mag = np.abs(ref0)
-    scale = np.maximum(mag, REL_FLOOR * mag.max(axis=-1, keepdims=True))
+    finite_ref = np.isfinite(ref)
+    count = np.maximum(finite_ref.sum(axis=-1, keepdims=True), 1)
+    mean = np.where(finite_ref, ref, 0.0).sum(axis=-1, keepdims=True) / count
+    spread = np.sqrt((np.where(finite_ref, ref - mean, 0.0) ** 2).sum(axis=-1, keepdims=True) / count)
+    scale = np.maximum(mag, spread)
     scale = np.where(scale > 0, scale, 1.0)
     rel = diff / scale
     flat = int(np.argmax(diff))

@@ -61,26 +61,31 @@ class Thresholds:
         return Thresholds(**values)
 
 
+#: Chosen from measurements on ml-100k (943 test users, K=10; docs/verify-bench.md has the numbers):
+#: fp32 artifacts differ from PyTorch by float rounding only (max rel. error ~3e-6, every top-10
+#: identical), so the limits sit ~40x above that and still catch an fp16-sized deviation (~1e-2);
+#: fp16 artifacts move scores by ~1e-2 of the score spread and swap near-tied items at the top-K
+#: border for a few users (measured worst user 9/10), so their limits allow that and no more.
 DEFAULT_THRESHOLDS: dict[str, Thresholds] = {
     "fp32": Thresholds(
         max_abs_error=1e-3,
-        max_rel_error=1e-3,
-        min_topk_overlap_mean=0.99,
-        min_topk_overlap_min=0.8,
-        min_kendall_tau_mean=0.99,
-        min_rbo_mean=0.99,
-        max_abs_ndcg_delta=0.005,
-        max_abs_hit_delta=0.005,
+        max_rel_error=1e-4,
+        min_topk_overlap_mean=0.999,
+        min_topk_overlap_min=0.9,
+        min_kendall_tau_mean=0.999,
+        min_rbo_mean=0.999,
+        max_abs_ndcg_delta=0.001,
+        max_abs_hit_delta=0.002,
     ),
     "fp16": Thresholds(
-        max_abs_error=0.1,
+        max_abs_error=0.05,
         max_rel_error=0.05,
-        min_topk_overlap_mean=0.95,
-        min_topk_overlap_min=0.6,
-        min_kendall_tau_mean=0.9,
-        min_rbo_mean=0.95,
+        min_topk_overlap_mean=0.98,
+        min_topk_overlap_min=0.7,
+        min_kendall_tau_mean=0.98,
+        min_rbo_mean=0.98,
         max_abs_ndcg_delta=0.01,
-        max_abs_hit_delta=0.02,
+        max_abs_hit_delta=0.01,
     ),
 }
 
