@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "bench": "m4r_export.verify.cli:bench",
     "train": "m4r_export.training.cli:train",
     "evaluate": "m4r_export.training.cli:evaluate",
+    "bench-train": "m4r_export.training.bench:bench_train",
 }
 
 

@@ -41,6 +41,9 @@ BACKENDS = ["auto", "fast", "reference", "cuda"]
     help="Training state file (default: OUT.state), written after every epoch.",
 )
 @click.option("--no-progress", is_flag=True, help="No progress bar (per-epoch lines only).")
+@click.option(
+    "--threads", type=int, default=None, help="CPU threads per process (default: torch's, the core count)."
+)
 @click.option("--debug-dump", type=click.Path(path_type=Path), default=None, hidden=True)
 def train(
     data_path: Path,
@@ -57,6 +60,7 @@ def train(
     resume: bool,
     state_path: Path | None,
     no_progress: bool,
+    threads: int | None,
     debug_dump: Path | None,
 ) -> None:
     """Train Mamba4Rec on an interaction file; write the best epoch's checkpoint to OUT.
@@ -83,6 +87,10 @@ def train(
         loss_type=loss_type,
     )
     console = Console(stderr=True, soft_wrap=True)
+    if threads is not None:
+        if threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
     try:
         ds = load_dataset(
             data_path,

@@ -1,0 +1,261 @@
+"""``m4r bench-train``: training-step time of each scan backend on CPU.
+
+One training step = forward (``model.logits``), CE loss over all items, backward, Adam update,
+for the default model (hidden 64, 1 layer, d_state 32, d_conv 4, expand 2) at batch 256 and
+every sequence full length (L = 50 and L = 200 by default). Variants, measured side by side:
+
+* ``reference``       -- the sequential-loop scan, denormals NOT flushed: how the reference
+  Mamba4Rec code runs on CPU (its pure-PyTorch scan is the same loop);
+* ``reference+ftz``   -- the same loop with ``torch.set_flush_denormal(True)``;
+* ``fast+ftz``        -- the fast scan with flush-denormal: what ``m4r train`` runs on CPU;
+* ``fast``            -- the fast scan without flush-denormal (``--all-variants``).
+
+The machine may be shared, so the variants are *interleaved* (one step of each in turn, repeated)
+and medians are reported, of CPU time (``time.process_time``: this process's own cores, the
+fairest figure on a busy machine) and of wall time. A time budget bounds the run: repeats stop
+once it is spent (every variant still gets at least one timed step after its warm-up step).
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+import torch.nn.functional as F
+
+from ..model import Mamba4Rec
+
+VARIANTS = {
+    "reference": ("reference", False),
+    "reference+ftz": ("reference", True),
+    "fast+ftz": ("fast", True),
+    "fast": ("fast", False),
+}
+
+
+@dataclass
+class Cell:
+    variant: str
+    seq_len: int
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+    def median_wall(self) -> float:
+        return statistics.median(self.wall) if self.wall else float("nan")
+
+    def median_cpu(self) -> float:
+        return statistics.median(self.cpu) if self.cpu else float("nan")
+
+
+def _setup(
+    variant: str, seq_len: int, batch: int, n_items: int, seed: int, state: dict[str, torch.Tensor] | None
+) -> Any:
+    backend, _ = VARIANTS[variant]
+    torch.manual_seed(seed)
+    model = Mamba4Rec(n_items)
+    if state is not None:
+        model.load_state_dict(state)
+    model.set_scan_backend(backend)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(seed + seq_len)
+    seq = torch.randint(1, n_items, (batch, seq_len), generator=g)
+    lens = torch.full((batch,), seq_len, dtype=torch.long)
+    tgt = torch.randint(1, n_items, (batch,), generator=g)
+    # restore the weights before every step, so each variant always times the same step
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def reset() -> None:
+        model.load_state_dict(init)
+        opt.state.clear()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model.logits(seq, lens), tgt).backward()
+        opt.step()
+
+    return reset, step
+
+
+def run_benchmark(
+    *,
+    lengths: list[int],
+    variants: list[str],
+    batch: int = 256,
+    n_items: int = 1700,
+    repeats: int = 5,
+    budget_s: float = 900.0,
+    threads: int = 1,
+    seed: int = 0,
+    ckpt: str | None = None,
+    log: Any = None,
+) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    state = None
+    if ckpt is not None:
+        from ..checkpoint import read_checkpoint
+
+        loaded = read_checkpoint(ckpt)
+        n_items = loaded.config.n_items
+        state = loaded.state_dict
+    cells = {(v, L): Cell(v, L) for L in lengths for v in variants}
+    steps = {(v, L): _setup(v, L, batch, n_items, seed, state) for L in lengths for v in variants}
+    t_start = time.perf_counter()
+    for rep in range(repeats + 1):  # rep 0 is the warm-up
+        for L in lengths:
+            for v in variants:
+                if rep > 1 and time.perf_counter() - t_start > budget_s:
+                    continue
+                torch.set_flush_denormal(VARIANTS[v][1])
+                reset, step = steps[(v, L)]
+                reset()
+                c0, w0 = time.process_time(), time.perf_counter()
+                step()
+                w, c = time.perf_counter() - w0, time.process_time() - c0
+                if rep > 0:
+                    cells[(v, L)].wall.append(w)
+                    cells[(v, L)].cpu.append(c)
+                if log is not None:
+                    what = "warm-up" if rep == 0 else f"repeat {rep}"
+                    log(f"{what}: L={L} {v}: {w:.2f} s wall, {c:.2f} s CPU")
+    torch.set_flush_denormal(False)
+    rows = []
+    for L in lengths:
+        base = cells.get(("reference", L))
+        for v in variants:
+            cell = cells[(v, L)]
+            row: dict[str, Any] = {
+                "seq_len": L,
+                "variant": v,
+                "backend": VARIANTS[v][0],
+                "flush_denormal": VARIANTS[v][1],
+                "steps_timed": len(cell.cpu),
+                "median_cpu_s": cell.median_cpu(),
+                "median_wall_s": cell.median_wall(),
+                "samples_per_s_wall": batch / cell.median_wall(),
+                "cpu_s": cell.cpu,
+                "wall_s": cell.wall,
+            }
+            if base is not None:
+                row["speedup_vs_reference_cpu"] = base.median_cpu() / cell.median_cpu()
+                row["speedup_vs_reference_wall"] = base.median_wall() / cell.median_wall()
+            ftz = cells.get(("reference+ftz", L))
+            if ftz is not None:
+                row["speedup_vs_reference_ftz_cpu"] = ftz.median_cpu() / cell.median_cpu()
+            rows.append(row)
+    return {
+        "benchmark": "training step (forward logits + CE over all items + backward + Adam)",
+        "batch": batch,
+        "n_items": n_items,
+        "model": "hidden 64, 1 layer, d_state 32, d_conv 4, expand 2, dropout 0.2",
+        "weights": ckpt or "random init (seeded)",
+        "threads": threads,
+        "repeats_requested": repeats,
+        "budget_s": budget_s,
+        "total_s": time.perf_counter() - t_start,
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "results": rows,
+    }
+
+
+def print_table(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    title = (
+        f"training step, batch {report['batch']}, {report['n_items']} items, {report['threads']} thread(s)"
+    )
+    t = Table(title=title)
+    for col in (
+        "L",
+        "variant",
+        "steps",
+        "CPU s/step",
+        "wall s/step",
+        "samples/s",
+        "x vs reference",
+        "x vs ref+ftz",
+    ):
+        t.add_column(col, justify="left" if col == "variant" else "right")
+    for r in report["results"]:
+        t.add_row(
+            str(r["seq_len"]),
+            r["variant"],
+            str(r["steps_timed"]),
+            f"{r['median_cpu_s']:.2f}",
+            f"{r['median_wall_s']:.2f}",
+            f"{r['samples_per_s_wall']:.0f}",
+            f"{r.get('speedup_vs_reference_cpu', float('nan')):.1f}",
+            f"{r.get('speedup_vs_reference_ftz_cpu', float('nan')):.1f}",
+        )
+    console = Console(width=max(Console().width, 100))
+    console.print(t)
+    console.print("x vs ...: ratio of median CPU time per step (variants interleaved in one run)")
+
+
+@click.command("bench-train")
+@click.option("--seq-len", "lengths", type=int, multiple=True, default=(50, 200), show_default=True)
+@click.option(
+    "--variant",
+    "variants",
+    type=click.Choice(sorted(VARIANTS)),
+    multiple=True,
+    default=("reference", "reference+ftz", "fast+ftz"),
+    show_default=True,
+)
+@click.option("--all-variants", is_flag=True, help="Also time fast without flush-denormal.")
+@click.option("--batch", type=int, default=256, show_default=True)
+@click.option("--n-items", type=int, default=1700, show_default=True)
+@click.option(
+    "--repeats", type=int, default=5, show_default=True, help="Timed steps per cell (after a warm-up)."
+)
+@click.option(
+    "--budget", "budget_s", type=float, default=900, show_default=True, help="Seconds; stops repeats."
+)
+@click.option("--threads", type=int, default=1, show_default=True)
+@click.option("--ckpt", type=click.Path(dir_okay=False), default=None, help="Use a trained model's weights.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--quiet", is_flag=True)
+def bench_train(
+    lengths: tuple[int, ...],
+    variants: tuple[str, ...],
+    all_variants: bool,
+    batch: int,
+    n_items: int,
+    repeats: int,
+    budget_s: float,
+    threads: int,
+    ckpt: str | None,
+    json_path: Path | None,
+    quiet: bool,
+) -> None:
+    """Time a training step with each scan backend (reference loop vs fast), flush-denormal on/off."""
+    from ..errors import UsageError
+    from ..fileio import write_json_atomic
+
+    if batch < 1 or repeats < 1 or threads < 1 or any(L < 1 for L in lengths):
+        raise UsageError("--batch, --repeats, --threads and --seq-len must be >= 1")
+    chosen = list(dict.fromkeys(variants))
+    if all_variants:
+        chosen = list(VARIANTS)
+    report = run_benchmark(
+        lengths=list(lengths),
+        variants=chosen,
+        batch=batch,
+        n_items=n_items,
+        repeats=repeats,
+        budget_s=budget_s,
+        threads=threads,
+        ckpt=ckpt,
+        log=None if quiet else lambda m: click.echo(m, err=True),
+    )
+    print_table(report)
+    if json_path is not None:
+        write_json_atomic(json_path, report)
