@@ -476,6 +476,7 @@ class _ProgressBar:
     def __enter__(self) -> Callable[[int, float, float], None]:
         if not self.enabled:
             return lambda n, loss, rate: None
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self._p = Progress(
@@ -486,6 +487,7 @@ class _ProgressBar:
             TextColumn("{task.fields[rate]:,.0f} samples/s"),
             TimeElapsedColumn(),
             transient=True,
+            console=Console(stderr=True),
         )
         self._p.start()
         task = self._p.add_task(
