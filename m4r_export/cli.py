@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "train": "m4r_export.training.cli:train",
     "evaluate": "m4r_export.training.cli:evaluate",
     "bench-train": "m4r_export.training.bench:bench_train",
+    "demo": "m4r_export.demo:demo",
 }
 
 
