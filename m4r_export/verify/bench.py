@@ -14,7 +14,9 @@ backend and batch, a least-squares fit ``p50 = intercept + slope * seq`` over th
 with its R^2 and the log-log exponent: linear cost shows as R^2 ~ 1 and exponent <= 1.
 
 Budget: ``max_seconds`` is shared evenly by the grid points; a point stops after ``repeats``
-rounds or when its share is spent, but never before ``MIN_RUNS`` rounds.
+rounds or when its share is spent, but never before ``MIN_RUNS`` rounds (so a point whose single
+call is slower than its share overruns: the budget is soft). Extra warm-up calls are skipped once
+the share is spent.
 """
 
 from __future__ import annotations
@@ -139,11 +141,22 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _release_free_heap() -> None:
+    """Give freed heap pages back to the OS (glibc), so RSS growth is measured from a low baseline."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _first_call_memory(runner: Runner, seq: np.ndarray, lens: np.ndarray) -> tuple[float | None, str]:
     if runner.device == "cuda":
         runner.peak_memory_reset()
         runner.timed(seq, lens)
         return runner.peak_memory_mib(), "cuda-peak" if runner.peak_memory_mib() is not None else "n/a"
+    _release_free_heap()
     can_reset = _reset_peak_rss()
     before = _proc_status("VmRSS")
     runner.timed(seq, lens)
@@ -273,8 +286,13 @@ def run_bench(
             mem = {}
             for r in runners:
                 mem[r.name] = _first_call_memory(r, item_seq, item_seq_len)
-                for _ in range(max(0, warmup - 1)):
+            warm_done = 1  # the memory probe is the first warm-up call
+            for _ in range(max(0, warmup - 1)):
+                if time.perf_counter() - t0 > budget:
+                    break  # one warm-up call is enough for a slow point
+                for r in runners:
                     r.timed(item_seq, item_seq_len)
+                warm_done += 1
             times: dict[str, list[float]] = {r.name: [] for r in runners}
             for i in range(repeats):
                 if i >= MIN_RUNS and time.perf_counter() - t0 > budget:
@@ -291,7 +309,7 @@ def run_bench(
                         seq=seq,
                         effective_seq=int(item_seq.shape[1]),
                         runs=len(ms),
-                        warmup=max(1, warmup),
+                        warmup=warm_done,
                         p50_ms=p50,
                         p90_ms=float(np.percentile(ms, 90)),
                         p99_ms=float(np.percentile(ms, 99)),

@@ -86,6 +86,8 @@ def render_verify(report: VerifyReport, console: Console | None = None) -> None:
                 check = checked.get(f"|{key}|")
             mark = "" if check is None else ("[green]ok[/green]" if check.passed else "[red]FAIL[/red]")
             limit = "" if check is None else f"{check.op} {_fmt(check.threshold)}"
+            if check is not None and check.metric.startswith("|"):
+                limit = f"|x| {limit}"
             table.add_row(key, _fmt(r.metrics[key]), limit, mark)
         console.print(table)
         hist = overlap_histogram(r.overlap, report.k)
