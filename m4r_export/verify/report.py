@@ -173,26 +173,29 @@ def bench_markdown(result: BenchResult) -> str:
 
 
 def plot_bench(result: BenchResult, path: str | Path) -> Path:
-    """PNG: p50 latency against sequence length, one line per backend and batch size."""
+    """PNG: p50 latency against sequence length, one panel per batch size, one line per backend."""
     require_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for backend, batch in sorted({(p.backend, p.batch) for p in result.points}):
-        pts = sorted(
-            (p for p in result.points if (p.backend, p.batch) == (backend, batch)), key=lambda p: p.seq
-        )
-        ax.plot(
-            [p.effective_seq for p in pts], [p.p50_ms for p in pts], marker="o", label=f"{backend} b={batch}"
-        )
-    ax.set_xlabel("sequence length (items of history)")
-    ax.set_ylabel("p50 latency per call (ms)")
-    ax.set_title(f"m4r bench: {result.artifact.path.name}, {result.threads} thread(s)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    batches = sorted({p.batch for p in result.points})
+    backends = sorted({p.backend for p in result.points})
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 3.8), squeeze=False)
+    for ax, batch in zip(axes[0], batches, strict=True):
+        for backend in backends:
+            pts = sorted(
+                (p for p in result.points if (p.backend, p.batch) == (backend, batch)), key=lambda p: p.seq
+            )
+            ax.plot([p.effective_seq for p in pts], [p.p50_ms for p in pts], marker="o", label=backend)
+        ax.set_title(f"batch {batch}")
+        ax.set_xlabel("sequence length (items)")
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("p50 latency per call (ms)")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"m4r bench: {result.artifact.path.name}, {result.threads} thread(s)")
     fig.tight_layout()
     out = Path(path)
     _save(fig, out)
