@@ -55,7 +55,9 @@ def test_run_bench_grid_side_by_side(art: Path) -> None:
     assert fits == {("ort-cpu", 1), ("ort-cpu", 4), ("pytorch", 1), ("pytorch", 4)}
     assert "random weights" in res.reference_weights  # no --ckpt: manifest config
     md = bench_markdown(res)
-    assert md.count("\n") == 2 + 12 and "| ort-cpu | 4 | 16 |" in md
+    latency, sweep = md.split("\n\n")
+    assert latency.count("\n") == 1 + 12 and "| ort-cpu | 4 | 16 |" in latency
+    assert sweep.count("\n") == 2 + 4 and "| pytorch | 1 | 4, 8, 16 |" in sweep
 
 
 def test_budget_and_width_limit(static_art: Path) -> None:

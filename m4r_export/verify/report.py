@@ -29,6 +29,10 @@ def _console() -> Console:
     return console if console.is_terminal else Console(width=140)
 
 
+def _mib(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.1f}"
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return "n/a"
@@ -124,7 +128,7 @@ def render_bench(result: BenchResult, console: Console | None = None) -> None:
             f"{p.p90_ms:.3f}",
             f"{p.p99_ms:.3f}",
             f"{p.throughput:,.0f}",
-            _fmt(p.peak_mem_mib),
+            _mib(p.peak_mem_mib),
             "" if ratio is None else f"{ratio:.2f}x",
         )
     console.print(table)
@@ -167,8 +171,19 @@ def bench_markdown(result: BenchResult) -> str:
         ratio = speed.get((p.backend, p.batch, p.seq))
         lines.append(
             f"| {p.backend} | {p.batch} | {p.seq} | {p.p50_ms:.3f} | {p.p90_ms:.3f} | {p.p99_ms:.3f} | "
-            f"{p.throughput:,.0f} | {_fmt(p.peak_mem_mib)} | {'' if ratio is None else f'{ratio:.2f}x'} |"
+            f"{p.throughput:,.0f} | {_mib(p.peak_mem_mib)} | {'' if ratio is None else f'{ratio:.2f}x'} |"
         )
+    if result.fits:
+        lines += [
+            "",
+            "| backend | batch | seq sweep | slope (ms / 1k items) | intercept (ms) | R^2 | log-log exp. |",
+            "|---|---:|---|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {f.backend} | {f.batch} | {', '.join(map(str, f.seqs))} | {f.slope_ms_per_1k:.1f} | "
+            f"{f.intercept_ms:.1f} | {f.r2:.4f} | {f.loglog_exponent:.2f} |"
+            for f in result.fits
+        ]
     return "\n".join(lines) + "\n"
 
 
