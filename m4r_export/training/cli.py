@@ -87,10 +87,7 @@ def train(
         loss_type=loss_type,
     )
     console = Console(stderr=True, soft_wrap=True)
-    if threads is not None:
-        if threads < 1:
-            raise UsageError(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
+    _set_threads(threads)
     try:
         ds = load_dataset(
             data_path,
@@ -152,6 +149,7 @@ def _print_train_result(result: Any, out: Path, valid_metric: str) -> None:
     "ks",
     multiple=True,
     default=None,
+    metavar="K",
     help="Cut-offs: --k 10 20, --k 10 --k 20 or --k 10,20 (default 10).",
 )
 @click.argument("more_ks", nargs=-1, type=int, metavar="")
@@ -170,6 +168,7 @@ def _print_train_result(result: Any, out: Path, valid_metric: str) -> None:
 @click.option("--max-seq-len", type=int, default=None, help="Default: the checkpoint's.")
 @click.option("--min-user-inter", type=int, default=None, help="Default: the checkpoint's (5).")
 @click.option("--min-item-inter", type=int, default=None, help="Default: the checkpoint's (5).")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: torch's, the core count).")
 def evaluate(
     ckpt: Path,
     data_path: Path,
@@ -184,6 +183,7 @@ def evaluate(
     max_seq_len: int | None,
     min_user_inter: int | None,
     min_item_inter: int | None,
+    threads: int | None,
 ) -> None:
     """Full-ranking hit@K / ndcg@K / mrr@K of a checkpoint, beside the most-popular baseline.
 
@@ -197,6 +197,7 @@ def evaluate(
     from .evaluation import evaluate_checkpoint
 
     cut_offs = _parse_ks(ks, more_ks)
+    _set_threads(threads)
     report = evaluate_checkpoint(
         ckpt,
         data_path,
@@ -223,6 +224,15 @@ def evaluate(
     Console().print(t)
     if json_path is not None:
         write_json_atomic(json_path, report.to_json())
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        if threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
 
 
 def _parse_ks(ks: tuple[str, ...], more: tuple[int, ...]) -> list[int]:
