@@ -36,28 +36,39 @@ seed: 0
 
 
 def demo_steps(out: Path, quick: bool) -> list[list[str]]:
-    data, ckpt, export_dir = out / "synthetic.inter", out / "model.pt", out / "export"
-    users = "200" if quick else "600"
-    epochs = "3" if quick else "8"
-    return [
-        ["data", "synthetic", str(data), "--users", users, "--items", "150", "--seed", "0"],
-        ["train", "--data", str(data), "--config", str(out / "recipe.yaml"), "--out", str(ckpt),
-         "--epochs", epochs, "--max-minutes", "4", "--no-progress"],
-        ["evaluate", "--ckpt", str(ckpt), "--data", str(data), "--k", "10", "20",
-         "--json", str(out / "evaluate.json")],
-        ["export", "--ckpt", str(ckpt), "--out-dir", str(export_dir), "--fp16"],
-        ["verify", "--ckpt", str(ckpt), "--artifact", str(export_dir / "model.onnx"), "--data", str(data),
-         "--json", str(out / "verify.fp32.json")],
-        ["verify", "--ckpt", str(ckpt), "--artifact", str(export_dir / "model.fp16.onnx"), "--data", str(data),
-         "--json", str(out / "verify.fp16.json")],
-        ["bench", "--artifact", str(export_dir / "model.onnx"), "--ckpt", str(ckpt), "--batch", "1", "64",
-         "--seq", "50", "200", "--json", str(out / "bench.json")],
+    """The demo's commands, as argument lists for ``m4r``."""
+    q = {  # shell-quoted paths, so the command lines read like what a user types
+        "data": shlex.quote(str(out / "synthetic.inter")),
+        "recipe": shlex.quote(str(out / "recipe.yaml")),
+        "ckpt": shlex.quote(str(out / "model.pt")),
+        "export": shlex.quote(str(out / "export")),
+        "out": shlex.quote(str(out)),
+    }
+    users, epochs = ("200", "3") if quick else ("600", "8")
+    lines = [
+        f"data synthetic {q['data']} --users {users} --items 150 --seed 0",
+        f"train --data {q['data']} --config {q['recipe']} --out {q['ckpt']} --epochs {epochs} "
+        "--max-minutes 4 --no-progress",
+        f"evaluate --ckpt {q['ckpt']} --data {q['data']} --k 10 20 --json {q['out']}/evaluate.json",
+        f"export --ckpt {q['ckpt']} --out-dir {q['export']} --fp16",
+        f"verify --ckpt {q['ckpt']} --artifact {q['export']}/model.onnx --data {q['data']} "
+        f"--json {q['out']}/verify.fp32.json",
+        f"verify --ckpt {q['ckpt']} --artifact {q['export']}/model.fp16.onnx --data {q['data']} "
+        f"--json {q['out']}/verify.fp16.json",
+        f"bench --artifact {q['export']}/model.onnx --ckpt {q['ckpt']} --batch 1 64 --seq 50 200 "
+        f"--json {q['out']}/bench.json",
     ]
+    return [shlex.split(line) for line in lines]
 
 
 @click.command()
-@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("m4r-demo"),
-              show_default=True, help="Where the data, checkpoint, artifacts and reports go.")
+@click.option(
+    "--out-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("m4r-demo"),
+    show_default=True,
+    help="Where the data, checkpoint, artifacts and reports go.",
+)
 @click.option("--quick", is_flag=True, help="Smaller data and fewer epochs (used by the test suite).")
 def demo(out_dir: Path, quick: bool) -> None:
     """Run the whole pipeline on synthetic data on CPU: train, evaluate, export, verify, bench."""
@@ -75,4 +86,6 @@ def demo(out_dir: Path, quick: bool) -> None:
         except SystemExit as exc:  # a command that ends with an explicit exit code
             if exc.code not in (0, None):
                 raise M4RError(f"demo step {i} (m4r {args[0]}) failed with exit code {exc.code}") from None
-    click.secho(f"\nDemo finished in {time.perf_counter() - start:.0f} s; everything is in {out_dir}/", fg="green")
+    click.secho(
+        f"\nDemo finished in {time.perf_counter() - start:.0f} s; everything is in {out_dir}/", fg="green"
+    )
