@@ -16,6 +16,7 @@ It also reports each body's accuracy: the scan alone against the float64 referen
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -147,9 +148,7 @@ def main() -> None:
 
         fns: dict[str, Callable[[], Any]] = {"torch": run_torch}
         for body, sess in sessions.items():
-            fns[body] = lambda sess=sess, s=item_seq, n=lens: sess.run(
-                None, {"item_seq": s, "item_seq_len": n}
-            )
+            fns[body] = functools.partial(sess.run, None, {"item_seq": item_seq, "item_seq_len": lens})
         wall, cpu = interleaved_medians(fns, args.budget)
         row: dict[str, Any] = {
             "batch": batch,

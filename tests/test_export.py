@@ -178,7 +178,7 @@ def test_manifest(exports: dict[str, Any]) -> None:
         "version": 1,
         "plugin_namespace": "m4r",
         "plugin_version": "1",
-        "function_body": "rowwise",
+        "function_body": "chunked",
     }
     assert manifest["inputs"] == [
         {"name": "item_seq", "dtype": "int64", "shape": ["batch", "seq"]},

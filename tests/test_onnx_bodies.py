@@ -121,7 +121,7 @@ def test_body_fp16_io_keeps_fp32_state(body: str, mode: str) -> None:
     np.testing.assert_allclose(got.astype(np.float64), ref, rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.parametrize("body", ["rowwise", "vectorized"])
+@pytest.mark.parametrize("body", ["rowwise", "chunked", "vectorized"])
 def test_closed_form_long_sequence_has_no_cancellation(body: str) -> None:
     """L = 1000 with small dt: decay from a reverse exclusive CumSum stays accurate in fp32."""
     args = inputs(2, 4, 4, 1000, seed=3)

@@ -38,8 +38,8 @@ from ..errors import M4RError
 @click.option("--opset", type=int, default=None, help="ONNX opset (default 20; supported 19..23).")
 @click.option(
     "--body",
-    type=click.Choice(["rowwise", "vectorized", "timeloop"]),
-    default="rowwise",
+    type=click.Choice(["chunked", "rowwise", "vectorized", "timeloop"]),
+    default="chunked",
     show_default=True,
     help="SelectiveScan function body used by ONNX Runtime (see docs/onnx-export.md).",
 )
