@@ -9,17 +9,20 @@ The node and its function share one signature (design.md, "The selective scan as
 ``D, delta_bias`` (D,) fp32; ``lengths`` (batch,) int32, clamped to [1, L] inside. The I/O dtype
 (u, delta, B, C, z, y) is fp32 or fp16; every body casts to fp32 first and accumulates in fp32.
 
-Two bodies (pick with ``body=``; measured in docs/onnx-export.md):
+Bodies (pick with ``body=``; measured in docs/onnx-export.md). ``mode="last"`` uses the exact
+closed form ``h_last = sum_s exp(A * decay_s) * dt_s * u_s * B_s`` with
+``decay_s = sum_{s<r<=last} dt_r`` computed by ``CumSum(exclusive=1, reverse=1)`` (never as
+``total - cumsum``, which cancels catastrophically in fp32 for long sequences); every exponent is
+<= 0, so nothing overflows. The bodies differ in how they schedule it:
 
-* ``closed`` (default): ``mode="last"`` uses the exact closed form
-  ``h_last = sum_s exp(A * decay_s) * dt_s * u_s * B_s`` with
-  ``decay_s = sum_{s<r<=last} dt_r`` computed by ``CumSum(exclusive=1, reverse=1)`` (never as
-  ``total - cumsum``, which cancels catastrophically in fp32 for long sequences). Every exponent
-  is <= 0, so nothing overflows. All positions at once: a handful of large vectorised ops.
-* ``scan``: a ``Scan`` loop over time carrying the fp32 state ``h`` (batch, D, N).
+* ``chunked`` (default): a Scan over (row, chunk of <= CHUNK positions) items; chunks after a
+  row's length are dropped; each block is L2-sized whatever L is.
+* ``rowwise``: a Scan over rows, each sliced to its exact length.
+* ``vectorized``: the whole batch at once ((batch, D, L, N) temporaries: memory-bound).
+* ``timeloop``: no closed form; a Scan loop over time carrying the fp32 state (batch, D, N).
 
-``mode="all"`` (only used by layers before the last one) runs the ``Scan`` loop in both bodies:
-a closed form for every position costs O(L^2) exponentials.
+``mode="all"`` (only used by layers before the last one) runs the time ``Scan`` loop in every
+body: a closed form for every position costs O(L^2) exponentials.
 
 The string attribute ``mode`` selects the branch through ``If(Equal(Constant(value_string=@mode),
 "last"))``; string ``Equal`` needs opset >= 19. After ONNX Runtime inlines the function the
@@ -38,7 +41,7 @@ OP_VERSION = 1
 PLUGIN_NAMESPACE = "m4r"
 PLUGIN_VERSION = "1"
 INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "lengths")
-BODIES = ("rowwise", "chunked", "vectorized", "timeloop")
+BODIES = ("chunked", "rowwise", "vectorized", "timeloop")
 DEFAULT_BODY = "chunked"
 MIN_OPSET = 19
 #: closed-form exponents are clamped here: exp(-60) ~ 8.8e-27 is far above fp32's denormal range, so
@@ -342,7 +345,7 @@ def _branch_graph(name: str, nodes: list[onnx.NodeProto], out: str) -> onnx.Grap
 
 
 def make_function(body: str = DEFAULT_BODY, opset: int = 20, io_float16: bool = False) -> onnx.FunctionProto:
-    """The FunctionProto ``m4r::SelectiveScan`` with the chosen body (``closed`` or ``scan``).
+    """The FunctionProto ``m4r::SelectiveScan`` with the chosen body (one of :data:`BODIES`).
 
     ``io_float16``: the model feeds fp16 u/delta/B/C/z; the body then casts them to fp32 first
     (for fp32 models the casts are left out: ONNX Runtime would remove them anyway, and warns
