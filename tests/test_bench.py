@@ -62,7 +62,7 @@ def test_run_bench_grid_side_by_side(art: Path) -> None:
 
 def test_budget_and_width_limit(static_art: Path) -> None:
     # seq 40 exceeds the static width 16 of this artifact: both sides get the most recent 16 items
-    res = run_bench(static_art, batches=[2], seqs=[40], warmup=0, repeats=50, max_seconds=0.01)
+    res = run_bench(static_art, batches=[2], seqs=[40], warmup=0, repeats=50, max_seconds=1e-6)
     assert all(p.runs == MIN_RUNS for p in res.points)  # budget spent: stop at the minimum
     assert all(p.effective_seq == 16 for p in res.points)
     assert any("most recent" in n for n in res.notes)

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from m4r_export.checkpoint import save_checkpoint
 from m4r_export.cli import main
-from m4r_export.errors import M4RError, UsageError
+from m4r_export.errors import UsageError
 from m4r_export.verify import BACKENDS, Runner, make_runner, run_verify
 from m4r_export.verify.artifact import load_artifact
 from m4r_export.verify.runners import ArtifactRunner, OrtCpuRunner, TensorrtEngineRunner
@@ -194,13 +194,36 @@ def test_unavailable_backends_say_why(tiny: dict[str, Path]) -> None:
     if reason is None:
         pytest.skip("TensorRT and a GPU are present")
     assert "tensorrt" in reason.lower() or "gpu" in reason.lower() or "driver" in reason.lower()
-    with pytest.raises(UsageError, match="cannot run a onnx artifact"):
+    with pytest.raises(UsageError, match="cannot run onnx artifacts"):
         make_runner("tensorrt", load_artifact(tiny["scores"]))
     cuda = BACKENDS["ort-cuda"].unavailable_reason()
     if cuda is not None:
         assert "CUDAExecutionProvider" in cuda
-        with pytest.raises(M4RError, match="CUDAExecutionProvider"):
+        with pytest.raises(UsageError, match="CUDAExecutionProvider"):
             make_runner("ort-cuda", load_artifact(tiny["scores"]))
+        code, out = _cli(
+            "verify", "--ckpt", tiny["ckpt"], "--artifact", tiny["scores"], "--backend", "ort-cuda"
+        )
+        assert code == 2 and "cannot run here" in out
+
+
+def test_engine_artifact_reads_its_onnx_manifest(tiny: dict[str, Path], tmp_path: Path) -> None:
+    for name in ("model.onnx", "manifest.json"):
+        (tmp_path / name).write_bytes((tiny["topk"].parent / name).read_bytes())
+    (tmp_path / "model.plan").write_bytes(b"not a real engine")
+    (tmp_path / "model.plan.json").write_text(
+        json.dumps({"format": "m4r-trt-engine/1", "onnx": {"file": "model.onnx"}, "profile": {}})
+    )
+    art = load_artifact(tmp_path / "model.plan")
+    assert (art.kind, art.head, art.k, art.onnx_path) == ("engine", "topk", 10, tmp_path / "model.onnx")
+    with pytest.raises(UsageError, match="cannot run engine artifacts"):
+        make_runner("ort-cpu", art)
+    if TensorrtEngineRunner.unavailable_reason() is not None:
+        with pytest.raises(UsageError, match="tensorrt cannot run here"):
+            make_runner("tensorrt", art)
+    (tmp_path / "model.plan.json").unlink()
+    with pytest.raises(UsageError, match="manifest"):
+        load_artifact(tmp_path / "model.plan")
 
 
 def test_precision_comes_from_the_manifest_and_picks_the_thresholds(

@@ -256,7 +256,7 @@ class OrtRunner(ArtifactRunner):
 
         reason = self.unavailable_reason()
         if reason:
-            raise M4RError(f"backend {self.backend}: {reason}")
+            raise UsageError(f"backend {self.backend} cannot run here: {reason}")
         path = artifact.onnx_path or artifact.path
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or default_threads()
@@ -342,7 +342,7 @@ class TensorrtEngineRunner(ArtifactRunner):
     ) -> None:
         reason = self.unavailable_reason()
         if reason:
-            raise M4RError(f"backend tensorrt: {reason}")
+            raise UsageError(f"backend tensorrt cannot run here: {reason}")
         from ..trt.runner import TrtRunner
 
         self._runner = TrtRunner(artifact.path, plugin_library=plugin_library)
@@ -371,7 +371,7 @@ def make_runner(backend: str, artifact: ArtifactInfo, *, threads: int | None = N
     if artifact.kind not in cls.kinds:
         fit = [b for b, c in sorted(BACKENDS.items()) if artifact.kind in c.kinds]
         raise UsageError(
-            f"backend {backend} cannot run a {artifact.kind} artifact ({artifact.path.name}); "
+            f"backend {backend} cannot run {artifact.kind} artifacts ({artifact.path.name}); "
             f"use one of {', '.join(fit)}"
         )
     return cls(artifact, threads=threads)
