@@ -266,3 +266,26 @@ def test_exporter_artifact_passes_and_one_perturbed_weight_fails(
     )
     assert code == 1, out
     assert "max_abs_error = " in out, (name, out)
+
+
+ML100K = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ml-100k" / "ml-100k.inter"
+
+
+@pytest.mark.slow
+def test_ml100k_end_to_end_with_the_exporter(tmp_path: Path) -> None:
+    """Real data, real exporter, fp32 and fp16: both pass their default thresholds."""
+    if not ML100K.is_file():
+        pytest.skip(f"{ML100K} is not available")
+    export = pytest.importorskip("m4r_export.onnx.export")
+    from m4r_export.data import load_dataset
+
+    ds = load_dataset(ML100K, max_seq_len=50)
+    model = tiny_model(ds.n_items, hidden_size=32, d_state=16)
+    save_checkpoint(tmp_path / "model.pt", model, list(ds.item_tokens), {"max_seq_len": 50})
+    opts = export.ExportOptions(head="scores", max_seq_len=50, fp16=True)
+    export.export_artifacts(model, tmp_path / "out", opts, build_trt=False)
+    for name, precision in (("model.onnx", "fp32"), ("model.fp16.onnx", "fp16")):
+        report = run_verify(tmp_path / "model.pt", tmp_path / "out" / name, data=ML100K, users=300)
+        assert report.artifact.precision == precision
+        assert report.passed, report.failure_message()
+        assert report.results[0].metrics["users"] == 300
