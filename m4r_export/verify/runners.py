@@ -158,6 +158,7 @@ class TorchRunner(Runner):
         self.device = self.torch_device.type
         if self.device == "cpu":
             torch.set_flush_denormal(True)
+        self._previous_threads = torch.get_num_threads()
         if threads is not None:
             torch.set_num_threads(threads)
         model = model.to(self.torch_device)
@@ -204,6 +205,10 @@ class TorchRunner(Runner):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "scan_backend": self.scan_backend, "torch": self._torch.__version__}
+
+    def close(self) -> None:
+        """Give torch back the thread count it had before this runner."""
+        self._torch.set_num_threads(self._previous_threads)
 
 
 class ArtifactRunner(Runner):

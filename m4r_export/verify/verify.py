@@ -451,11 +451,16 @@ def run_verify(
             source += f", overridden: {given}"
 
     ref = TorchRunner(model, "scores", k, art.exclude_history, scan_backend=scan_backend, threads=threads)
-    ref_scores = _batched(ref, inputs, batch_size)["scores"]
-    ref_embedding = item_table = None
+    try:
+        ref_scores = _batched(ref, inputs, batch_size)["scores"]
+        ref_embedding = item_table = None
+        if art.head == "embedding":
+            emb_runner = TorchRunner(model, "embedding", scan_backend=scan_backend, threads=threads)
+            ref_embedding = _batched(emb_runner, inputs, batch_size)["user_embedding"]
+            emb_runner.close()
+    finally:
+        ref.close()
     if art.head == "embedding":
-        emb_runner = TorchRunner(model, "embedding", scan_backend=scan_backend, threads=threads)
-        ref_embedding = _batched(emb_runner, inputs, batch_size)["user_embedding"]
         if art.item_table is not None:
             item_table = np.load(art.item_table)
         else:
