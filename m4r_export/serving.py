@@ -38,10 +38,11 @@ class ServingModel(nn.Module):
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         if head == "topk" and not 1 <= k <= model.n_items - 1:
             raise ValueError(f"k={k} must be between 1 and the number of items ({model.n_items - 1})")
-        self.model = model.eval()
+        self.model = model
         self.head = head
         self.k = k
         self.exclude_history = exclude_history
+        self.eval()  # serving never runs dropout; torch.onnx.export restores this flag afterwards
 
     @property
     def output_names(self) -> tuple[str, ...]:
