@@ -411,9 +411,9 @@ class Trainer:
                     f"(stopping_step {cfg.stopping_step}); best epoch {self.best_epoch}"
                 )
                 break
-            if partial or (
-                deadline is not None and time.perf_counter() >= deadline and self.epoch < cfg.epochs
-            ):
+            out_of_time = deadline is not None and time.perf_counter() >= deadline
+            # every rank must take the same branch (a rank leaving the loop alone would hang the rest)
+            if partial or (D.any_rank(out_of_time, self.info, self.device) and self.epoch < cfg.epochs):
                 stopped = "time-budget"
                 self.log(f"time budget of {cfg.max_minutes} min reached; best epoch {self.best_epoch}")
                 break
