@@ -121,15 +121,19 @@ def test_body_fp16_io_keeps_fp32_state(body: str, mode: str) -> None:
     np.testing.assert_allclose(got.astype(np.float64), ref, rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.parametrize("body", ["rowwise", "chunked", "vectorized"])
+@pytest.mark.parametrize("body", ["chunked", "rowwise", "vectorized"])
 def test_closed_form_long_sequence_has_no_cancellation(body: str) -> None:
-    """L = 1000 with small dt: decay from a reverse exclusive CumSum stays accurate in fp32."""
+    """L = 1000 with dt ~ 1: decay from a reverse exclusive CumSum stays accurate in fp32.
+
+    Computing decay as total - cumsum (total ~ 1000) gives errors ~4e-6 here; the bound is 1e-6.
+    """
     args = inputs(2, 4, 4, 1000, seed=3)
-    args[1] = args[1] * 0.1 - 4.0  # dt ~ softplus(-4) ~ 0.018: large total, small steps
+    args[1] = args[1] * 0.1 + 0.5  # dt ~ softplus(0.5) ~ 1: total ~ 1000, recent decays ~ 1
+    args = [a.float().double() for a in args]  # the reference sees exactly the fp32 inputs
     lengths = torch.tensor([1000, 731], dtype=torch.int32)
     got = run(scan_model(body, "last"), args, lengths)
     ref = selective_scan_ref(*args, delta_softplus=True, lengths=lengths, mode="last").numpy()
-    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+    assert np.abs(got - ref).max() < 1e-6
 
 
 def test_function_declares_contract_attributes() -> None:
