@@ -103,7 +103,8 @@ def _scan_loop(p: str, dt: str, dtu: str, output_all: bool) -> tuple[list[onnx.N
         helper.make_node("Unsqueeze", [f"{p}Bt", "ax1"], [f"{p}Bs"]),  # (b, 1, L, N)
     ]
     body_nodes = [
-        helper.make_node("Mul", [f"{p}dt_t", "Af"], [f"{p}adt"]),  # (b, D, N)
+        helper.make_node("Mul", [f"{p}dt_t", "Af"], [f"{p}adt_raw"]),  # (b, D, N)
+        helper.make_node("Max", [f"{p}adt_raw", "expo_floor"], [f"{p}adt"]),  # no denormal decays
         helper.make_node("Exp", [f"{p}adt"], [f"{p}dA"]),
         helper.make_node("Mul", [f"{p}dA", f"{p}h_in"], [f"{p}hdecay"]),
         helper.make_node("Mul", [f"{p}dtu_t", f"{p}B_t"], [f"{p}dBu"]),
