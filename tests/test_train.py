@@ -147,7 +147,8 @@ def test_training_learns_and_writes_a_safe_checkpoint(ds: SequenceDataset, tmp_p
 
 
 def test_bpr_loss_trains(ds: SequenceDataset, tmp_path: Path) -> None:
-    res = train(ds, tiny(epochs=2, loss_type="BPR"), tmp_path / "b.pt", progress=False, log=lambda m: None)
+    # (also runs the rich progress bar: the other tests switch it off)
+    res = train(ds, tiny(epochs=2, loss_type="BPR"), tmp_path / "b.pt", progress=True, log=lambda m: None)
     assert math.isfinite(res.history[-1]["train_loss"])
     assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]
 
