@@ -380,6 +380,7 @@ class Trainer:
                 "batches": done_batches,
                 "partial": partial,
                 "seconds": time.perf_counter() - t_epoch,
+                "samples": int(train_loss["n"]),
             }
             if not partial:
                 self.epoch += 1
@@ -435,7 +436,11 @@ class Trainer:
 
     def _log_epoch(self, rec: dict[str, Any], n_batches: int) -> None:
         part = f" (partial: {rec['batches']}/{n_batches} batches)" if rec["partial"] else ""
-        msg = f"epoch {rec['epoch']}{part}: train loss {rec['train_loss']:.4f}, {rec['seconds']:.1f} s"
+        rate = rec["samples"] / max(rec["seconds"], 1e-9)
+        msg = (
+            f"epoch {rec['epoch']}{part}: train loss {rec['train_loss']:.4f}, {rec['seconds']:.1f} s "
+            f"({rate:,.0f} samples/s)"
+        )
         if "valid" in rec:
             msg += ", valid " + ", ".join(f"{k} {v:.4f}" for k, v in rec["valid"].items())
         if rec.get("best"):
