@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -288,3 +290,16 @@ def test_truncated_input_scores_like_pytorch_on_the_kept_items(exports: dict[str
     ref = torch_run(model, "scores", 100, False, long_seq[:, -12:], np.array([12]))[0]
     got = ort_run(out / "model.onnx", seq, lens)[0]
     np.testing.assert_allclose(got[:, 1:], ref[:, 1:], rtol=1e-4, atol=1e-5)
+
+
+def test_ort_session_keeps_torch_flush_to_zero(exports: dict[str, Any]) -> None:
+    """ORT's first session in a process clears FTZ/DAZ on the calling thread; ort_session restores it."""
+    out, _, _ = exports["scores"]
+    code = (
+        "import sys, torch; from m4r_export.onnx import export as ex; torch.set_flush_denormal(True); "
+        "ex.ort_session(open(sys.argv[1], 'rb').read()); print(ex.flush_denormal_enabled())"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(out / "model.onnx")], capture_output=True, text=True
+    )
+    assert res.stdout.strip() == "True", res.stderr[-2000:]
