@@ -245,9 +245,13 @@ def _last_chunked(p: str) -> tuple[list[onnx.NodeProto], str]:
         _i64(f"{c}CH", [CHUNK]),
         _i64(f"{c}CHm1", [CHUNK - 1]),
         _i64(f"{c}m1", [-1]),
-        _i64(f"{c}zz", [0, 0]),
-        helper.make_node("CumSum", [f"{p}dtv", "ax2"], [f"{c}decay"], exclusive=1, reverse=1),  # (b, D, L)
+        # time-major copies (b, L, X): chunks are then a pure reshape, CumSum runs on contiguous rows,
+        # and ONNX Runtime's transpose optimizer can cancel these against the exporter's transposes
+        helper.make_node("Transpose", [f"{p}dtv"], [f"{c}dtvT"], perm=[0, 2, 1]),
+        helper.make_node("CumSum", [f"{c}dtvT", "ax1"], [f"{c}decay"], exclusive=1, reverse=1),  # (b, L, D)
+        helper.make_node("Transpose", [f"{p}dtu"], [f"{c}dtuT"], perm=[0, 2, 1]),
         helper.make_node("Mul", ["Bf", f"{p}C_last"], [f"{c}BC"]),  # (b, N, L)
+        helper.make_node("Transpose", [f"{c}BC"], [f"{c}BCT"], perm=[0, 2, 1]),  # (b, L, N)
         # nc = ceil(L / CHUNK) chunks of T = ceil(L / nc) <= CHUNK positions (balanced: little padding)
         helper.make_node("Reshape", [f"{p}L0", "one_s"], [f"{c}L1"]),
         helper.make_node("Add", [f"{c}L1", f"{c}CHm1"], [f"{c}Lr"]),
@@ -256,7 +260,6 @@ def _last_chunked(p: str) -> tuple[list[onnx.NodeProto], str]:
         helper.make_node("Sub", [f"{c}Ln", "one_s"], [f"{c}Ln1"]),
         helper.make_node("Div", [f"{c}Ln1", f"{c}nc"], [f"{c}T"]),  # (1,)
         helper.make_node("Mul", [f"{c}nc", f"{c}T"], [f"{c}Lp"]),
-        helper.make_node("Concat", [f"{c}zz", f"{c}m1", f"{c}T"], [f"{c}shape4"], axis=0),
         helper.make_node("Sub", [f"{c}Lp", f"{c}L1"], [f"{c}pad"]),
         helper.make_node("Concat", ["zero_s", f"{c}pad"], [f"{c}pads"], axis=0),
         helper.make_node("Shape", ["Af"], [f"{c}D1"], start=0, end=1),
@@ -264,13 +267,11 @@ def _last_chunked(p: str) -> tuple[list[onnx.NodeProto], str]:
         helper.make_node("Concat", [f"{c}m1", f"{c}T", f"{c}D1"], [f"{c}shapeTD"], axis=0),
         helper.make_node("Concat", [f"{c}m1", f"{c}T", f"{c}N1"], [f"{c}shapeTN"], axis=0),
     ]
-    for name, src, shape in (("dec", f"{c}decay", "TD"), ("dtu", f"{p}dtu", "TD"), ("bc", f"{c}BC", "TN")):
+    for name, src, shape in (("dec", f"{c}decay", "TD"), ("dtu", f"{c}dtuT", "TD"), ("bc", f"{c}BCT", "TN")):
         nodes += [
-            helper.make_node("Pad", [src, f"{c}pads", "", "ax2"], [f"{c}{name}_p"]),  # (b, X, Lp)
-            helper.make_node("Reshape", [f"{c}{name}_p", f"{c}shape4"], [f"{c}{name}_4"]),  # (b, X, nc, T)
-            helper.make_node("Transpose", [f"{c}{name}_4"], [f"{c}{name}_t"], perm=[0, 2, 3, 1]),
+            helper.make_node("Pad", [src, f"{c}pads", "", "ax1"], [f"{c}{name}_p"]),  # (b, Lp, X)
             helper.make_node(
-                "Reshape", [f"{c}{name}_t", f"{c}shape{shape}"], [f"{c}{name}_i"]
+                "Reshape", [f"{c}{name}_p", f"{c}shape{shape}"], [f"{c}{name}_i"]
             ),  # (b*nc, T, X)
         ]
     nodes += [
