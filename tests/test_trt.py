@@ -165,17 +165,17 @@ def test_try_build_engine_skips_without_gpu(monkeypatch: pytest.MonkeyPatch, tmp
     assert result.status == "skipped" and "no NVIDIA driver found" in result.reason
 
 
-def test_build_engine_flow_with_fake_tensorrt(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, no_plugin: None
-) -> None:
+def test_build_engine_flow_with_fake_tensorrt(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     calls: dict[str, Any] = {}
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(calls))
+    lib = tmp_path / "libm4r_trt_plugin.so"
+    lib.write_bytes(b"plugin")
 
-    def cannot_build(explicit: Path | None, cuda_archs: str | None = None) -> Path:
+    def found(explicit: Path | None, cuda_archs: str | None = None) -> Path:
         calls["plugin_archs"] = cuda_archs
-        raise M4RError("libm4r_trt_plugin.so not found ...; building it failed: nvcc was not found")
+        return lib
 
-    monkeypatch.setattr(engine_mod, "find_or_build_plugin", cannot_build)
+    monkeypatch.setattr(engine_mod, "find_or_build_plugin", found)
     monkeypatch.setattr(engine_mod, "list_gpus", lambda: ([env.GpuInfo(0, "Fake L4", "8.9")], None))
     monkeypatch.setattr(engine_mod, "gpu_unavailable_reason", lambda: None)
     onnx = tmp_path / "model.fp16.onnx"
@@ -197,10 +197,31 @@ def test_build_engine_flow_with_fake_tensorrt(
     assert manifest["format"] == MANIFEST_FORMAT and manifest["tensorrt_version"] == "10.8.0.43"
     assert manifest["gpu"] == {"name": "Fake L4", "compute_capability": "8.9"}
     assert manifest["profile"] == {"batch": [1, 8, 32], "seq": [2, 20, 100]}
-    # no plugin, and building it failed: the engine still builds (ONNX function body) and says why
-    assert calls["plugin_archs"] == "89" and "loaded" not in calls
-    assert manifest["plugin"] is None and "nvcc was not found" in manifest["notes"][0]
+    assert calls["plugin_archs"] == "89" and manifest["plugin"]["library"] == lib.name
     assert read_manifest(result.engine_path) == manifest
+
+
+def test_missing_plugin_skips_the_engine_with_the_fix(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, no_plugin: None
+) -> None:
+    # TensorRT cannot import the op's function body (string If), so no plugin means no engine
+    calls: dict[str, Any] = {}
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(calls))
+
+    def cannot_build(explicit: Path | None, cuda_archs: str | None = None) -> Path:
+        raise M4RError("libm4r_trt_plugin.so not found ...; building it failed: nvcc was not found")
+
+    monkeypatch.setattr(engine_mod, "find_or_build_plugin", cannot_build)
+    monkeypatch.setattr(engine_mod, "list_gpus", lambda: ([env.GpuInfo(0, "Fake L4", "8.9")], None))
+    monkeypatch.setattr(engine_mod, "gpu_unavailable_reason", lambda: None)
+    onnx = tmp_path / "model.fp16.onnx"
+    onnx.write_bytes(b"onnx")
+    result = try_build_engine(onnx, tmp_path / "out")
+    assert result.status == "skipped"
+    assert "nvcc was not found" in result.reason and "m4r build-plugin" in result.reason
+    assert "network_flags" not in calls and not (tmp_path / "out" / "model.plan").exists()
+    with pytest.raises(engine_mod.PluginUnavailable, match="plugin is required"):
+        build_engine(onnx, tmp_path / "out" / "model.plan")
 
 
 def test_build_engine_loads_and_records_the_plugin(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -75,7 +75,6 @@ def build_plugin(
     default=None,
     help="libm4r_trt_plugin.so (default: $M4R_TRT_PLUGIN or the `m4r build-plugin` output).",
 )
-@click.option("--no-plugin", is_flag=True, help="Let TensorRT import the scan's ONNX function body instead.")
 @click.option(
     "--no-build-plugin",
     is_flag=True,
@@ -99,7 +98,6 @@ def build_engine(
     out_dir: Path | None,
     engine_name: str,
     plugin: Path | None,
-    no_plugin: bool,
     no_build_plugin: bool,
     min_batch: int,
     opt_batch: int,
@@ -121,7 +119,6 @@ def build_engine(
         engine_path,
         profile=profile,
         plugin_library=plugin,
-        use_plugin=not no_plugin,
         build_plugin=not no_build_plugin,
         timing_cache=timing_cache,
         optimization_level=opt_level,

@@ -2,8 +2,8 @@
 
 Precision comes from the ONNX graph itself (model.fp16.onnx is fp16-typed with fp32 islands): the network
 is built strongly typed, which TensorRT 11 always does and TensorRT 10 does with the STRONGLY_TYPED flag.
-The SelectiveScan nodes map to the m4r plugin when its library is loaded; without it TensorRT's ONNX
-parser imports the node's ONNX function body instead (correct, slower), and the manifest says so.
+The SelectiveScan nodes map to the m4r plugin, which must be loaded: TensorRT cannot import the node's
+ONNX function body (it picks the scan mode with a string comparison, and TensorRT has no string tensors).
 """
 
 from __future__ import annotations
@@ -91,13 +91,16 @@ def _network_flags() -> int:
     return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
 
 
+class PluginUnavailable(M4RError):
+    """The SelectiveScan plugin library could not be found or built."""
+
+
 def build_engine(
     onnx_path: Path,
     engine_path: Path,
     *,
     profile: ShapeProfile | None = None,
     plugin_library: Path | None = None,
-    use_plugin: bool = True,
     build_plugin: bool = True,
     timing_cache: Path | None = None,
     optimization_level: int = 3,
@@ -106,8 +109,7 @@ def build_engine(
     """Build and write ``engine_path`` and its manifest; returns the manifest. Needs TensorRT and a GPU.
 
     The plugin: ``plugin_library``, else $M4R_TRT_PLUGIN or the `m4r build-plugin` output, else (with
-    ``build_plugin``) built now for this GPU. Without it the scan runs as its ONNX function body and the
-    manifest's notes say why.
+    ``build_plugin``) built now for this GPU. Without it: :class:`PluginUnavailable`.
     """
     load_tensorrt()  # a clear error when TensorRT is absent or only stubs; then the typed import below
     import tensorrt as trt
@@ -124,22 +126,21 @@ def build_engine(
 
     logger = make_logger()
     notes: list[str] = []
-    plugin_path: Path | None = None
-    if use_plugin:
-        try:
-            if build_plugin:  # for this GPU's architecture only: about a minute
-                archs = gpus[0].compute_capability.replace(".", "")
-                plugin_path = find_or_build_plugin(plugin_library, cuda_archs=archs)
-            else:
-                plugin_path = find_plugin_library(plugin_library)
-        except UsageError:
-            raise
-        except M4RError as exc:
-            if plugin_library is not None:
-                raise
-            notes.append(f"plugin not used ({exc}); SelectiveScan runs as its ONNX function body")
-        if plugin_path is not None:
-            load_plugin_library(plugin_path, logger)
+    try:
+        if build_plugin:  # for this GPU's architecture only: about a minute
+            archs = gpus[0].compute_capability.replace(".", "")
+            plugin_path = find_or_build_plugin(plugin_library, cuda_archs=archs)
+        else:
+            plugin_path = find_plugin_library(plugin_library)
+    except UsageError:
+        raise
+    except M4RError as exc:
+        raise PluginUnavailable(
+            f"the m4r SelectiveScan plugin is required and unavailable ({exc}); TensorRT cannot import the "
+            "op's ONNX function body. Build the plugin with `m4r build-plugin` (needs cmake, nvcc and the "
+            "TensorRT headers) or pass --plugin"
+        ) from exc
+    load_plugin_library(plugin_path, logger)
 
     builder = trt.Builder(logger)
     network = builder.create_network(_network_flags())
@@ -182,9 +183,7 @@ def build_engine(
         "profile": profile.to_json(),
         "strongly_typed": True,
         "builder_optimization_level": optimization_level,
-        "plugin": None
-        if plugin_path is None
-        else {"library": plugin_path.name, "sha256": sha256_file(plugin_path)},
+        "plugin": {"library": plugin_path.name, "sha256": sha256_file(plugin_path)},
         "notes": notes,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -237,8 +236,8 @@ def try_build_engine(
     """Build ``out_dir/engine_name`` when TensorRT and a GPU are present; otherwise report why not.
 
     Called by ``m4r export`` after it wrote model.fp16.onnx. A missing TensorRT or GPU is not an error
-    (status "skipped"); a failure while building with both present raises M4RError. A missing plugin is
-    built (``build_plugin``) or, failing that, replaced by the scan's ONNX function body (see notes).
+    (status "skipped"), nor is a plugin that can be neither found nor built (the reason says how to get
+    it); a failure while building with TensorRT, a GPU and the plugin present raises M4RError.
     """
     reason = tensorrt_unavailable_reason()
     if reason is None:
@@ -246,15 +245,18 @@ def try_build_engine(
     if reason is not None:
         return EngineBuildResult("skipped", reason=f"no TensorRT engine built: {reason}")
     engine_path = Path(out_dir) / engine_name
-    manifest = build_engine(
-        Path(onnx_path),
-        engine_path,
-        profile=profile,
-        plugin_library=plugin_library,
-        build_plugin=build_plugin,
-        timing_cache=timing_cache,
-        optimization_level=optimization_level,
-    )
+    try:
+        manifest = build_engine(
+            Path(onnx_path),
+            engine_path,
+            profile=profile,
+            plugin_library=plugin_library,
+            build_plugin=build_plugin,
+            timing_cache=timing_cache,
+            optimization_level=optimization_level,
+        )
+    except PluginUnavailable as exc:
+        return EngineBuildResult("skipped", reason=f"no TensorRT engine built: {exc}")
     return EngineBuildResult(
         "built",
         engine_path=engine_path,
