@@ -171,6 +171,10 @@ class TorchRunner(Runner):
 
     def infer(self, item_seq: np.ndarray, item_seq_len: np.ndarray) -> dict[str, np.ndarray]:
         torch = self._torch
+        if self.device == "cpu":
+            # again on every call: creating an ONNX Runtime session clears the thread's flush-to-zero
+            # mode, and denormals slow the CPU scan 3-4x (see docs/onnx-export.md)
+            torch.set_flush_denormal(True)
         with torch.inference_mode():
             seq = torch.from_numpy(item_seq).to(self.torch_device)
             lens = torch.from_numpy(item_seq_len).to(self.torch_device)
