@@ -8,7 +8,10 @@ every sequence full length (L = 50 and L = 200 by default). Variants, measured s
   Mamba4Rec code runs on CPU (its pure-PyTorch scan is the same loop);
 * ``reference+ftz``   -- the same loop with ``torch.set_flush_denormal(True)``;
 * ``fast+ftz``        -- the fast scan with flush-denormal: what ``m4r train`` runs on CPU;
-* ``fast``            -- the fast scan without flush-denormal (``--all-variants``).
+* ``fast``            -- the fast scan without flush-denormal (``--all-variants``);
+* ``reference-code``  -- the loop without flush-denormal AND without serving-style pruning: every
+  layer runs on every position and the last position is gathered afterwards, which is the
+  computation of the reference Mamba4Rec code's training step (``--all-variants``).
 
 The machine may be shared, so the variants are *interleaved* (one step of each in turn, repeated)
 and medians are reported, of CPU time (``time.process_time``: this process's own cores, the
@@ -31,11 +34,13 @@ import torch.nn.functional as F
 
 from ..model import Mamba4Rec
 
+#: variant -> (scan backend, flush denormals, last layer pruned to the last position)
 VARIANTS = {
-    "reference": ("reference", False),
-    "reference+ftz": ("reference", True),
-    "fast+ftz": ("fast", True),
-    "fast": ("fast", False),
+    "reference": ("reference", False, True),
+    "reference+ftz": ("reference", True, True),
+    "fast+ftz": ("fast", True, True),
+    "fast": ("fast", False, True),
+    "reference-code": ("reference", False, False),
 }
 
 
@@ -56,7 +61,7 @@ class Cell:
 def _setup(
     variant: str, seq_len: int, batch: int, n_items: int, seed: int, state: dict[str, torch.Tensor] | None
 ) -> Any:
-    backend, _ = VARIANTS[variant]
+    backend, _, pruned = VARIANTS[variant]
     torch.manual_seed(seed)
     model = Mamba4Rec(n_items)
     if state is not None:
@@ -77,7 +82,11 @@ def _setup(
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model.logits(seq, lens), tgt).backward()
+        if pruned:
+            logits = model.logits(seq, lens)
+        else:
+            logits = model.forward_all_positions(seq, lens) @ model.item_embedding.weight.t()
+        F.cross_entropy(logits, tgt).backward()
         opt.step()
 
     return reset, step
@@ -135,6 +144,7 @@ def run_benchmark(
                 "variant": v,
                 "backend": VARIANTS[v][0],
                 "flush_denormal": VARIANTS[v][1],
+                "pruned": VARIANTS[v][2],
                 "steps_timed": len(cell.cpu),
                 "median_cpu_s": cell.median_cpu(),
                 "median_wall_s": cell.median_wall(),
@@ -210,7 +220,11 @@ def print_table(report: dict[str, Any]) -> None:
     default=("reference", "reference+ftz", "fast+ftz"),
     show_default=True,
 )
-@click.option("--all-variants", is_flag=True, help="Also time fast without flush-denormal.")
+@click.option(
+    "--all-variants",
+    is_flag=True,
+    help="Also time fast without ftz and the reference code's step.",
+)
 @click.option("--batch", type=int, default=256, show_default=True)
 @click.option("--n-items", type=int, default=1700, show_default=True)
 @click.option(
