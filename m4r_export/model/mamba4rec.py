@@ -174,8 +174,10 @@ class Mamba4Rec(nn.Module):
         item_seq, item_seq_len = self.sanitize(item_seq, item_seq_len)
         h = self.LayerNorm(self.dropout(self.item_embedding(item_seq)))
         last = len(self.mamba_layers) - 1
-        convs, ssms = [], []
+        convs: list[Tensor] = []
+        ssms: list[Tensor] = []
         for i, layer in enumerate(self.mamba_layers):
+            assert isinstance(layer, MambaLayer)
             h, conv, ssm = layer.forward_with_state(h, item_seq_len, last_only=(i == last))
             convs.append(conv)
             ssms.append(ssm)
@@ -190,8 +192,10 @@ class Mamba4Rec(nn.Module):
         the history extended by ``item_ids``. Ids must be valid (callers decide what to skip).
         """
         h = self.LayerNorm(self.dropout(self.item_embedding(item_ids)))
-        convs, ssms = [], []
+        convs: list[Tensor] = []
+        ssms: list[Tensor] = []
         for layer, conv, ssm in zip(self.mamba_layers, conv_states, ssm_states, strict=True):
+            assert isinstance(layer, MambaLayer)
             h, conv, ssm = layer.step(h, conv, ssm)
             convs.append(conv)
             ssms.append(ssm)

@@ -151,6 +151,7 @@ class ExportOptions:
     fp16: bool = False
     opset: int = DEFAULT_OPSET
     body: str = bodies.DEFAULT_BODY
+    streaming: bool = False
 
     def validate(self, n_items: int) -> None:
         if self.head not in HEADS:
@@ -170,6 +171,12 @@ class ExportOptions:
             raise UsageError(f"--max-seq-len {self.max_seq_len}: must be >= 1")
         if self.body not in bodies.BODIES:
             raise UsageError(f"--body {self.body!r}: choose one of {', '.join(bodies.BODIES)}")
+        if self.streaming and self.exclude_history:
+            raise UsageError(
+                "--exclude-history cannot be combined with --streaming: the streaming state does not "
+                "record which items were seen; export without --exclude-history and filter seen items "
+                "in the client"
+            )
 
 
 def _serving_module(model: Mamba4Rec, opts: ExportOptions, fp16: bool) -> nn.Module:
@@ -538,6 +545,27 @@ def export_artifacts(
                 "This is a bug in m4r export: please report it with the checkpoint's config"
             )
 
+    streams: dict[str, tuple[Any, Any]] = {}
+    stream_blobs: dict[str, bytes] = {}
+    stream_parity: dict[str, Any] = {}
+    if opts.streaming:
+        from .streaming import FILE_NAMES, measure_streaming_parity, trace_streaming
+
+        for precision in precisions:
+            say(f"tracing the streaming init/step graphs ({precision}) ...")
+            streams[precision] = trace_streaming(model, opts, fp16=precision == "fp16")
+            init_b, step_b = (p.SerializeToString() for p in streams[precision])
+            stream_blobs.update({FILE_NAMES[precision][0]: init_b, FILE_NAMES[precision][1]: step_b})
+            say(f"checking streaming parity with PyTorch ({precision}) ...")
+            p = measure_streaming_parity(model, opts, init_b, step_b, precision)
+            stream_parity[precision] = p
+            if not p["passed"]:
+                raise M4RError(
+                    f"streaming parity check failed for {precision}: max abs diff {p['max_abs_diff']:.3g}, "
+                    f"top-10 overlap {p['top10_overlap']:.3f}; nothing was written. This is a bug in m4r "
+                    "export: please report it with the checkpoint's config"
+                )
+
     # everything validated: write (manifest last; remove a stale one first)
     manifest_path = out / "manifest.json"
     with contextlib.suppress(FileNotFoundError):
@@ -550,6 +578,14 @@ def export_artifacts(
         write_bytes_atomic(path, blobs[precision])
         files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size, "precision": precision}
         written.append(path)
+    for name, blob in stream_blobs.items():
+        write_bytes_atomic(out / name, blob)
+        files[name] = {
+            "sha256": sha256_file(out / name),
+            "bytes": (out / name).stat().st_size,
+            "precision": "fp16" if ".fp16." in name else "fp32",
+        }
+        written.append(out / name)
     write_text_atomic(out / "items.txt", items_txt)
     files["items.txt"] = {
         "sha256": sha256_file(out / "items.txt"),
@@ -611,6 +647,10 @@ def export_artifacts(
         "parity": parity,
         "tensorrt": trt,
     }
+    if opts.streaming:
+        from .streaming import streaming_manifest
+
+        manifest["streaming"] = {**streaming_manifest(model, opts, streams), "parity": stream_parity}
     write_json_atomic(manifest_path, manifest)
     written.append(manifest_path)
     return ExportResult(out, manifest, written)

@@ -197,10 +197,10 @@ def streaming_manifest(
             return {**spec, "role": role, "layer": layer}
         if name in heads:
             return {**spec, "role": ROLE_HEAD, "layer": None}
-        role = {"item_seq": ROLE_ITEM_IDS, STEP_ITEM: ROLE_ITEM_IDS, "item_seq_len": ROLE_LENGTHS}.get(name)
-        if role is None:
+        roles = {"item_seq": ROLE_ITEM_IDS, STEP_ITEM: ROLE_ITEM_IDS, "item_seq_len": ROLE_LENGTHS}
+        if name not in roles:
             raise M4RError(f"streaming graph tensor {name!r} has no role (a bug)")
-        return {**spec, "role": role, "layer": None}
+        return {**spec, "role": roles[name], "layer": None}
 
     graphs: dict[str, Any] = {}
     for kind, proto in (("init", init_proto), ("step", step_proto)):
@@ -264,7 +264,7 @@ def measure_streaming_parity(
     histories = [list(r[: max(0, n)]) for r, n in zip(seq.tolist(), lengths.tolist(), strict=True)]
     outs = init_sess.run(None, {"item_seq": seq, "item_seq_len": lengths})
     tol = TOLERANCES[precision]
-    max_diff, overlaps = 0.0, []
+    max_diff, overlaps = 0.0, list[float]()
     for ids in events:
         feeds = {STEP_ITEM: ids, **{s[0]: o for s, o in zip(states, outs[n_heads:], strict=True)}}
         outs = step_sess.run(None, feeds)

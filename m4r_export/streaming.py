@@ -1,0 +1,195 @@
+"""Drive an export's streaming graphs (``init.onnx``/``step.onnx``) from its manifest alone.
+
+    session = StreamingSession.from_dir("export_dir")
+    out = session.start([[3, 17, 9], [42]])   # head outputs for each history
+    out = session.push([5, 0])                # row 0 gets item 5, row 1 has no new event
+    saved = session.states                    # keep per user; session.load_states(saved) later
+
+Only numpy and onnxruntime are needed (no torch). Every tensor name, dtype and shape comes from
+the manifest's ``streaming`` section (see docs/streaming.md), so this is also the reference for
+a client in another language. Semantics: ids outside ``[1, n_items)`` are skipped (in ``start``
+they are dropped from the history; in ``push`` the row's state and outputs stay as they were);
+histories have no length limit (the result equals a full re-encode of the whole history).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import UsageError
+
+#: rows per init call in :meth:`StreamingSession.start` (init's closed form holds a
+#: batch x history x d_inner x d_state temporary)
+INIT_CHUNK_ROWS = 64
+
+
+def _load_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(
+            f"{path} not found: pass the directory written by `m4r export --streaming`"
+        ) from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{path} is not readable JSON ({exc}); re-run `m4r export --streaming`") from exc
+    if "streaming" not in manifest:
+        raise UsageError(f"{path} has no 'streaming' section: re-export with `m4r export --streaming`")
+    return manifest
+
+
+class StreamingSession:
+    """One batch of users' streaming state on ONNX Runtime (CPU unless ``providers`` says otherwise)."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        precision: str = "fp32",
+        *,
+        threads: int | None = None,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+    ) -> None:
+        import onnxruntime as ort
+
+        self.directory = Path(directory)
+        self.manifest = _load_manifest(self.directory)
+        spec = self.manifest["streaming"]
+        if precision not in spec["files"]:
+            raise UsageError(
+                f"precision {precision!r} is not in {self.directory}/manifest.json (has "
+                f"{', '.join(spec['files'])}); re-export with --fp16 for fp16 graphs"
+            )
+        self.precision = precision
+        self.n_items = int(self.manifest["model"]["n_items"])
+        self.init_spec, self.step_spec = spec["init"], spec["step"]
+        self.state_pairs = [(s["step_input"], s["output"]) for s in spec["states"]]
+        self.head_names = [o["name"] for o in self.step_spec["outputs"] if o["role"] == "head_output"]
+        (self._seq_name,) = [i["name"] for i in self.init_spec["inputs"] if i["role"] == "item_ids"]
+        (self._len_name,) = [i["name"] for i in self.init_spec["inputs"] if i["role"] == "lengths"]
+        (self._item_name,) = [i["name"] for i in self.step_spec["inputs"] if i["role"] == "item_ids"]
+        self._state_inputs = {i["name"]: i for i in self.step_spec["inputs"] if i["role"].endswith("_state")}
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = threads
+        files = spec["files"][precision]
+        self._init = ort.InferenceSession(str(self.directory / files["init"]), so, providers=list(providers))
+        self._step = ort.InferenceSession(str(self.directory / files["step"]), so, providers=list(providers))
+        self._states: dict[str, np.ndarray] | None = None
+
+    @classmethod
+    def from_dir(
+        cls, directory: str | os.PathLike[str], precision: str = "fp32", **kwargs: Any
+    ) -> StreamingSession:
+        return cls(directory, precision, **kwargs)
+
+    # ------------------------------------------------------------------------------------ state
+
+    @property
+    def batch(self) -> int:
+        if self._states is None:
+            return 0
+        return int(next(iter(self._states.values())).shape[0])
+
+    @property
+    def states(self) -> dict[str, np.ndarray]:
+        """The current states by step-input name (copies; feed them back with :meth:`load_states`)."""
+        if self._states is None:
+            raise UsageError("no state yet: call start(histories) first")
+        return {k: v.copy() for k, v in self._states.items()}
+
+    def load_states(self, states: Mapping[str, np.ndarray]) -> None:
+        """Replace the states (for example with ones saved earlier), after checking them.
+
+        Each tensor must be present, have the manifest's dtype and shape (one shared batch size)
+        and be finite; anything else raises :class:`UsageError` naming the tensor.
+        """
+        self._states = self._checked(states)
+
+    def _checked(self, states: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        missing = sorted(set(self._state_inputs) - set(states))
+        if missing:
+            raise UsageError(
+                f"state tensors missing: {', '.join(missing)}; pass every name in session.states"
+            )
+        unknown = sorted(set(states) - set(self._state_inputs))
+        if unknown:
+            raise UsageError(
+                f"unknown state tensors: {', '.join(unknown)}; expected {sorted(self._state_inputs)}"
+            )
+        out: dict[str, np.ndarray] = {}
+        batch: int | None = None
+        for name, spec in self._state_inputs.items():
+            value = states[name]
+            if not isinstance(value, np.ndarray) or value.dtype != np.dtype(spec["dtype"]):
+                got = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
+                raise UsageError(f"state {name!r}: dtype {got}, expected {spec['dtype']} (manifest)")
+            want = [batch if d == "batch" else d for d in spec["shape"]]
+            if value.ndim != len(want) or any(
+                w is not None and w != g for w, g in zip(want, value.shape, strict=True)
+            ):
+                shape = ["batch" if d == "batch" else d for d in spec["shape"]]
+                raise UsageError(
+                    f"state {name!r}: shape {list(value.shape)}, expected {shape}"
+                    + (f" with batch {batch}" if batch is not None else "")
+                    + " (manifest); states of one session share the batch size"
+                )
+            batch = int(value.shape[0])
+            if not np.isfinite(value).all():
+                raise UsageError(
+                    f"state {name!r} contains NaN or Inf: it is corrupt; rebuild it with start()"
+                )
+            out[name] = value
+        return out
+
+    # ------------------------------------------------------------------------------------ calls
+
+    def _outputs(self, names: list[str], values: list[np.ndarray]) -> dict[str, np.ndarray]:
+        got = dict(zip(names, values, strict=True))
+        self._states = {i: got[o] for i, o in self.state_pairs}
+        return {n: got[n] for n in self.head_names}
+
+    def start(self, histories: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
+        """Encode one history per row (item indices, oldest first) -> head outputs; keeps the states.
+
+        Ids outside ``[1, n_items)`` are dropped first (streaming skips them); an empty history
+        gives the empty state (the outputs are then those the model gives an empty input).
+        """
+        if len(histories) == 0:
+            raise UsageError("start(histories): need at least one history")
+        rows = [[int(i) for i in h if 1 <= int(i) < self.n_items] for h in histories]
+        names = [o.name for o in self._init.get_outputs()]
+        parts: list[list[np.ndarray]] = []
+        for lo in range(0, len(rows), INIT_CHUNK_ROWS):
+            chunk = rows[lo : lo + INIT_CHUNK_ROWS]
+            width = max(1, max(len(r) for r in chunk))
+            seq = np.zeros((len(chunk), width), dtype=np.int64)
+            for r, h in enumerate(chunk):
+                seq[r, : len(h)] = h
+            lengths = np.array([len(h) for h in chunk], dtype=np.int64)
+            parts.append(self._init.run(None, {self._seq_name: seq, self._len_name: lengths}))
+        return self._outputs(names, [np.concatenate(col) for col in zip(*parts, strict=True)])
+
+    def push(self, item_ids: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
+        """Fold one new item per row into the states -> head outputs for the longer histories.
+
+        ``item_ids`` has one id per row of the batch; ids outside ``[1, n_items)`` (use 0 for "no
+        event") leave that row's state and outputs unchanged.
+        """
+        if self._states is None:
+            raise UsageError("push() before start(): call start(histories) first")
+        ids = np.asarray(item_ids)
+        if ids.ndim != 1 or ids.shape[0] != self.batch or not np.issubdtype(ids.dtype, np.integer):
+            raise UsageError(
+                f"push(item_ids): need {self.batch} integer ids (one per row), got shape {list(ids.shape)} "
+                f"of {ids.dtype}"
+            )
+        feeds = {self._item_name: ids.astype(np.int64), **self._checked(self._states)}
+        names = [o.name for o in self._step.get_outputs()]
+        return self._outputs(names, self._step.run(None, feeds))
