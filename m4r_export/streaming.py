@@ -24,9 +24,21 @@ import numpy as np
 
 from .errors import UsageError
 
-#: rows per init call in :meth:`StreamingSession.start` (init's closed form holds a
-#: batch x history x d_inner x d_state temporary)
-INIT_CHUNK_ROWS = 64
+#: init's closed form holds a rows x history x d_inner x d_state fp32 temporary; calls are split
+#: into row chunks that keep it below this many bytes
+INIT_TEMP_BYTES = 256 << 20
+
+
+def init_chunk_rows(model_config: Mapping[str, Any], width: int) -> int:
+    """Rows per ``init.onnx`` call for histories ``width`` long (at least 1)."""
+    per_row = (
+        width
+        * int(model_config["expand"])
+        * int(model_config["hidden_size"])
+        * int(model_config["d_state"])
+        * 4
+    )
+    return max(1, INIT_TEMP_BYTES // max(1, per_row))
 
 
 def _load_manifest(directory: Path) -> dict[str, Any]:
@@ -166,8 +178,9 @@ class StreamingSession:
         rows = [[int(i) for i in h if 1 <= int(i) < self.n_items] for h in histories]
         names = [o.name for o in self._init.get_outputs()]
         parts: list[list[np.ndarray]] = []
-        for lo in range(0, len(rows), INIT_CHUNK_ROWS):
-            chunk = rows[lo : lo + INIT_CHUNK_ROWS]
+        step = init_chunk_rows(self.manifest["model"], max(1, max(len(r) for r in rows)))
+        for lo in range(0, len(rows), step):
+            chunk = rows[lo : lo + step]
             width = max(1, max(len(r) for r in chunk))
             seq = np.zeros((len(chunk), width), dtype=np.int64)
             for r, h in enumerate(chunk):
