@@ -174,8 +174,9 @@ def test_fp16_graphs_rank_like_fp32(export_dir: tuple[Path, Mamba4Rec], graphs: 
     histories = [[int(i) for i in h] for h in PREFIXES if h]
     _, states = g16.start(histories)
     overlaps = []
-    for ids in EVENTS:
-        outs, states = g16.push(states, ids[: len(histories)])
+    for row in EVENTS:
+        ids = row[: len(histories)]
+        outs, states = g16.push(states, ids)
         for h, i in zip(histories, ids, strict=True):
             h.append(i)
         ref = graphs["scores"].reference(histories)["scores"]
