@@ -150,7 +150,11 @@ def _refuse(what: str) -> UnsafeCheckpointError:
     )
 
 
-class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
+#: the pure-Python unpickler (its opcode table can be overridden; the C one's cannot)
+_PyUnpickler: Any = pickle._Unpickler
+
+
+class RestrictedUnpickler(_PyUnpickler):
     """Pure-Python unpickler that resolves, calls and mutates only what a RecBole checkpoint needs.
 
     * ``find_class``: allowlisted globals; every ``recbole.*`` global becomes a :class:`CapturedObject`.
@@ -165,7 +169,7 @@ class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
     not in the pickle, so speed does not matter).
     """
 
-    dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
+    dispatch: dict[int, Any] = dict(_PyUnpickler.dispatch)
 
     def find_class(self, module: str, name: str) -> Any:
         key = f"{module}.{name}"
@@ -295,7 +299,7 @@ CONFIG_LIMITS: dict[str, tuple[type, float, float]] = {
 
 
 def checked_number(value: Any, field_name: str, kind: type, lo: float, hi: float, source: str) -> Any:
-    """``value`` as ``kind`` if it is a number of that kind inside [lo, hi] (float: [lo, hi)), else UsageError."""
+    """``value`` as ``kind`` if it is such a number in [lo, hi] (float: [lo, hi)); else UsageError."""
     what = "an integer" if kind is int else "a number"
     rng = f"[{lo:g}, {hi:g}]" if kind is int else f"[{lo:g}, {hi:g})"
     ok_type = isinstance(value, int) and not isinstance(value, bool)
@@ -311,7 +315,7 @@ def checked_number(value: Any, field_name: str, kind: type, lo: float, hi: float
     return kind(value)
 
 
-def validate_config(values: dict[str, Any], source: str) -> Mamba4RecConfig:
+def validate_config(values: Any, source: str) -> Mamba4RecConfig:
     """A :class:`Mamba4RecConfig` from untrusted values: every field typed and range-checked."""
     if not isinstance(values, dict):
         raise UsageError(f"{source}: the checkpoint's config is a {type(values).__name__}, not a dict")
@@ -494,7 +498,7 @@ def _from_own(path: Path, obj: dict[str, Any]) -> Checkpoint:
             f"{path} has m4r checkpoint format version {version}; this m4r reads {FORMAT_VERSION}"
         )
     config = validate_config(obj.get("config"), str(path))
-    state_dict = obj.get("state_dict")
+    state_dict: dict[str, torch.Tensor] = obj.get("state_dict")  # type: ignore[assignment]
     check_against_tensors(config, state_dict, str(path))
     meta = obj.get("meta") or {}
     if not isinstance(meta, dict):
