@@ -130,6 +130,15 @@ def test_bench_checks_the_manifest_first(exported: dict[str, Path], tmp_path: Pa
     assert code == 3 and "items.txt" in out, out
 
 
+def test_manifest_states_the_items_format(exported: dict[str, Path]) -> None:
+    """Issue 8 item 10: the manifest says what items.txt is (line i = token of index i, UTF-8, \\n)."""
+    manifest = json.loads((exported["dir"] / "manifest.json").read_text())
+    for text in (manifest["items_format"], manifest["files"]["items.txt"]["format"]):
+        assert "UTF-8" in text and "line i" in text and "'\\n'" in text and "splitlines" in text
+    lines = (exported["dir"] / "items.txt").read_text(encoding="utf-8").splitlines()
+    assert lines == ["[PAD]", *(f"i{i}" for i in range(1, N_ITEMS))]
+
+
 def test_verify_says_when_the_checkpoint_is_another_one(exported: dict[str, Path]) -> None:
     manifest = json.loads((exported["dir"] / "manifest.json").read_text())
     assert manifest["checkpoint"]["sha256"] == hashlib.sha256(exported["ckpt"].read_bytes()).hexdigest()
