@@ -114,7 +114,8 @@ def _read_lines(path: Path, encoding: str = "utf-8") -> list[str]:
         line = data.count(b"\n", 0, exc.start) + 1
         column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
         raise UsageError(
-            f"data file {path}: line {line}, byte {column} (0x{data[exc.start]:02x}) is not valid {encoding}; "
+            f"data file {path}: line {line}, byte {column} (0x{data[exc.start]:02x}) is not valid "
+            f"{encoding}; "
             f"convert the file to UTF-8 (e.g. `iconv -f latin1 -t utf-8 {path.name} > fixed.inter`) or "
             "read it with an explicit encoding (read_interactions(path, encoding=...))"
         ) from None
