@@ -172,6 +172,8 @@ def publish_directory(
     (callers refuse to delete files they did not write); the default refuses any non-empty one.
     """
     out = Path(out_dir)
+    if out.is_symlink():  # replace what the link points to; the link keeps pointing there
+        out = out.resolve()
     for name in files:
         if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
             raise ValueError(f"publish_directory: {name!r} is not a plain file name")

@@ -169,8 +169,10 @@ class ExportOptions:
                 f"{SUPPORTED_OPSETS[-1]} (the SelectiveScan function body needs opset >= 19); "
                 f"the default is {DEFAULT_OPSET}"
             )
-        if self.max_seq_len < 1:
-            raise UsageError(f"--max-seq-len {self.max_seq_len}: must be >= 1")
+        from ..checkpoint import MAX_SEQ_LEN_LIMIT
+
+        if not 1 <= self.max_seq_len <= MAX_SEQ_LEN_LIMIT:
+            raise UsageError(f"--max-seq-len {self.max_seq_len}: must be in [1, {MAX_SEQ_LEN_LIMIT}]")
         if self.body not in bodies.BODIES:
             raise UsageError(f"--body {self.body!r}: choose one of {', '.join(bodies.BODIES)}")
 
