@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import M4RError, UsageError
 from ..integrity import MANIFEST_NAME, ArtifactIntegrityError, check_artifact_files
-from ..serving import HEAD_OUTPUTS
+from ..serving import EXCLUDE_INPUT, HEAD_OUTPUTS
 
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
@@ -38,6 +38,7 @@ class ArtifactInfo:
     manifest: dict[str, Any] | None = None
     onnx_path: Path | None = None  # the ONNX file (for an engine: the one it was built from)
     item_table: Path | None = None  # embedding head: the item table shipped beside the model
+    exclude_items: bool = False  # the graph takes the exclude_items input (read from the graph)
     notes: list[str] = field(default_factory=list)
 
     def describe(self) -> dict[str, Any]:
@@ -47,6 +48,7 @@ class ArtifactInfo:
             "head": self.head,
             "k": self.k,
             "exclude_history": self.exclude_history,
+            "exclude_items": self.exclude_items,
             "max_seq_len": self.max_seq_len,
             "precision": self.precision,
             "onnx": str(self.onnx_path) if self.onnx_path else None,
@@ -55,8 +57,8 @@ class ArtifactInfo:
         }
 
 
-def _onnx_facts(onnx_path: Path) -> tuple[list[str], dict[str, list[int | str]], bool]:
-    """Output names, their shapes (dims as int or symbolic name), and whether the graph is fp16."""
+def _onnx_facts(onnx_path: Path) -> tuple[list[str], dict[str, list[int | str]], bool, list[str]]:
+    """Output names, their shapes (dims as int or symbolic name), whether the graph is fp16, inputs."""
     import onnx
 
     try:
@@ -71,7 +73,7 @@ def _onnx_facts(onnx_path: Path) -> tuple[list[str], dict[str, list[int | str]],
         shapes[out.name] = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]
         is_fp16 |= out.type.tensor_type.elem_type == fp16
     is_fp16 |= any(init.data_type == fp16 for init in model.graph.initializer)
-    return [o.name for o in model.graph.output], shapes, is_fp16
+    return [o.name for o in model.graph.output], shapes, is_fp16, [i.name for i in model.graph.input]
 
 
 def _head_from_outputs(names: list[str], where: Path) -> str:
@@ -132,7 +134,7 @@ def load_artifact(path: str | Path) -> ArtifactInfo:
             f"{onnx_path} is not listed in {manifest_path}: it is not part of that export; "
             "pass a model the manifest lists, or re-export"
         )
-    out_names, out_shapes, is_fp16 = _onnx_facts(onnx_path)
+    out_names, out_shapes, is_fp16, in_names = _onnx_facts(onnx_path)
     if manifest is None:
         notes.append(f"no manifest.json beside {onnx_path.name}: head inferred from the output names")
         head = _head_from_outputs(out_names, onnx_path)
@@ -167,5 +169,6 @@ def load_artifact(path: str | Path) -> ArtifactInfo:
         manifest=manifest,
         onnx_path=onnx_path,
         item_table=item_table,
+        exclude_items=EXCLUDE_INPUT in in_names,
         notes=notes,
     )
