@@ -31,6 +31,7 @@ struct Case
 {
     int Bn, Dn, L, N;
     bool softplus, last, withD, withZ, withBias, withLengths;
+    float deltaShift = 0.F; //!< added to delta: large values make decay exponents reach the clamp
 };
 
 struct Inputs
@@ -56,7 +57,7 @@ Inputs makeInputs(Case const& c, unsigned seed)
     std::size_t const bnl = static_cast<std::size_t>(c.Bn) * c.N * c.L;
     fill(in.u, bdl, 1.F, 0.F);
     // delta around -2 with softplus (dt ~ 0.1, as in trained models), small positive without.
-    fill(in.delta, bdl, c.softplus ? 1.F : 0.02F, c.softplus ? -2.F : 0.05F);
+    fill(in.delta, bdl, c.softplus ? 1.F : 0.02F, (c.softplus ? -2.F : 0.05F) + c.deltaShift);
     in.A.resize(static_cast<std::size_t>(c.Dn) * c.N);
     for (auto& a : in.A)
     {
@@ -139,7 +140,8 @@ std::vector<float> roundTrip(std::vector<float> const& v)
 
 // ---- forward: kernel vs reference --------------------------------------------------------------------------
 
-//! Max error relative to the output scale (max |y_ref|, at least 1): fp32 rounding of a sum of N terms.
+//! Max error relative to the output scale (max |y_ref|, at least 1). Measured <= 1.9e-7 (the exp polynomial
+//! vs libm, carried through the recurrence); the checks allow 5e-7.
 double scaledError(std::vector<float> const& got, std::vector<float> const& want)
 {
     double scale = 1.0;
@@ -167,7 +169,7 @@ void forwardCase(Case const& c, int threads)
         c.last, M4R_SCAN_F32, got.data(), threads);
     check(rc == M4R_SCAN_OK, name(c, "fp32 rc"));
     double const err = scaledError(got, want);
-    check(err <= 2e-6, name(c, ("fp32 vs reference, scaled error " + std::to_string(err)).c_str()));
+    check(err <= 5e-7, name(c, ("fp32 vs reference, scaled error " + std::to_string(err)).c_str()));
 
     // fp16 I/O: the kernel on half inputs equals the reference on the same (rounded) inputs, rounded once.
     Inputs r = in;
@@ -349,6 +351,8 @@ int main()
     }
     forwardCase({1, 64, 200, 32, true, true, true, true, true, true}, 4);
     forwardCase({13, 24, 50, 8, true, false, true, false, true, false}, 2);
+    // dt ~ 40: decay exponents far below the clamp (exp underflows to 0 in both).
+    forwardCase({3, 9, 50, 8, true, false, true, true, true, false, 40.F}, 2);
 
     for (bool last : {false, true})
     {
