@@ -16,6 +16,12 @@
 #include <thread>
 #include <vector>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#else
+#include <cfenv>
+#endif
+
 namespace
 {
 constexpr int32_t kW = 8; // channels per block = lanes per vector
@@ -343,12 +349,36 @@ int32_t threadsFor(int32_t requested, int64_t items, int64_t work)
     return static_cast<int32_t>(std::max<int64_t>(1, n));
 }
 
+//! The calling thread's floating-point mode (flush-to-zero / denormals-are-zero, rounding): worker threads
+//! start with the default mode, so they adopt the caller's (e.g. torch.set_flush_denormal(True)).
+struct FpMode
+{
+#if defined(__x86_64__) || defined(_M_X64)
+    unsigned int csr = _mm_getcsr();
+    void apply() const
+    {
+        _mm_setcsr(csr);
+    }
+#else
+    std::fenv_t env{};
+    FpMode()
+    {
+        std::fegetenv(&env);
+    }
+    void apply() const
+    {
+        std::fesetenv(&env);
+    }
+#endif
+};
+
 //! Runs fn(thread, first, last) over [0, items) split into `threads` contiguous ranges; the calling thread
 //! takes the first range. Returns false when a thread could not be started (nothing is left running).
 template <typename Fn>
 bool parallelFor(int32_t threads, int64_t items, Fn&& fn)
 {
     std::vector<std::thread> pool;
+    FpMode const mode;
     bool ok = true;
     auto range = [&](int32_t i) { return items * i / threads; };
     try
@@ -356,7 +386,10 @@ bool parallelFor(int32_t threads, int64_t items, Fn&& fn)
         pool.reserve(static_cast<std::size_t>(threads - 1));
         for (int32_t i = 1; i < threads; ++i)
         {
-            pool.emplace_back([&fn, i, lo = range(i), hi = range(i + 1)] { fn(i, lo, hi); });
+            pool.emplace_back([&fn, &mode, i, lo = range(i), hi = range(i + 1)] {
+                mode.apply();
+                fn(i, lo, hi);
+            });
         }
     }
     catch (std::exception const&)
