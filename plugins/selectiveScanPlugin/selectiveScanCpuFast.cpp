@@ -577,7 +577,7 @@ int backward(Problem const& p, Grads const& g, int32_t numThreads)
                         part.dD[c] += gD;
                     }
                     std::fill(dAacc.begin(), dAacc.end(), Vec{});
-                    k.adjoint(s.dt.data(), s.u.data(), s.a.data(), s.Bt.data(), s.Ct.data(), gy.data(), p.N, stop,
+                    k.adjoint(s.dt.data(), s.u.data(), s.a.data(), s.Bt.data(), s.Ct.data(), gy.data(), p.N, stop, p.lastOnly,
                         H.data(), E.data(), G.data(), dBacc.data(), dCacc.data(), dAacc.data(), gDt.data(), gDtu.data());
                     if (p.softplus)
                     {

@@ -180,7 +180,7 @@ static void statesBlock(Vec const* dt, Vec const* u, Vec const* a, float const* 
 //! lane-wise partial gradients dBacc/dCacc ([t][n], summed over lanes later), dAacc ([n]); writes
 //! gDt[t] = dL/d dt_t and gDtu[t] = dL/d(dt_t u_t).
 static void adjointBlock(Vec const* dt, Vec const* u, Vec const* a, float const* Bt, float const* Ct,
-    Vec const* g, int32_t n, int32_t stop, Vec const* H, Vec const* E, Vec* G, Vec* dBacc, Vec* dCacc, Vec* dAacc, Vec* gDt,
+    Vec const* g, int32_t n, int32_t stop, bool lastOnly, Vec const* H, Vec const* E, Vec* G, Vec* dBacc, Vec* dCacc, Vec* dAacc, Vec* gDt,
     Vec* gDtu)
 {
     for (int32_t s = 0; s < n; ++s)
@@ -202,6 +202,24 @@ static void adjointBlock(Vec const* dt, Vec const* u, Vec const* a, float const*
         Vec* dCt = dCacc + off;
         Vec sumGB = Vec{};
         Vec decay = Vec{};
+        if (lastOnly && t != stop && hp != nullptr)
+        {
+            // No output at t (g[t] = 0): the same loop without the g[t] terms, which would add exact zeros.
+            for (int32_t s = 0; s < n; ++s)
+            {
+                Vec const gs = G[s];
+                dBt[s] += gs * dtu;
+                sumGB += gs * bt[s];
+                Vec const e = et[s];
+                Vec const q = gs * hp[s] * e;
+                dAacc[s] += q * d;
+                decay += q * a[s];
+                G[s] = gs * e;
+            }
+            gDt[t] = decay + sumGB * u[t];
+            gDtu[t] = sumGB;
+            continue;
+        }
         for (int32_t s = 0; s < n; ++s)
         {
             Vec const gs = G[s] + gt * ct[s]; // dL/dh_t
