@@ -6,7 +6,8 @@
 // every lane evaluates exactly the reference's expressions in the reference's order (selectiveScanMath.h:
 // updateState, then hc += h * C over n = 0..N-1). Only exp() differs: a polynomial instead of libm expf.
 // Inputs arrive transposed to [t][lane] (dt, u, g) and [t][n] (B, C) by the caller.
-// Needs: Vec, kW, kDecayExpMin (selectiveScanCpuFast.cpp).
+// Needs: Vec, kW, kDecayExpMin, M4R_SCAN_POLY_FMA(a, b, c) = a * b + c, fused or not (selectiveScanCpuFast.cpp).
+// Only the exp polynomial uses it; the state update and the sums round exactly like the reference.
 
 //! exp(x) for x clamped to [kDecayExpMin, 88]: Cody-Waite range reduction and Cephes' degree-6 polynomial
 //! (<= 2 ulp from libm expf in that range). Written with plain vector arithmetic so it vectorises anywhere.
@@ -18,12 +19,12 @@ static inline Vec expDecayVec(Vec x)
     Vec const k = (x * 1.44269504088896341F + magic) - magic;
     Vec const r = (x - k * 0.693359375F) - k * -2.12194440e-4F;
     Vec p = Vec{} + 1.9875691500E-4F;
-    p = p * r + 1.3981999507E-3F;
-    p = p * r + 8.3334519073E-3F;
-    p = p * r + 4.1665795894E-2F;
-    p = p * r + 1.6666665459E-1F;
-    p = p * r + 5.0000001201E-1F;
-    p = p * (r * r) + r + 1.F;
+    p = M4R_SCAN_POLY_FMA(p, r, 1.3981999507E-3F);
+    p = M4R_SCAN_POLY_FMA(p, r, 8.3334519073E-3F);
+    p = M4R_SCAN_POLY_FMA(p, r, 4.1665795894E-2F);
+    p = M4R_SCAN_POLY_FMA(p, r, 1.6666665459E-1F);
+    p = M4R_SCAN_POLY_FMA(p, r, 5.0000001201E-1F);
+    p = M4R_SCAN_POLY_FMA(p, r * r, r + 1.F);
     VecI const bits = (__builtin_convertvector(k, VecI) + 127) << 23;
     return p * (Vec) bits;
 }
@@ -37,12 +38,12 @@ static inline Vec expVec(Vec x)
     Vec const k = (x * 1.44269504088896341F + magic) - magic;
     Vec const r = (x - k * 0.693359375F) - k * -2.12194440e-4F;
     Vec p = Vec{} + 1.9875691500E-4F;
-    p = p * r + 1.3981999507E-3F;
-    p = p * r + 8.3334519073E-3F;
-    p = p * r + 4.1665795894E-2F;
-    p = p * r + 1.6666665459E-1F;
-    p = p * r + 5.0000001201E-1F;
-    p = p * (r * r) + r + 1.F;
+    p = M4R_SCAN_POLY_FMA(p, r, 1.3981999507E-3F);
+    p = M4R_SCAN_POLY_FMA(p, r, 8.3334519073E-3F);
+    p = M4R_SCAN_POLY_FMA(p, r, 4.1665795894E-2F);
+    p = M4R_SCAN_POLY_FMA(p, r, 1.6666665459E-1F);
+    p = M4R_SCAN_POLY_FMA(p, r, 5.0000001201E-1F);
+    p = M4R_SCAN_POLY_FMA(p, r * r, r + 1.F);
     VecI const bits = (__builtin_convertvector(k, VecI) + 127) << 23;
     return p * (Vec) bits;
 }
