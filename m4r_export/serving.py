@@ -3,12 +3,19 @@
 One definition shared by every consumer: the ONNX exporter traces it, and ``m4r verify`` runs it
 as the PyTorch reference, so "the artifact matches PyTorch" always means "matches this module".
 
-Heads (inputs ``item_seq`` int64 [batch, seq], ``item_seq_len`` int64 [batch]):
+Inputs: ``item_seq`` int64 [batch, seq], ``item_seq_len`` int64 [batch], and for the ranking heads
+(``scores``, ``topk``) unless built with ``exclude_items=False``: ``exclude_items`` int64 [batch, E]
+(E >= 0, any width): items never to rank for that row (histories, business rules, out of stock).
+Entries 0 (padding: "no item") and ids outside ``[1, n_items)`` are ignored, duplicates are harmless.
+A caller with nothing to exclude sends zeros ``[batch, 1]``.
+
+Heads:
   * ``scores``    -> ``scores`` float [batch, n_items]; item 0 (padding) is -inf.
   * ``topk``      -> ``topk_scores`` float [batch, K], ``topk_items`` int64 [batch, K], best first.
   * ``embedding`` -> ``user_embedding`` float [batch, hidden] (score = user_embedding @ table.T,
     with the item table shipped beside the model for ANN retrieval).
-With ``exclude_history`` the items of each row's valid history (positions < length) are -inf too.
+With ``exclude_history`` the items of each row's valid history (positions < length, i.e. only the
+input window) are -inf too; ``exclude_items`` masks any further items (e.g. the full history).
 A row whose rankable items are fewer than K gets trailing entries with score -inf: those entries
 are not recommendations (their item id is meaningless).
 
@@ -31,11 +38,33 @@ HEAD_OUTPUTS = {
     "embedding": ("user_embedding",),
 }
 INPUT_NAMES = ("item_seq", "item_seq_len")
+EXCLUDE_INPUT = "exclude_items"
+RANKING_HEADS = ("scores", "topk")
+
+
+def input_names(head: str, exclude_items: bool = True) -> tuple[str, ...]:
+    """The graph inputs of a serving head: ``exclude_items`` only on ranking heads that take it."""
+    return (*INPUT_NAMES, EXCLUDE_INPUT) if exclude_items and head in RANKING_HEADS else INPUT_NAMES
+
+
+def _mask_items(mask: Tensor, ids: Tensor) -> Tensor:
+    """``mask`` [batch, n_items] with ``mask[b, ids[b, j]] = True``; ids outside [0, n_items) -> 0.
+
+    Column 0 (padding) is masked anyway, so mapping "no item" and invalid ids to 0 ignores them.
+    """
+    valid = (ids >= 0) & (ids < mask.shape[1])
+    ids = torch.where(valid, ids, torch.zeros_like(ids))
+    return mask.scatter(1, ids, torch.ones_like(ids, dtype=torch.bool))
 
 
 class ServingModel(nn.Module):
     def __init__(
-        self, model: Mamba4Rec, head: str = "scores", k: int = 100, exclude_history: bool = False
+        self,
+        model: Mamba4Rec,
+        head: str = "scores",
+        k: int = 100,
+        exclude_history: bool = False,
+        exclude_items: bool = True,
     ) -> None:
         super().__init__()
         if head not in HEADS:
@@ -46,30 +75,45 @@ class ServingModel(nn.Module):
         self.head = head
         self.k = k
         self.exclude_history = exclude_history
+        #: whether the ranking heads take the ``exclude_items`` input (never the embedding head)
+        self.exclude_items = exclude_items and head in RANKING_HEADS
         self.eval()  # serving never runs dropout; torch.onnx.export restores this flag afterwards
 
     @property
     def output_names(self) -> tuple[str, ...]:
         return HEAD_OUTPUTS[self.head]
 
-    def forward(self, item_seq: Tensor, item_seq_len: Tensor) -> tuple[Tensor, ...]:
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return input_names(self.head, self.exclude_items)
+
+    def forward(
+        self, item_seq: Tensor, item_seq_len: Tensor, exclude_items: Tensor | None = None
+    ) -> tuple[Tensor, ...]:
+        """``exclude_items`` [batch, E] (ranking heads built with ``exclude_items=True``; None = none)."""
         user = self.model(item_seq, item_seq_len)
         history = None
-        if self.exclude_history:
+        if self.exclude_history and self.head != "embedding":
             seq, lengths = self.model.sanitize(item_seq, item_seq_len)
             positions = torch.arange(seq.shape[1], device=seq.device)[None, :]
             history = torch.where(positions < lengths[:, None], seq, torch.zeros_like(seq))
-        return self.heads(user, history)
+        return self.heads(user, history, exclude_items)
 
-    def heads(self, user: Tensor, excluded: Tensor | None = None) -> tuple[Tensor, ...]:
-        """The head's outputs from the user representation; ``excluded`` (batch, E) ids are -inf too."""
+    def heads(
+        self, user: Tensor, history: Tensor | None = None, exclude_items: Tensor | None = None
+    ) -> tuple[Tensor, ...]:
+        """The head's outputs from the user representation; ``history``/``exclude_items`` ids are -inf."""
         if self.head == "embedding":
             return (user,)
         scores = user @ self.model.item_embedding.weight.t()
         mask = torch.zeros_like(scores, dtype=torch.bool)
         mask[:, 0] = True
-        if excluded is not None:
-            mask = mask.scatter(1, excluded, torch.ones_like(excluded, dtype=torch.bool))
+        if history is not None:
+            mask = _mask_items(mask, history)
+        if exclude_items is not None:
+            if not self.exclude_items:
+                raise ValueError(f"this {self.head} head was built without the exclude_items input")
+            mask = _mask_items(mask, exclude_items)
         scores = scores.masked_fill(mask, float("-inf"))
         if self.head == "scores":
             return (scores,)
@@ -82,6 +126,7 @@ class ServingModel(nn.Module):
 #: role names of the streaming graphs' tensors (the manifest's ``streaming`` section uses them)
 ROLE_ITEM_IDS, ROLE_LENGTHS, ROLE_HEAD = "item_ids", "lengths", "head_output"
 ROLE_CONV, ROLE_SSM, ROLE_USER = "conv_state", "ssm_state", "user_state"
+ROLE_EXCLUDE = "exclude_items"
 STEP_ITEM = "item_id"
 
 
@@ -119,20 +164,24 @@ class StreamingInit(nn.Module):
         self.serving = serving
         self.eval()
 
-    def forward(self, item_seq: Tensor, item_seq_len: Tensor) -> tuple[Tensor, ...]:
+    def forward(
+        self, item_seq: Tensor, item_seq_len: Tensor, exclude_items: Tensor | None = None
+    ) -> tuple[Tensor, ...]:
         model = self.serving.model
         user, convs, ssms = model.encode_with_states(item_seq, item_seq_len)
         empty = (item_seq_len <= 0)[:, None, None]
         states = [torch.where(empty, torch.zeros_like(t), t) for t in _interleave(convs, ssms)]
-        outs = tuple(o.float() if o.is_floating_point() else o for o in self.serving.heads(user))
+        heads = self.serving.heads(user, None, exclude_items)
+        outs = tuple(o.float() if o.is_floating_point() else o for o in heads)
         return (*outs, *states, user.float())
 
 
 class StreamingStep(nn.Module):
-    """``(item_id, *states) -> (*head outputs, *states')``: fold one new item per row into the states.
+    """``(item_id, [exclude_items], *states) -> (*head outputs, *states')``: one new item per row.
 
-    ``item_id`` int64 [batch]. An id outside ``[1, n_items)`` (0 = padding = "no event" included) is
-    skipped: that row's states are returned unchanged and its outputs are those of the history
+    ``item_id`` int64 [batch]; ``exclude_items`` int64 [batch, E] as for :class:`ServingModel`
+    (ranking heads built with it; it masks only this call's outputs, nothing is kept). An id outside
+    ``[1, n_items)`` (0 = padding = "no event" included) is skipped: that row's states are returned unchanged and its outputs are those of the history
     without it. Otherwise the outputs equal :class:`ServingModel`'s on the history extended by the
     item, whatever the history's length (states have no length limit).
     """
@@ -144,8 +193,11 @@ class StreamingStep(nn.Module):
         self.serving = serving
         self.eval()
 
-    def forward(self, item_id: Tensor, *states: Tensor) -> tuple[Tensor, ...]:
+    def forward(self, item_id: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
+        """``inputs``: ``exclude_items`` first when the head takes it, then the states in order."""
         model = self.serving.model
+        exclude = inputs[0] if self.serving.exclude_items else None
+        states = inputs[1:] if self.serving.exclude_items else inputs
         n_layers = len(model.mamba_layers)
         if len(states) != 2 * n_layers + 1:
             raise ValueError(f"expected {2 * n_layers + 1} state tensors, got {len(states)}")
@@ -159,5 +211,6 @@ class StreamingStep(nn.Module):
             for new, old in zip(_interleave(new_convs, new_ssms), _interleave(convs, ssms), strict=True)
         ]
         user = torch.where(valid[:, None], user, user_state.to(user.dtype))
-        outs = tuple(o.float() if o.is_floating_point() else o for o in self.serving.heads(user))
+        heads = self.serving.heads(user, None, exclude)
+        outs = tuple(o.float() if o.is_floating_point() else o for o in heads)
         return (*outs, *new_states, user.float())

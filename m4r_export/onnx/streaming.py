@@ -29,8 +29,9 @@ from .. import __version__
 from ..errors import M4RError
 from ..model import Mamba4Rec
 from ..serving import (
+    EXCLUDE_INPUT,
     HEAD_OUTPUTS,
-    INPUT_NAMES,
+    ROLE_EXCLUDE,
     ROLE_HEAD,
     ROLE_ITEM_IDS,
     ROLE_LENGTHS,
@@ -61,7 +62,7 @@ STREAMING_FORMAT_VERSION = 1
 def _modules(model: Mamba4Rec, opts: ExportOptions, fp16: bool) -> tuple[StreamingInit, StreamingStep]:
     m = half_model(model) if fp16 else copy.deepcopy(model).eval()
     m.set_scan_backend(SCAN_BACKEND)
-    serving = ServingModel(m, opts.head, opts.k, exclude_history=False)
+    serving = ServingModel(m, opts.head, opts.k, exclude_history=False, exclude_items=opts.exclude_items)
     return StreamingInit(serving), StreamingStep(serving)
 
 
@@ -149,23 +150,28 @@ def trace_streaming(model: Mamba4Rec, opts: ExportOptions, fp16: bool = False) -
     init, step = _modules(model, opts, fp16)
     heads = list(HEAD_OUTPUTS[opts.head])
     states = state_names(model.config.num_layers)
+    names = list(opts.input_names)
+    excl = EXCLUDE_INPUT in names
     batch = torch.export.Dim("batch", min=1)
     seq = torch.export.Dim("seq", min=1)
+    ex_dims = {0: batch, 1: torch.export.Dim("exclude", min=1)}
+    args = _sample_inputs(model.n_items, opts.max_seq_len, excl)
     init_proto = _export(
         init,
-        _sample_inputs(model.n_items, opts.max_seq_len),
-        list(INPUT_NAMES),
+        args,
+        names,
         heads + [s[1] for s in states],
-        ({0: batch, 1: seq}, {0: batch}),
+        ({0: batch, 1: seq}, {0: batch}, *([ex_dims] if excl else [])),
         opts.opset,
     )
-    example_states = _state_examples(model, 3)
+    rest = [*(args[2:] if excl else ()), *_state_examples(model, 3)]
     step_proto = _export(
         step,
-        (torch.tensor([1, 0, model.n_items - 1]), *example_states),
-        [STEP_ITEM, *(s[0] for s in states)],
+        (torch.tensor([1, 0, model.n_items - 1]), *rest),
+        [STEP_ITEM, *([EXCLUDE_INPUT] if excl else []), *(s[0] for s in states)],
         heads + [s[1] for s in states],
-        ({0: batch}, tuple({0: batch} for _ in example_states)),  # forward(item_id, *states)
+        # forward(item_id, *inputs): exclude_items (when taken) then the states
+        ({0: batch}, tuple(ex_dims if excl and i == 0 else {0: batch} for i in range(len(rest)))),
         opts.opset,
     )
     for kind, proto in (("init", init_proto), ("step", step_proto)):
@@ -197,7 +203,12 @@ def streaming_manifest(
             return {**spec, "role": role, "layer": layer}
         if name in heads:
             return {**spec, "role": ROLE_HEAD, "layer": None}
-        roles = {"item_seq": ROLE_ITEM_IDS, STEP_ITEM: ROLE_ITEM_IDS, "item_seq_len": ROLE_LENGTHS}
+        roles = {
+            "item_seq": ROLE_ITEM_IDS,
+            STEP_ITEM: ROLE_ITEM_IDS,
+            "item_seq_len": ROLE_LENGTHS,
+            EXCLUDE_INPUT: ROLE_EXCLUDE,
+        }
         if name not in roles:
             raise M4RError(f"streaming graph tensor {name!r} has no role (a bug)")
         return {**spec, "role": roles[name], "layer": None}
@@ -229,6 +240,8 @@ def streaming_manifest(
             "precision": "states are fp32 in every precision variant",
             "user_state": "the user representation after the last accepted event (lets a skipped "
             "event return unchanged outputs)",
+            "exclude_items": "ranking heads: int64 [batch, E] items never ranked in this call's outputs "
+            "(as for model.onnx; 0 = none); not kept in the state, send it with every call",
         },
     }
 
@@ -255,18 +268,21 @@ def measure_streaming_parity(
     """ORT init + steps against the fp32 PyTorch ServingModel on the full histories."""
     reference = copy.deepcopy(model).eval()
     reference.set_scan_backend("fast")
-    serving = ServingModel(reference, opts.head, opts.k)
+    serving = ServingModel(reference, opts.head, opts.k, exclude_items=opts.exclude_items)
     table = model.item_embedding.weight.detach().numpy() if opts.head == "embedding" else None
     n_heads = len(HEAD_OUTPUTS[opts.head])
     states = state_names(model.config.num_layers)
     init_sess, step_sess = ort_session(init_bytes), ort_session(step_bytes)
     seq, lengths, events = _stream_parity_data(model.n_items, opts.max_seq_len)
     histories = [list(r[: max(0, n)]) for r, n in zip(seq.tolist(), lengths.tolist(), strict=True)]
-    outs = init_sess.run(None, {"item_seq": seq, "item_seq_len": lengths})
+    excl = serving.exclude_items
+    exclude = np.random.default_rng(1).integers(0, model.n_items, size=(len(seq), 3)).astype(np.int64)
+    extra = {EXCLUDE_INPUT: exclude} if excl else {}
+    outs = init_sess.run(None, {"item_seq": seq, "item_seq_len": lengths, **extra})
     tol = TOLERANCES[precision]
     max_diff, overlaps = 0.0, list[float]()
     for ids in events:
-        feeds = {STEP_ITEM: ids, **{s[0]: o for s, o in zip(states, outs[n_heads:], strict=True)}}
+        feeds = {STEP_ITEM: ids, **extra, **{s[0]: o for s, o in zip(states, outs[n_heads:], strict=True)}}
         outs = step_sess.run(None, feeds)
         for h, i in zip(histories, ids.tolist(), strict=True):
             if 1 <= i < model.n_items:
@@ -276,7 +292,11 @@ def measure_streaming_parity(
         for r, h in enumerate(histories):
             full[r, : len(h)] = h
         with torch.no_grad():
-            ref_t = serving(torch.from_numpy(full), torch.tensor([len(h) for h in histories]))
+            ref_t = serving(
+                torch.from_numpy(full),
+                torch.tensor([len(h) for h in histories]),
+                torch.from_numpy(exclude) if excl else None,
+            )
         ref = {n: t.numpy() for n, t in zip(serving.output_names, ref_t, strict=True)}
         got = dict(zip(serving.output_names, outs[:n_heads], strict=True))
         d, ov = compare_outputs(ref, got, opts.head, table)
@@ -291,7 +311,8 @@ def measure_streaming_parity(
         "top10_overlap": round(top10, 6),
         "atol": atol if precision == "fp32" else None,
         "min_top10_overlap": tol.min_top10_overlap,
-        "inputs": "seed 0: 6 ragged prefixes (one empty), 4 steps each incl. an out-of-range id and a 0",
+        "inputs": "seed 0: 6 ragged prefixes (one empty), 4 steps each incl. an out-of-range id and a 0; "
+        "3 random exclude_items per row where the head takes them",
         "reference": "ServingModel fp32 on the full histories (skipped ids left out)",
         "passed": ok,
     }
