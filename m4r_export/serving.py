@@ -180,10 +180,11 @@ class StreamingStep(nn.Module):
     """``(item_id, [exclude_items], *states) -> (*head outputs, *states')``: one new item per row.
 
     ``item_id`` int64 [batch]; ``exclude_items`` int64 [batch, E] as for :class:`ServingModel`
-    (ranking heads built with it; it masks only this call's outputs, nothing is kept). An id outside
-    ``[1, n_items)`` (0 = padding = "no event" included) is skipped: that row's states are returned unchanged and its outputs are those of the history
-    without it. Otherwise the outputs equal :class:`ServingModel`'s on the history extended by the
-    item, whatever the history's length (states have no length limit).
+    (ranking heads built with it; it masks only this call's outputs, nothing is kept). An id
+    outside ``[1, n_items)`` (0 = padding = "no event" included) is skipped: that row's states are
+    returned unchanged and its outputs are those of the history without it. Otherwise the outputs
+    equal :class:`ServingModel`'s on the history extended by the item, whatever the history's
+    length (states have no length limit).
     """
 
     def __init__(self, serving: ServingModel) -> None:
