@@ -85,6 +85,8 @@ class StreamingSession:
         (self._seq_name,) = [i["name"] for i in self.init_spec["inputs"] if i["role"] == "item_ids"]
         (self._len_name,) = [i["name"] for i in self.init_spec["inputs"] if i["role"] == "lengths"]
         (self._item_name,) = [i["name"] for i in self.step_spec["inputs"] if i["role"] == "item_ids"]
+        excl = [i["name"] for i in self.step_spec["inputs"] if i["role"] == "exclude_items"]
+        self._exclude_name = excl[0] if excl else None
         self._state_inputs = {i["name"]: i for i in self.step_spec["inputs"] if i["role"].endswith("_state")}
         so = ort.SessionOptions()
         so.log_severity_level = 3
@@ -167,14 +169,31 @@ class StreamingSession:
         self._states = {i: got[o] for i, o in self.state_pairs}
         return {n: got[n] for n in self.head_names}
 
-    def start(self, histories: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
+    def _exclude(self, exclude: Sequence[Sequence[int]] | None, batch: int) -> dict[str, np.ndarray]:
+        """The ``exclude_items`` feed (zeros [batch, 1] when None) or nothing if the graphs lack it."""
+        if self._exclude_name is None:
+            if exclude is not None:
+                raise UsageError(
+                    "exclude=...: this export's head has no exclude_items input (embedding head, "
+                    "or exported with --no-exclude-items)"
+                )
+            return {}
+        from .onnx.inputs import exclude_inputs
+
+        return {self._exclude_name: exclude_inputs(exclude if exclude is not None else [], batch)}
+
+    def start(
+        self, histories: Sequence[Sequence[int]], exclude: Sequence[Sequence[int]] | None = None
+    ) -> dict[str, np.ndarray]:
         """Encode one history per row (item indices, oldest first) -> head outputs; keeps the states.
 
         Ids outside ``[1, n_items)`` are dropped first (streaming skips them); an empty history
         gives the empty state (the outputs are then those the model gives an empty input).
+        ``exclude``: per row, items never to rank in these outputs (ranking heads; not kept).
         """
         if len(histories) == 0:
             raise UsageError("start(histories): need at least one history")
+        excl = self._exclude(exclude, len(histories))
         rows = [[int(i) for i in h if 1 <= int(i) < self.n_items] for h in histories]
         names = [o.name for o in self._init.get_outputs()]
         parts: list[list[np.ndarray]] = []
@@ -186,14 +205,18 @@ class StreamingSession:
             for r, h in enumerate(chunk):
                 seq[r, : len(h)] = h
             lengths = np.array([len(h) for h in chunk], dtype=np.int64)
-            parts.append(self._init.run(None, {self._seq_name: seq, self._len_name: lengths}))
+            feeds = {self._seq_name: seq, self._len_name: lengths}
+            feeds.update({k: v[lo : lo + step] for k, v in excl.items()})
+            parts.append(self._init.run(None, feeds))
         return self._outputs(names, [np.concatenate(col) for col in zip(*parts, strict=True)])
 
-    def push(self, item_ids: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
+    def push(
+        self, item_ids: Sequence[int] | np.ndarray, exclude: Sequence[Sequence[int]] | None = None
+    ) -> dict[str, np.ndarray]:
         """Fold one new item per row into the states -> head outputs for the longer histories.
 
         ``item_ids`` has one id per row of the batch; ids outside ``[1, n_items)`` (use 0 for "no
-        event") leave that row's state and outputs unchanged.
+        event") leave that row's state and outputs unchanged. ``exclude`` as for :meth:`start`.
         """
         if self._states is None:
             raise UsageError("push() before start(): call start(histories) first")
@@ -203,6 +226,10 @@ class StreamingSession:
                 f"push(item_ids): need {self.batch} integer ids (one per row), got shape {list(ids.shape)} "
                 f"of {ids.dtype}"
             )
-        feeds = {self._item_name: ids.astype(np.int64), **self._checked(self._states)}
+        feeds = {
+            self._item_name: ids.astype(np.int64),
+            **self._exclude(exclude, self.batch),
+            **self._checked(self._states),
+        }
         names = [o.name for o in self._step.get_outputs()]
         return self._outputs(names, self._step.run(None, feeds))

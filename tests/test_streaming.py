@@ -18,6 +18,7 @@ from m4r_export.checkpoint import save_checkpoint
 from m4r_export.cli import main
 from m4r_export.errors import UsageError
 from m4r_export.model import Mamba4Rec
+from m4r_export.onnx import exclude_inputs
 from m4r_export.onnx import export as ex
 from m4r_export.onnx.streaming import trace_streaming
 from m4r_export.serving import HEAD_OUTPUTS, ServingModel, state_names
@@ -46,24 +47,35 @@ class Graphs:
         self.states = state_names(model.config.num_layers)
         self.init = ort.InferenceSession(init, providers=["CPUExecutionProvider"])
         self.step = ort.InferenceSession(step, providers=["CPUExecutionProvider"])
+        self.takes_exclude = "exclude_items" in [i.name for i in self.step.get_inputs()]
 
-    def start(self, histories: list[list[int]]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    def _excl(self, exclude: list[list[int]] | None, batch: int) -> dict[str, np.ndarray]:
+        return {"exclude_items": exclude_inputs(exclude or [], batch)} if self.takes_exclude else {}
+
+    def start(
+        self, histories: list[list[int]], exclude: list[list[int]] | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         width = max(1, max(len(h) for h in histories))
         seq = np.zeros((len(histories), width), dtype=np.int64)
         for r, h in enumerate(histories):
             seq[r, : len(h)] = h
         lens = np.array([len(h) for h in histories], dtype=np.int64)
-        return self._split(self.init, self.init.run(None, {"item_seq": seq, "item_seq_len": lens}))
+        feeds = {"item_seq": seq, "item_seq_len": lens, **self._excl(exclude, len(histories))}
+        return self._split(self.init, self.init.run(None, feeds))
 
-    def push(self, states: dict[str, np.ndarray], ids: list[int]) -> tuple[dict[str, Any], dict[str, Any]]:
-        feeds = {"item_id": np.array(ids, dtype=np.int64), **states}
+    def push(
+        self, states: dict[str, np.ndarray], ids: list[int], exclude: list[list[int]] | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        feeds = {"item_id": np.array(ids, dtype=np.int64), **self._excl(exclude, len(ids)), **states}
         return self._split(self.step, self.step.run(None, feeds))
 
     def _split(self, sess: Any, outs: list[np.ndarray]) -> tuple[dict[str, Any], dict[str, Any]]:
         got = dict(zip([o.name for o in sess.get_outputs()], outs, strict=True))
         return {n: got[n] for n in self.heads}, {i: got[o] for i, o, _, _ in self.states}
 
-    def reference(self, histories: list[list[int]]) -> dict[str, np.ndarray]:
+    def reference(
+        self, histories: list[list[int]], exclude: list[list[int]] | None = None
+    ) -> dict[str, np.ndarray]:
         """Full re-encode with the fp32 PyTorch ServingModel (no truncation)."""
         width = max(len(h) for h in histories)
         seq = np.zeros((len(histories), width), dtype=np.int64)
@@ -71,7 +83,8 @@ class Graphs:
             seq[r, : len(h)] = h
         serving = ServingModel(self.model, self.head, self.k)
         with torch.no_grad():
-            outs = serving(torch.from_numpy(seq), torch.tensor([len(h) for h in histories]))
+            excl = torch.from_numpy(exclude_inputs(exclude, len(histories))) if exclude else None
+            outs = serving(torch.from_numpy(seq), torch.tensor([len(h) for h in histories]), excl)
         return {n: o.numpy() for n, o in zip(self.heads, outs, strict=True)}
 
 
@@ -155,6 +168,23 @@ def test_out_of_range_ids_are_skipped(graphs: dict[str, Graphs], head: str) -> N
     outs, states = g.push(skipped_states, [11, N_ITEMS + 7, 13])
     outs, states = g.push(states, [17, 19, 0])
     assert_same(head, g.reference([[3, 5, 7, 11, 17], [9, 19], [2, 2, 4, 6, 13]]), outs)
+
+
+@pytest.mark.parametrize("head", ["scores", "topk"])
+def test_exclude_items_in_init_and_step(graphs: dict[str, Graphs], head: str) -> None:
+    g = graphs[head]
+    assert g.takes_exclude
+    histories = [[3, 5, 7], [9, 2]]
+    exclude = [[3, 5, 7, 11], [1, 2, 4, 6, 8, 9, 10]]
+    outs, states = g.start(histories, exclude)
+    assert_same(head, g.reference(histories, exclude), outs)
+    outs, states = g.push(states, [11, 0], exclude)
+    assert_same(head, g.reference([[3, 5, 7, 11], [9, 2]], exclude), outs)
+    if head == "scores":
+        assert np.isneginf(outs["scores"][1, exclude[1]]).all()
+    # exclusions are per call, not kept: the next call without them ranks everything again
+    outs, _ = g.push(states, [0, 0])
+    assert_same(head, g.reference([[3, 5, 7, 11], [9, 2]]), outs)
 
 
 def test_history_longer_than_max_seq_len_equals_whole_history(graphs: dict[str, Graphs]) -> None:
