@@ -14,7 +14,6 @@ histories have no length limit (the result equals a full re-encode of the whole 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -42,17 +41,19 @@ def init_chunk_rows(model_config: Mapping[str, Any], width: int) -> int:
 
 
 def _load_manifest(directory: Path) -> dict[str, Any]:
-    path = directory / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
+    """The checked manifest (every listed file present with its sha256) with a streaming section."""
+    from .integrity import check_artifact_files
+
+    if not (directory / "manifest.json").is_file():
         raise UsageError(
-            f"{path} not found: pass the directory written by `m4r export --streaming`"
-        ) from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{path} is not readable JSON ({exc}); re-run `m4r export --streaming`") from exc
+            f"{directory / 'manifest.json'} not found: pass the directory written by `m4r export --streaming`"
+        )
+    manifest = check_artifact_files(directory)
     if "streaming" not in manifest:
-        raise UsageError(f"{path} has no 'streaming' section: re-export with `m4r export --streaming`")
+        raise UsageError(
+            f"{directory / 'manifest.json'} has no 'streaming' section: "
+            "re-export with `m4r export --streaming`"
+        )
     return manifest
 
 

@@ -12,7 +12,6 @@ speed-up (re-encode p50 / step p50). A point stops after ``repeats`` rounds or w
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -66,11 +65,12 @@ def run_streaming_bench(
     seed: int = 0,
     progress: Any = None,
 ) -> dict[str, Any]:
+    from ..integrity import check_artifact_files
     from ..onnx.export import ort_session
     from .runners import default_threads
 
     d = _export_dir(Path(artifact))
-    manifest = json.loads((d / "manifest.json").read_text())
+    manifest = check_artifact_files(d)  # every listed file present with its sha256 (exit code 3 if not)
     spec = manifest.get("streaming")
     if spec is None:
         raise UsageError(
