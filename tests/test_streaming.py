@@ -251,6 +251,7 @@ def test_manifest_streaming_section(export_dir: tuple[Path, Mamba4Rec]) -> None:
     roles = {t["name"]: (t["role"], t["layer"], t["dtype"], t["shape"]) for t in s["step"]["inputs"]}
     assert roles == {
         "item_id": ("item_ids", None, "int64", ["batch"]),
+        "exclude_items": ("exclude_items", None, "int64", ["batch", "exclude"]),
         "conv_state_0": ("conv_state", 0, "float32", ["batch", d_inner, 3]),
         "ssm_state_0": ("ssm_state", 0, "float32", ["batch", d_inner, 8]),
         "user_state": ("user_state", None, "float32", ["batch", 16]),
@@ -356,3 +357,36 @@ def test_model_step_equals_forward(num_layers: int) -> None:
             cur = cur + 1
             user, convs, ssms = model.step(ids, convs, ssms)
             torch.testing.assert_close(user, model(ext, cur), atol=1e-5, rtol=0)
+
+
+def test_bench_streaming_command(export_dir: tuple[Path, Mamba4Rec], tmp_path: Path) -> None:
+    """`m4r bench --streaming` runs both paths on the same histories and reports them side by side."""
+    out = tmp_path / "bench.json"
+    res = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            "--streaming",
+            "--artifact",
+            str(export_dir[0]),
+            "--batch",
+            "1",
+            "3",
+            "--seq",
+            "4",
+            "20",
+            "--repeats",
+            "3",
+            "--warmup",
+            "1",
+            "--json",
+            str(out),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "| batch | history | re-encode ms | step ms" in res.output
+    report = json.loads(out.read_text())
+    assert [(p["batch"], p["history"]) for p in report["points"]] == [(1, 4), (1, 20), (3, 4), (3, 20)]
+    for p in report["points"]:
+        assert p["runs"] == 3 and p["step"]["p50_ms"] > 0 and p["reencode"]["p50_ms"] > 0
+        assert p["speedup"] == pytest.approx(p["reencode"]["p50_ms"] / p["step"]["p50_ms"])

@@ -44,10 +44,13 @@ def init_states(
 
     rows = init_chunk_rows(manifest["model"], item_seq.shape[1])
     names = [o.name for o in init_sess.get_outputs()]
-    parts = [
-        init_sess.run(None, {"item_seq": item_seq[i : i + rows], "item_seq_len": lengths[i : i + rows]})
-        for i in range(0, item_seq.shape[0], rows)
-    ]
+    takes_exclude = "exclude_items" in {i.name for i in init_sess.get_inputs()}
+    parts = []
+    for i in range(0, item_seq.shape[0], rows):
+        feeds = {"item_seq": item_seq[i : i + rows], "item_seq_len": lengths[i : i + rows]}
+        if takes_exclude:
+            feeds["exclude_items"] = np.zeros((len(feeds["item_seq"]), 1), np.int64)
+        parts.append(init_sess.run(None, feeds))
     outs = dict(zip(names, [np.concatenate(c) for c in zip(*parts, strict=True)], strict=True))
     return {s["step_input"]: outs[s["output"]] for s in manifest["streaming"]["states"]}
 
@@ -86,6 +89,8 @@ def run_streaming_bench(
     init = ort_session((d / spec["files"][precision]["init"]).read_bytes(), threads)
     step = ort_session((d / spec["files"][precision]["step"]).read_bytes(), threads)
     n_items = int(manifest["model"]["n_items"])
+    full_inputs = {i.name for i in full.get_inputs()}
+    step_inputs = {i.name for i in step.get_inputs()}
     assert len(spec["states"]) == len(state_names(int(manifest["model"]["num_layers"])))
     rng = np.random.default_rng(seed)
     budget = max_seconds / (len(batches) * len(seqs))
@@ -95,8 +100,12 @@ def run_streaming_bench(
         for seq in sorted(set(seqs)):
             history = rng.integers(1, n_items, size=(batch, seq + 1)).astype(np.int64)
             states = init_states(init, history[:, :seq], np.full(batch, seq, np.int64), manifest)
+            # ranking heads' exclude_items input: nothing to exclude, on both sides
+            excl = {"exclude_items": np.zeros((batch, 1), np.int64)}
             full_feeds = {"item_seq": history, "item_seq_len": np.full(batch, seq + 1, np.int64)}
+            full_feeds.update({k: v for k, v in excl.items() if k in full_inputs})
             step_feeds = {"item_id": history[:, seq].copy(), **states}
+            step_feeds.update({k: v for k, v in excl.items() if k in step_inputs})
             calls = {"reencode": (full, full_feeds), "step": (step, step_feeds)}
             t0 = time.perf_counter()
             for _ in range(max(1, warmup)):
