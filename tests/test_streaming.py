@@ -257,9 +257,10 @@ def test_manifest_streaming_section(export_dir: tuple[Path, Mamba4Rec]) -> None:
         "user_state": ("user_state", None, "float32", ["batch", 16]),
     }
     init_roles = [(t["name"], t["role"]) for t in s["init"]["inputs"] + s["init"]["outputs"]]
-    assert init_roles[:3] == [
+    assert init_roles[:4] == [
         ("item_seq", "item_ids"),
         ("item_seq_len", "lengths"),
+        ("exclude_items", "exclude_items"),
         ("scores", "head_output"),
     ]
     assert {(p["step_input"], p["output"]) for p in s["states"]} == {
