@@ -215,7 +215,7 @@ def print_table(report: dict[str, Any]) -> None:
             f"{r.get('speedup_vs_reference_ftz_cpu', float('nan')):.1f}",
             f"{r.get('speedup_vs_reference_code_cpu', float('nan')):.1f}",
         )
-    console = Console(width=max(Console().width, 100))
+    console = Console(width=max(Console().width, 120))
     console.print(t)
     console.print("x vs ...: ratio of median CPU time per step (variants interleaved in one run)")
 
