@@ -26,13 +26,12 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import torch
-import torch.nn.functional as F
 
-from ..model import Mamba4Rec
+if TYPE_CHECKING:  # torch is imported where the benchmark runs: `m4r --help` lists this command
+    import torch
 
 #: variant -> (scan backend, flush denormals, last layer pruned to the last position)
 VARIANTS = {
@@ -61,6 +60,11 @@ class Cell:
 def _setup(
     variant: str, seq_len: int, batch: int, n_items: int, seed: int, state: dict[str, torch.Tensor] | None
 ) -> Any:
+    import torch
+    import torch.nn.functional as F
+
+    from ..model import Mamba4Rec
+
     backend, _, pruned = VARIANTS[variant]
     torch.manual_seed(seed)
     model = Mamba4Rec(n_items)
@@ -105,6 +109,8 @@ def run_benchmark(
     ckpt: str | None = None,
     log: Any = None,
 ) -> dict[str, Any]:
+    import torch
+
     torch.set_num_threads(threads)
     state = None
     if ckpt is not None:
