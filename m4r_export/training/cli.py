@@ -20,15 +20,24 @@ BACKENDS = ["auto", "fast", "reference", "cuda"]
 @click.option(
     "--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Checkpoint to write."
 )
-@click.option("--epochs", type=int, default=None, help="Override the recipe's epochs.")
-@click.option("--max-minutes", type=float, default=None, help="Stop after this much training time.")
+@click.option("--epochs", type=click.IntRange(min=0), default=None, help="Override the recipe's epochs.")
+@click.option(
+    "--max-minutes",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Stop after this much training time.",
+)
 @click.option(
     "--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: the recipe's (cpu)."
 )
 @click.option("--seed", type=int, default=None, help="Override the recipe's seed.")
 @click.option("--scan-backend", type=click.Choice(BACKENDS), default=None, help="Default: auto.")
-@click.option("--batch-size", type=int, default=None, help="Override train_batch_size (global).")
-@click.option("--lr", type=float, default=None, help="Override learning_rate.")
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=None, help="Override train_batch_size (global)."
+)
+@click.option(
+    "--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Override learning_rate."
+)
 @click.option(
     "--loss", "loss_type", type=click.Choice(["CE", "BPR"]), default=None, help="Override loss_type."
 )

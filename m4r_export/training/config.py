@@ -222,7 +222,10 @@ def load_config(path: str | Path | None, **overrides: Any) -> TrainConfig:
         except yaml.YAMLError as exc:
             raise UsageError(f"config {p} is not valid YAML: {exc}") from None
         raw = loaded if loaded is not None else {}
-    for k, v in overrides.items():
-        if v is not None:
-            raw[k] = v
-    return config_from_dict(raw, source)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if not given:
+        return config_from_dict(raw, source)
+    config_from_dict(raw, source)  # a bad recipe is reported as the recipe's error ...
+    # ... and a bad override as the caller's (the CLI option), not as an error in the recipe file
+    named = ", ".join(f"{k}={v!r}" for k, v in given.items())
+    return config_from_dict({**raw, **given}, f"option(s) {named}")

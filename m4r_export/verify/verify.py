@@ -400,6 +400,7 @@ def run_verify(
     run; parity failures are *not* exceptions: they are in ``report.passed`` / ``failure_message()``.
     """
     from ..checkpoint import read_checkpoint
+    from ..serving import check_k
 
     if users < 1:
         raise UsageError(f"--users must be >= 1, got {users}")
@@ -423,8 +424,7 @@ def run_verify(
                 + "; pass the checkpoint the artifact was exported from"
             )
     n_items = model.n_items
-    if k > n_items - 1:
-        raise UsageError(f"--k {k} is larger than the number of items ({n_items - 1})")
+    check_k(k, n_items)
     if art.head == "topk" and art.k is not None and k > art.k:
         raise UsageError(f"--k {k} is larger than the artifact's top-K ({art.k}); pass --k {art.k} or less")
     max_len = max_seq_len or art.max_seq_len or int(ck.meta.get("max_seq_len") or 50)
