@@ -49,7 +49,11 @@ BACKENDS = ["auto", "fast", "reference", "cuda"]
     default=None,
     help="Training state file (default: OUT.state), written after every epoch.",
 )
-@click.option("--no-progress", is_flag=True, help="No progress bar (per-epoch lines only).")
+@click.option(
+    "--no-progress",
+    is_flag=True,
+    help="No progress bar on a terminal and no periodic lines elsewhere (per-epoch lines only).",
+)
 @click.option(
     "--threads", type=int, default=None, help="CPU threads per process (default: torch's, the core count)."
 )
