@@ -183,12 +183,13 @@ def run_benchmark(
 
 def print_table(report: dict[str, Any]) -> None:
     from rich.console import Console
-    from rich.table import Table
+
+    from ..console import titled_table
 
     title = (
         f"training step, batch {report['batch']}, {report['n_items']} items, {report['threads']} thread(s)"
     )
-    t = Table(title=title)
+    t = titled_table(title)
     for col in (
         "L",
         "variant",

@@ -136,9 +136,10 @@ def train(
 
 def _print_train_result(result: Any, out: Path, valid_metric: str) -> None:
     from rich.console import Console
-    from rich.table import Table
 
-    t = Table(title=f"best epoch {result.best_epoch} (by valid {valid_metric}) -> {out}")
+    from ..console import titled_table
+
+    t = titled_table(f"best epoch {result.best_epoch} (by valid {valid_metric}) -> {out}")
     t.add_column("metric")
     t.add_column("valid", justify="right")
     t.add_column("test", justify="right")
@@ -204,8 +205,8 @@ def evaluate(
     sequential models).
     """
     from rich.console import Console
-    from rich.table import Table
 
+    from ..console import titled_table
     from ..fileio import write_json_atomic
     from .evaluation import evaluate_checkpoint
 
@@ -224,7 +225,7 @@ def evaluate(
         min_user_inter=min_user_inter,
         min_item_inter=min_item_inter,
     )
-    t = Table(title=f"{report.split} split, {report.rows} users, full ranking ({report.seconds:.1f} s)")
+    t = titled_table(f"{report.split} split, {report.rows} users, full ranking ({report.seconds:.1f} s)")
     t.add_column("metric")
     t.add_column("model", justify="right")
     if report.baseline is not None:

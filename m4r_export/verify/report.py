@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
+from ..console import titled_table
 from ..errors import UsageError
 from .bench import BenchResult
 from .verify import VerifyReport, overlap_histogram
@@ -53,7 +53,7 @@ def render_verify(report: VerifyReport, console: Console | None = None) -> None:
     )
     console.print(f"inputs: {report.inputs['source']}; K = {report.k}")
     for r in report.results:
-        table = Table(title=f"{r.backend}: {'PASS' if r.passed else 'FAIL'} ({r.seconds:.2f} s)")
+        table = titled_table(f"{r.backend}: {'PASS' if r.passed else 'FAIL'} ({r.seconds:.2f} s)")
         table.add_column("metric")
         table.add_column("value", justify="right")
         table.add_column("threshold", justify="right")
@@ -112,7 +112,7 @@ def render_bench(result: BenchResult, console: Console | None = None) -> None:
         f"[bold]m4r bench[/bold] {art.path} ({art.kind}, head {art.head}, {art.precision}); "
         f"{result.threads} thread(s) for every backend; PyTorch reference: {result.reference_weights}"
     )
-    table = Table(title="latency per call (ms), throughput (sequences/s), peak memory (MiB)")
+    table = titled_table("latency per call (ms), throughput (sequences/s), peak memory (MiB)")
     for col in ("backend", "batch", "seq", "runs", "p50", "p90", "p99", "seq/s", "mem", "vs pytorch"):
         table.add_column(col, justify="left" if col == "backend" else "right")
     speed = {(r["backend"], r["batch"], r["seq"]): r["speedup"] for r in result.ratios()}
@@ -133,7 +133,7 @@ def render_bench(result: BenchResult, console: Console | None = None) -> None:
         )
     console.print(table)
     if result.fits:
-        fit_table = Table(title="sequence-length sweep: p50 = intercept + slope * seq")
+        fit_table = titled_table("sequence-length sweep: p50 = intercept + slope * seq")
         for col in (
             "backend",
             "batch",
