@@ -9,10 +9,10 @@ from rich.console import Console
 
 from ..console import titled_table
 from ..errors import UsageError
-from .bench import BenchResult
+from .bench import MIN_FIT_LENGTHS, BenchResult
 from .verify import VerifyReport, overlap_histogram
 
-PLOT_HINT = "matplotlib is not installed: pip install 'm4r-export[plot]' (or pip install matplotlib)"
+PLOT_HINT = "matplotlib is a dependency of m4r-export: pip install matplotlib (or reinstall m4r-export)"
 
 
 def require_matplotlib() -> None:
@@ -31,6 +31,10 @@ def _console() -> Console:
 
 def _mib(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.1f}"
+
+
+def _ms(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
 
 
 def _fmt(v: Any) -> str:
@@ -125,8 +129,8 @@ def render_bench(result: BenchResult, console: Console | None = None) -> None:
             seq,
             str(p.runs),
             f"{p.p50_ms:.3f}",
-            f"{p.p90_ms:.3f}",
-            f"{p.p99_ms:.3f}",
+            _ms(p.p90_ms),
+            _ms(p.p99_ms),
             f"{p.throughput:,.0f}",
             _mib(p.peak_mem_mib),
             "" if ratio is None else f"{ratio:.2f}x",
@@ -170,7 +174,7 @@ def bench_markdown(result: BenchResult) -> str:
     for p in sorted(result.points, key=lambda p: (p.batch, p.seq, p.backend != "pytorch", p.backend)):
         ratio = speed.get((p.backend, p.batch, p.seq))
         lines.append(
-            f"| {p.backend} | {p.batch} | {p.seq} | {p.p50_ms:.3f} | {p.p90_ms:.3f} | {p.p99_ms:.3f} | "
+            f"| {p.backend} | {p.batch} | {p.seq} | {p.p50_ms:.3f} | {_ms(p.p90_ms)} | {_ms(p.p99_ms)} | "
             f"{p.throughput:,.0f} | {_mib(p.peak_mem_mib)} | {'' if ratio is None else f'{ratio:.2f}x'} |"
         )
     if result.fits:
@@ -188,34 +192,68 @@ def bench_markdown(result: BenchResult) -> str:
 
 
 def plot_bench(result: BenchResult, path: str | Path) -> Path:
-    """PNG: p50 latency against sequence length, one panel per batch size, one line per backend."""
+    """PNG of p50 latency per call (see :func:`plot_bench_figure`)."""
     require_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    batches = sorted({p.batch for p in result.points})
-    backends = sorted({p.backend for p in result.points})
-    fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 3.8), squeeze=False)
-    for ax, batch in zip(axes[0], batches, strict=True):
-        for backend in backends:
-            pts = sorted(
-                (p for p in result.points if (p.backend, p.batch) == (backend, batch)), key=lambda p: p.seq
-            )
-            ax.plot([p.effective_seq for p in pts], [p.p50_ms for p in pts], marker="o", label=backend)
-        ax.set_title(f"batch {batch}")
-        ax.set_xlabel("sequence length (items)")
-        ax.set_ylim(bottom=0)
-        ax.grid(True, alpha=0.3)
-    axes[0][0].set_ylabel("p50 latency per call (ms)")
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"m4r bench: {result.artifact.path.name}, {result.threads} thread(s)")
-    fig.tight_layout()
+    fig = plot_bench_figure(result)
     out = Path(path)
     _save(fig, out)
     plt.close(fig)
     return out
+
+
+def plot_bench_figure(result: BenchResult) -> Any:
+    """p50 latency against sequence length (one panel per batch, one line per backend) when the sweep
+    has >= MIN_FIT_LENGTHS lengths; otherwise one bar per backend at each (batch, seq) point: a line
+    through one or two lengths would suggest a trend the data does not show."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    batches = sorted({p.batch for p in result.points})
+    backends = sorted({p.backend for p in result.points})
+    lengths = sorted({p.effective_seq for p in result.points})
+    where = f"{result.artifact.path.name}, {result.threads} thread(s)"
+    if len(lengths) >= MIN_FIT_LENGTHS:
+        fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 3.8), squeeze=False)
+        for ax, batch in zip(axes[0], batches, strict=True):
+            for backend in backends:
+                pts = sorted(
+                    (p for p in result.points if (p.backend, p.batch) == (backend, batch)),
+                    key=lambda p: p.seq,
+                )
+                ax.plot([p.effective_seq for p in pts], [p.p50_ms for p in pts], marker="o", label=backend)
+            ax.set_title(f"batch {batch}")
+            ax.set_xlabel("sequence length (items)")
+            ax.set_ylim(bottom=0)
+            ax.grid(True, alpha=0.3)
+        axes[0][0].set_ylabel("p50 latency per call (ms)")
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle(f"m4r bench: {where}")
+    else:
+        grid = sorted({(p.batch, p.seq) for p in result.points})
+        fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(grid) + 2.0), 4.2))
+        width = 0.8 / max(1, len(backends))
+        x = np.arange(len(grid))
+        for i, backend in enumerate(backends):
+            values = [getattr(result.point(backend, b, s), "p50_ms", np.nan) for b, s in grid]
+            bars = ax.bar(x + (i - (len(backends) - 1) / 2) * width, values, width=width, label=backend)
+            ax.bar_label(bars, fmt="%.3g", fontsize=7, padding=2)
+        ax.set_xticks(x, [f"batch {b}\nseq {s}" for b, s in grid])
+        ax.set_ylabel("p50 latency per call (ms)")
+        values = [p.p50_ms for p in result.points if p.p50_ms > 0]
+        if values and max(values) / min(values) > 30:
+            ax.set_yscale("log")
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title(
+            f"m4r bench: {where}\n(latency against length needs >= {MIN_FIT_LENGTHS} lengths)", fontsize=10
+        )
+    fig.tight_layout()
+    return fig
 
 
 def plot_verify(report: VerifyReport, path: str | Path) -> Path:
