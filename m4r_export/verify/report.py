@@ -267,16 +267,27 @@ def plot_verify(report: VerifyReport, path: str | Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     k = report.k
-    width = 0.8 / max(1, len(report.results))
+    n = len(report.results)
+    width = 0.8 / max(1, n)
+    users = 0
     for i, r in enumerate(report.results):
         shared = np.rint(r.overlap * k).astype(int)
+        users = len(shared)
         counts = np.bincount(shared, minlength=k + 1)
-        ax.bar(np.arange(k + 1) + i * width, counts, width=width, label=r.backend)
-    ax.set_xlabel(f"items shared with the PyTorch top-{k}")
-    ax.set_ylabel("users")
-    ax.set_yscale("symlog")
-    ax.set_title(f"m4r verify: {report.artifact.path.name} ({report.artifact.precision})")
-    ax.legend()
+        bars = ax.bar(np.arange(k + 1) + (i - (n - 1) / 2) * width, counts, width=width, label=r.backend)
+        ax.bar_label(bars, labels=[str(c) if c else "" for c in counts], fontsize=8, padding=2)
+    ax.set_xticks(np.arange(k + 1) if k <= 20 else np.linspace(0, k, 11).round().astype(int))
+    ax.set_xlabel(f"items of the PyTorch top-{k} that the artifact also returns (per user)")
+    ax.set_ylabel("users (log scale)")
+    ax.set_yscale("symlog")  # a handful of users off the top bar must stay visible next to hundreds
+    ax.set_ylim(bottom=0, top=max(1, users) * 3)
+    verdict = "PASS" if report.passed else "FAIL"
+    ax.set_title(
+        f"m4r verify: {report.artifact.path.name} ({report.artifact.precision}) vs PyTorch, "
+        f"{users} users, K = {k}: {verdict}",
+        fontsize=10,
+    )
+    ax.legend(loc="upper left")
     fig.tight_layout()
     out = Path(path)
     _save(fig, out)
