@@ -26,6 +26,7 @@ _EXPORTS: dict[str, str] = {
     "save_checkpoint": ".checkpoint",
     # what a deployed model computes, and its inputs
     "ServingModel": ".serving",
+    "exclude_inputs": ".onnx.inputs",
     "histories_to_inputs": ".onnx.inputs",
     "truncate_inputs": ".onnx.inputs",
     # data and training
@@ -66,6 +67,7 @@ __all__ = [
     "UsageError",
     "VerifyReport",
     "evaluate_checkpoint",
+    "exclude_inputs",
     "export_artifacts",
     "histories_to_inputs",
     "load_artifact",
@@ -88,7 +90,7 @@ if TYPE_CHECKING:
     from .errors import M4RError, UsageError
     from .model import Mamba4Rec, Mamba4RecConfig
     from .onnx.export import ExportOptions, ExportResult, export_artifacts
-    from .onnx.inputs import histories_to_inputs, truncate_inputs
+    from .onnx.inputs import exclude_inputs, histories_to_inputs, truncate_inputs
     from .serving import ServingModel
     from .training import TrainConfig, evaluate_checkpoint, load_config, train
     from .verify import BenchResult, Thresholds, VerifyReport, make_runner, run_bench, run_verify
