@@ -88,6 +88,7 @@ def test_bad_cli_value_is_reported_as_the_option_not_the_recipe(setup: dict, tmp
     recipe.write_text("max_minutes: -1\n")
     with pytest.raises(UsageError, match=f"^{recipe}: max_minutes must be > 0"):
         load_config(recipe, epochs=1)
+    assert load_config(recipe, max_minutes=5).max_minutes == 5  # an override may fix the recipe
 
 
 def test_verify_artifact_directory_says_which_file_to_pass(setup: dict) -> None:

@@ -223,9 +223,13 @@ def load_config(path: str | Path | None, **overrides: Any) -> TrainConfig:
             raise UsageError(f"config {p} is not valid YAML: {exc}") from None
         raw = loaded if loaded is not None else {}
     given = {k: v for k, v in overrides.items() if v is not None}
-    if not given:
-        return config_from_dict(raw, source)
-    config_from_dict(raw, source)  # a bad recipe is reported as the recipe's error ...
-    # ... and a bad override as the caller's (the CLI option), not as an error in the recipe file
+    try:
+        return config_from_dict({**raw, **given}, source)
+    except UsageError:
+        if not given:
+            raise
+    # Whose value is wrong? The recipe's when it fails on its own (this raises) ...
+    config_from_dict(raw, source)
+    # ... else an override's: name the option(s), not the recipe file
     named = ", ".join(f"{k}={v!r}" for k, v in given.items())
     return config_from_dict({**raw, **given}, f"option(s) {named}")
