@@ -48,7 +48,7 @@ from ..errors import M4RError, UsageError
 from ..integrity import ITEM_TABLE, ITEMS_FILE, ITEMS_FORMAT, MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION
 from ..model import Mamba4Rec, register_scan_backend
 from ..model.scan import selective_scan_fast
-from ..serving import EXCLUDE_INPUT, HEAD_OUTPUTS, HEADS, ServingModel, input_names
+from ..serving import EXCLUDE_INPUT, HEAD_OUTPUTS, HEADS, ServingModel, check_k, input_names
 from . import bodies
 
 SCAN_BACKEND = "onnx-export"
@@ -166,11 +166,8 @@ class ExportOptions:
     def validate(self, n_items: int) -> None:
         if self.head not in HEADS:
             raise UsageError(f"--head {self.head!r}: choose one of {', '.join(HEADS)}")
-        if self.head == "topk" and not 1 <= self.k <= n_items - 1:
-            raise UsageError(
-                f"--k {self.k}: the model has {n_items - 1} items (plus padding); choose K between 1 and "
-                f"{n_items - 1}"
-            )
+        if self.head == "topk":
+            check_k(self.k, n_items)
         if self.opset not in SUPPORTED_OPSETS:
             raise UsageError(
                 f"--opset {self.opset} is not supported: m4r exports opsets {SUPPORTED_OPSETS[0]}.."

@@ -17,6 +17,7 @@ own, so that it never reconfigures the directory ``m4r build-plugin`` uses.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -104,6 +105,30 @@ def _run(cmd: list[str], log_file: Path, echo: Callable[[str], None] | None) -> 
         )
 
 
+def _check_configured_for_plugin(out: Path, log_path: Path) -> None:
+    """Raise, naming the missing piece, when CMake's configure step found no nvcc or TensorRT headers."""
+    cache: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in (out / "CMakeCache.txt").read_text(encoding="utf-8", errors="replace").splitlines():
+            key, sep, value = line.partition("=")
+            if sep and not line.startswith(("#", "//")):
+                cache[key.split(":")[0]] = value
+
+    def missing(key: str) -> bool:
+        return not cache.get(key) or cache[key].endswith("NOTFOUND")
+
+    if missing("CMAKE_CUDA_COMPILER"):
+        why = "nvcc was not found (put the CUDA toolkit's bin/ on PATH or set CUDACXX)"
+    elif missing("TensorRT_INCLUDE_DIR"):
+        why = (
+            "the TensorRT headers (NvInferRuntime.h) were not found (pass --tensorrt-root or set "
+            "TensorRT_ROOT to the folder holding include/)"
+        )
+    else:
+        return
+    raise M4RError(f"the TensorRT plugin cannot be built: {why}; nothing was compiled. CMake log: {log_path}")
+
+
 def build_native(
     build_dir: Path | None = None,
     *,
@@ -140,6 +165,8 @@ def build_native(
     if cuda_archs:
         cfg.append(f"-DCMAKE_CUDA_ARCHITECTURES={cuda_archs}")
     _run(cfg, log_path, echo)
+    if require_plugin:  # configure already knows: fail now, not after minutes of CUDA compilation
+        _check_configured_for_plugin(out, log_path)
     build_cmd = [cmake, "--build", str(out), "-j", str(jobs or os.cpu_count() or 2)]
     for target in targets or []:
         build_cmd += ["--target", target]

@@ -427,6 +427,7 @@ def run_verify(
     "none" feeds none.
     """
     from ..checkpoint import read_checkpoint
+    from ..serving import check_k
 
     if users < 1:
         raise UsageError(f"--users must be >= 1, got {users}")
@@ -463,8 +464,7 @@ def run_verify(
                 + "; pass the checkpoint the artifact was exported from"
             )
     n_items = model.n_items
-    if k > n_items - 1:
-        raise UsageError(f"--k {k} is larger than the number of items ({n_items - 1})")
+    check_k(k, n_items)
     if art.head == "topk" and art.k is not None and k > art.k:
         raise UsageError(f"--k {k} is larger than the artifact's top-K ({art.k}); pass --k {art.k} or less")
     max_len = max_seq_len or art.max_seq_len or int(ck.meta.get("max_seq_len") or 50)
