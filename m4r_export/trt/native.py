@@ -9,6 +9,7 @@ Libraries (all in ``<build>/lib``):
   * ``libm4r_trt_plugin_static.so`` TensorRT plugin, registers itself at load (LD_PRELOAD, --staticPlugins)
   * ``libm4r_scan_cuda.so``         CUDA kernels with a C entry point (self-check)
   * ``libm4r_scan_cpu.so``          CPU reference with a C entry point (tests)
+  * ``libm4r_ort_ops.so``           ONNX Runtime custom-op library (m4r_export.onnx.ort_ops)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ PLUGIN_LIBRARY = "libm4r_trt_plugin.so"
 PLUGIN_STATIC_LIBRARY = "libm4r_trt_plugin_static.so"
 SCAN_CUDA_LIBRARY = "libm4r_scan_cuda.so"
 SCAN_CPU_LIBRARY = "libm4r_scan_cpu.so"
+ORT_OPS_LIBRARY = "libm4r_ort_ops.so"
 PLUGIN_ENV = "M4R_TRT_PLUGIN"
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
@@ -103,6 +105,7 @@ def build_native(
     build_dir: Path | None = None,
     *,
     tensorrt_root: Path | None = None,
+    onnxruntime_root: Path | None = None,
     cuda_archs: str | None = None,
     with_cuda: bool = True,
     build_tests: bool = False,
@@ -130,13 +133,15 @@ def build_native(
     cfg.append(f"-DM4R_BUILD_TESTS={'ON' if build_tests else 'OFF'}")
     if tensorrt_root is not None:
         cfg.append(f"-DTensorRT_ROOT={tensorrt_root.resolve()}")
+    if onnxruntime_root is not None:
+        cfg.append(f"-DONNXRUNTIME_ROOT={onnxruntime_root.resolve()}")
     if cuda_archs:
         cfg.append(f"-DCMAKE_CUDA_ARCHITECTURES={cuda_archs}")
     _run(cfg, log_path, echo)
     _run([cmake, "--build", str(out), "-j", str(jobs or os.cpu_count() or 2)], log_path, echo)
 
     result = NativeBuild(out, log_path=log_path)
-    for name in (PLUGIN_LIBRARY, PLUGIN_STATIC_LIBRARY, SCAN_CUDA_LIBRARY, SCAN_CPU_LIBRARY):
+    for name in (PLUGIN_LIBRARY, PLUGIN_STATIC_LIBRARY, SCAN_CUDA_LIBRARY, SCAN_CPU_LIBRARY, ORT_OPS_LIBRARY):
         path = out / "lib" / name
         if path.is_file():
             result.libraries[name] = path
