@@ -129,7 +129,7 @@ def export(
     "out",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Build directory (default: ~/.cache/m4r/native/<sources hash>, where m4r finds the library).",
+    help="Build directory (default: ~/.cache/m4r/native-cpu/<sources hash>, where m4r finds the library).",
 )
 @click.option(
     "--onnxruntime-root",

@@ -34,7 +34,7 @@ def _default_candidate() -> Path | None:
     from ..trt.native import default_build_dir
 
     try:
-        return default_build_dir() / "lib" / ORT_OPS_LIBRARY
+        return default_build_dir(cpu_only=True) / "lib" / ORT_OPS_LIBRARY
     except M4RError:  # no plugin sources in this install
         return None
 
@@ -182,10 +182,17 @@ def build_ort_ops(
     echo: Callable[[str], None] | None = None,
 ) -> Path:
     """Build ``libm4r_ort_ops.so`` from the shipped sources (CPU only, no CUDA needed); returns its path."""
-    from ..trt.native import build_native
+    from ..trt.native import build_native, default_build_dir
 
     root = onnxruntime_root(onnxruntime_root_dir)
-    build = build_native(build_dir, with_cuda=False, onnxruntime_root=root, jobs=jobs, echo=echo)
+    build = build_native(
+        build_dir or default_build_dir(cpu_only=True),
+        with_cuda=False,
+        onnxruntime_root=root,
+        targets=[ORT_OPS_LIBRARY[3:-3]],
+        jobs=jobs,
+        echo=echo,
+    )
     lib = build.libraries.get(ORT_OPS_LIBRARY)
     if lib is None:
         raise M4RError(

@@ -9,7 +9,7 @@ import click
 
 from ..errors import UsageError
 
-BACKENDS = ["auto", "fast", "reference", "cuda"]
+BACKENDS = ["auto", "fast", "native", "reference", "cuda"]
 
 
 @click.command("train")

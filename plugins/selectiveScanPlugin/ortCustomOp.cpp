@@ -2,8 +2,9 @@
 // CPU execution provider, so that ONNX Runtime runs the native CPU scan instead of inlining the node's ONNX
 // function body. The exported model does not change: without the library ORT runs the function body.
 //
-// Only glue lives here (attribute/shape checks, fp16 <-> fp32, the kernel call); the scan itself is the C ABI
-// of selectiveScanCpu.h. Built against the headers of ONNX Runtime API N (ORT_API_VERSION) without linking
+// Only glue lives here (attribute/shape checks, splitting the work over ONNX Runtime's intra-op thread pool);
+// the scan itself is the optimised CPU kernel behind the C ABI of selectiveScanCpuFast.h, called
+// single-threaded on each work item so that the session's intra_op_num_threads decides the parallelism. Built against the headers of ONNX Runtime API N (ORT_API_VERSION) without linking
 // libonnxruntime: the API table comes from the loading process (ORT_API_MANUAL_INIT), which must therefore be
 // onnxruntime >= 1.N; RegisterCustomOps checks that and fails with a status naming both versions.
 #define ORT_API_MANUAL_INIT
@@ -11,8 +12,9 @@
 #undef ORT_API_MANUAL_INIT
 
 #include "ortCustomOp.h"
-#include "selectiveScanCpu.h"
+#include "selectiveScanCpuFast.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
@@ -142,24 +144,57 @@ template <>
 struct Io<float>
 {
     static constexpr ONNXTensorElementDataType kType = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-    static float const* toFloat(float const* p, size_t, std::vector<float>&)
-    {
-        return p;
-    }
+    static constexpr int32_t kDtype = M4R_SCAN_F32;
 };
 
 template <>
 struct Io<Ort::Float16_t>
 {
     static constexpr ONNXTensorElementDataType kType = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
-    static float const* toFloat(Ort::Float16_t const* p, size_t n, std::vector<float>& buf)
+    static constexpr int32_t kDtype = M4R_SCAN_F16;
+};
+
+// One kernel call: rows [b, b + 1) x channels [c0, c0 + channels) of the problem, as a batch-1 problem of
+// `channels` channels (every tensor of that slice is contiguous in the op's layouts).
+struct WorkSplit
+{
+    char const* u;
+    char const* delta;
+    float const* A;
+    char const* B;
+    char const* C;
+    float const* D;
+    char const* z;
+    float const* bias;
+    int32_t const* lengths;
+    char* y;
+    int64_t dim, seqlen, dstate, chunk, chunksPerRow;
+    size_t elem;
+    int32_t softplus, lastOnly, dtype;
+    std::atomic<int> status{M4R_SCAN_OK};
+
+    void run(size_t item)
     {
-        buf.resize(n);
-        for (size_t i = 0; i < n; ++i)
+        int64_t const b = static_cast<int64_t>(item) / chunksPerRow;
+        int64_t const c0 = (static_cast<int64_t>(item) % chunksPerRow) * chunk;
+        int64_t const channels = std::min(chunk, dim - c0);
+        size_t const row = static_cast<size_t>((b * dim + c0) * seqlen) * elem; // u, delta, z, y (all)
+        size_t const bc = static_cast<size_t>(b * dstate * seqlen) * elem;      // B, C
+        size_t const yOff = lastOnly ? static_cast<size_t>(b * dim + c0) * elem : row;
+        int const rc = m4r_scan_native_forward(u + row, delta + row, A + c0 * dstate, B + bc, C + bc,
+            D != nullptr ? D + c0 : nullptr, z != nullptr ? z + row : nullptr, bias != nullptr ? bias + c0 : nullptr,
+            lengths != nullptr ? lengths + b : nullptr, 1, static_cast<int32_t>(channels),
+            static_cast<int32_t>(seqlen), static_cast<int32_t>(dstate), softplus, lastOnly, dtype, y + yOff,
+            /*numThreads=*/1);
+        if (rc != M4R_SCAN_OK)
         {
-            buf[i] = p[i].ToFloat();
+            status.store(rc, std::memory_order_relaxed);
         }
-        return buf.data();
+    }
+
+    static void entry(void* self, size_t item)
+    {
+        static_cast<WorkSplit*>(self)->run(item);
     }
 };
 
@@ -225,7 +260,6 @@ struct ScanKernel
         std::vector<int64_t> const yShape
             = attrs.lastOnly ? std::vector<int64_t>{batch, dim} : std::vector<int64_t>{batch, dim, seqlen};
         Ort::UnownedValue yValue = ctx.GetOutput(0, yShape);
-        size_t const yCount = static_cast<size_t>(batch * dim * (attrs.lastOnly ? 1 : seqlen));
         if (batch == 0 || dim == 0 || seqlen == 0)
         {
             return; // empty output: nothing to compute
@@ -235,42 +269,49 @@ struct ScanKernel
             fail(ORT_INVALID_ARGUMENT, "A has shape " + shapeString(aShape) + ": dstate must be at least 1");
         }
 
-        size_t const bdl = static_cast<size_t>(batch * dim * seqlen);
-        size_t const bnl = static_cast<size_t>(batch * dstate * seqlen);
-        std::vector<float> uBuf, deltaBuf, bBuf, cBuf, zBuf;
-        float const* u = Io<T>::toFloat(input(0).template GetTensorData<T>(), bdl, uBuf);
-        float const* delta = Io<T>::toFloat(input(1).template GetTensorData<T>(), bdl, deltaBuf);
-        float const* B = Io<T>::toFloat(input(3).template GetTensorData<T>(), bnl, bBuf);
-        float const* C = Io<T>::toFloat(input(4).template GetTensorData<T>(), bnl, cBuf);
-        float const* z = hasZ ? Io<T>::toFloat(input(6).template GetTensorData<T>(), bdl, zBuf) : nullptr;
-
-        std::vector<float> yBuf;
-        float* y = nullptr;
-        if constexpr (std::is_same_v<T, float>)
+        auto bytes = [&](size_t i) { return static_cast<char const*>(input(i).GetTensorRawData()); };
+        WorkSplit work;
+        work.u = bytes(0);
+        work.delta = bytes(1);
+        work.A = input(2).template GetTensorData<float>();
+        work.B = bytes(3);
+        work.C = bytes(4);
+        work.D = hasD ? input(5).template GetTensorData<float>() : nullptr;
+        work.z = hasZ ? bytes(6) : nullptr;
+        work.bias = hasBias ? input(7).template GetTensorData<float>() : nullptr;
+        work.lengths = hasLengths ? input(8).template GetTensorData<int32_t>() : nullptr;
+        work.y = static_cast<char*>(yValue.GetTensorMutableRawData());
+        work.dim = dim;
+        work.seqlen = seqlen;
+        work.dstate = dstate;
+        work.elem = sizeof(T);
+        work.softplus = attrs.deltaSoftplus ? 1 : 0;
+        work.lastOnly = attrs.lastOnly ? 1 : 0;
+        work.dtype = Io<T>::kDtype;
+        // Work items: whole rows when the batch alone gives enough of them, else rows split into channel
+        // blocks (multiples of 8, the kernel's vector width) so that a single request uses the pool too.
+        constexpr int64_t kMinItems = 16;
+        int64_t chunk = dim;
+        if (batch < kMinItems)
         {
-            y = yValue.template GetTensorMutableData<float>();
+            int64_t const perRow = (kMinItems + batch - 1) / batch;
+            chunk = std::max<int64_t>(8, ((dim + perRow - 1) / perRow + 7) / 8 * 8);
+        }
+        work.chunk = std::min(chunk, dim);
+        work.chunksPerRow = (dim + work.chunk - 1) / work.chunk;
+        size_t const items = static_cast<size_t>(batch * work.chunksPerRow);
+        if (items == 1)
+        {
+            work.run(0);
         }
         else
         {
-            yBuf.resize(yCount);
-            y = yBuf.data();
+            Ort::ThrowOnError(Ort::GetApi().KernelContext_ParallelFor(context, &WorkSplit::entry, items, 0, &work));
         }
-        int const rc = m4r_scan_cpu_f32(u, delta, input(2).template GetTensorData<float>(), B, C,
-            hasD ? input(5).template GetTensorData<float>() : nullptr, z, hasBias ? input(7).template GetTensorData<float>() : nullptr,
-            hasLengths ? input(8).template GetTensorData<int32_t>() : nullptr, static_cast<int32_t>(batch),
-            static_cast<int32_t>(dim), static_cast<int32_t>(seqlen), static_cast<int32_t>(dstate),
-            attrs.deltaSoftplus ? 1 : 0, attrs.lastOnly ? 1 : 0, y);
-        if (rc != M4R_SCAN_OK)
+        if (int const rc = work.status.load(); rc != M4R_SCAN_OK)
         {
-            fail(ORT_FAIL, "the CPU kernel rejected the arguments (code " + std::to_string(rc) + ")");
-        }
-        if constexpr (!std::is_same_v<T, float>)
-        {
-            T* out = yValue.template GetTensorMutableData<T>();
-            for (size_t i = 0; i < yCount; ++i)
-            {
-                out[i] = T(yBuf[i]);
-            }
+            fail(rc == M4R_SCAN_NO_MEMORY ? ORT_RUNTIME_EXCEPTION : ORT_FAIL,
+                "the CPU kernel failed (m4r_scan_native_forward returned " + std::to_string(rc) + ")");
         }
         gComputeCalls.fetch_add(1, std::memory_order_relaxed);
     }
