@@ -6,8 +6,13 @@
 # its own sources list (Debian trixie main: libonnxruntime-dev 1.21, API 21), lists and cache directories,
 # so the system's apt state is not touched and no root is needed.
 #
-#   bash scripts/fetch_ort_headers.sh DEST        # e.g. build/ort-headers
-#   env: M4R_ORT_DEB_SUITE (default trixie), M4R_ORT_DEB_MIRROR (default http://deb.debian.org/debian)
+# It also links the onnxruntime pip wheel's libonnxruntime.so.1.* (of $PYTHON, default python3) into DEST/lib as
+# libonnxruntime.so and libonnxruntime.so.1 (links only: nothing is written into site-packages), so that DEST is
+# a complete ONNXRUNTIME_ROOT for the C++ example recipes/cpp/ort_recommend. The custom-op library itself
+# needs only the headers.
+#
+#   bash scripts/fetch_ort_headers.sh DEST        # e.g. build/ort-root
+#   env: M4R_ORT_DEB_SUITE (default trixie), M4R_ORT_DEB_MIRROR (default http://deb.debian.org/debian), PYTHON
 set -euo pipefail
 
 dest="${1:?usage: fetch_ort_headers.sh DEST}"
@@ -15,8 +20,22 @@ suite="${M4R_ORT_DEB_SUITE:-trixie}"
 mirror="${M4R_ORT_DEB_MIRROR:-http://deb.debian.org/debian}"
 keyring=/usr/share/keyrings/debian-archive-keyring.gpg
 
+link_wheel_library() {
+  local py="${PYTHON:-python3}" lib
+  lib="$("$py" -c 'import glob, os, onnxruntime; d = os.path.join(os.path.dirname(onnxruntime.__file__), "capi"); print((sorted(glob.glob(os.path.join(d, "libonnxruntime.so.1.*"))) or [""])[-1])' 2>/dev/null || true)"
+  if [[ -z "$lib" ]]; then
+    echo "note: $py has no onnxruntime wheel: DEST/lib not created (headers only)"
+    return 0
+  fi
+  mkdir -p "$dest/lib"
+  ln -sfn "$lib" "$dest/lib/libonnxruntime.so.1"
+  ln -sfn "$lib" "$dest/lib/libonnxruntime.so"
+  echo "linked $lib -> $dest/lib/libonnxruntime.so{,.1}"
+}
+
 if [[ -f "$dest/include/onnxruntime_c_api.h" ]]; then
   echo "ONNX Runtime headers already in $dest/include"
+  link_wheel_library
   exit 0
 fi
 for tool in apt-get dpkg-deb; do
@@ -45,3 +64,4 @@ mkdir -p "$dest"
 rm -rf "$dest/include.tmp" && cp -r "$hdr" "$dest/include.tmp" && mv "$dest/include.tmp" "$dest/include"
 basename "$deb" > "$dest/SOURCE"
 echo "ONNX Runtime headers from $(basename "$deb") -> $dest/include"
+link_wheel_library

@@ -309,3 +309,52 @@ def test_verify_and_bench_record_the_library(
 
     code, text = _cli("verify", "--ckpt", out / "model.pt", "--artifact", art, "--ort-ops", tmp_path / "x.so")
     assert code == 2 and "Error: --ort-ops" in text and "no such file" in text
+
+
+# ------------------------------------------------------------------------ C++ example ort_recommend
+
+
+@pytest.fixture(scope="module")
+def ort_recommend() -> Path:
+    """recipes/cpp/ort_recommend: $M4R_ORT_RECOMMEND (CI sets it to the CMake build's binary)."""
+    path = os.environ.get("M4R_ORT_RECOMMEND")
+    if not path or not Path(path).is_file():
+        why = "set M4R_ORT_RECOMMEND to a built recipes/cpp/ort_recommend (cmake with ONNXRUNTIME_ROOT)"
+        if os.environ.get("M4R_REQUIRE_ORT_OPS") == "1":
+            pytest.fail(why)
+        pytest.skip(why)
+    return Path(path)
+
+
+def _python_top_k(model: Mamba4Rec, history: list[str], k: int) -> list[tuple[str, float]]:
+    """The Python path: tokens -> indices -> ServingModel scores -> top-k (score desc, index asc)."""
+    tokens = model.item_tokens
+    ids = [tokens.index(t) for t in history]
+    with torch.no_grad():
+        seq, lens = torch.tensor([ids]), torch.tensor([len(ids)])
+        scores = ServingModel(model, "scores", k, False)(seq, lens)[0][0].numpy()
+    order = sorted((i for i in range(len(scores)) if np.isfinite(scores[i])), key=lambda i: (-scores[i], i))
+    return [(tokens[i], float(scores[i])) for i in order[:k]]
+
+
+@pytest.mark.parametrize("with_library", [True, False])
+def test_ort_recommend_prints_the_python_top_k(
+    lib: Path, ort_recommend: Path, exported: tuple[Path, Mamba4Rec], with_library: bool
+) -> None:
+    import subprocess
+
+    out, model = exported
+    history = ["i3", "i17", "i5", "i22", "i9"]
+    cmd = [str(ort_recommend), "--model", str(out / "art" / "model.onnx"), "--k", "7", *history]
+    if with_library:
+        cmd[1:1] = ["--ort-ops", str(lib)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split("\t") for line in proc.stdout.strip().splitlines()]
+    want = _python_top_k(model, history, 7)
+    assert [int(r[0]) for r in rows] == list(range(1, 8))
+    assert [r[1] for r in rows] == [t for t, _ in want]
+    np.testing.assert_allclose([float(r[2]) for r in rows], [s for _, s in want], rtol=1e-5, atol=1e-5)
+
+    bad = subprocess.run([*cmd[:-1], "not-an-item"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "Error: item token 'not-an-item' is not in items.txt" in bad.stderr
