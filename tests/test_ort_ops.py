@@ -89,6 +89,14 @@ def _session(path: Path, library: Path | None) -> Any:
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+def _feeds(sess: Any) -> dict[str, np.ndarray]:
+    """SEQ/LENS, plus exclude_items = zeros (nothing excluded) when the model takes it."""
+    feeds = {"item_seq": SEQ, "item_seq_len": LENS}
+    if "exclude_items" in {i.name for i in sess.get_inputs()}:
+        feeds["exclude_items"] = np.zeros((len(SEQ), 1), dtype=np.int64)
+    return feeds
+
+
 def _torch_scores(model: Mamba4Rec) -> np.ndarray:
     with torch.no_grad():
         out = ServingModel(model, "scores", 10, False)(torch.from_numpy(SEQ), torch.from_numpy(LENS))
@@ -112,13 +120,13 @@ def test_library_kernel_runs_when_loaded_and_function_body_when_not(
 
     with_lib = _session(path, lib)
     before = ort_ops.compute_calls(lib)
-    got = with_lib.run(None, {"item_seq": SEQ, "item_seq_len": LENS})[0]
+    got = with_lib.run(None, _feeds(with_lib))[0]
     assert ort_ops.compute_calls(lib) - before == n_scan  # the library's kernel served every scan node
     assert _finite_diff(got, ref) <= tol
 
     body = _session(path, None)
     before = ort_ops.compute_calls(lib)
-    got_body = body.run(None, {"item_seq": SEQ, "item_seq_len": LENS})[0]
+    got_body = body.run(None, _feeds(body))[0]
     assert ort_ops.compute_calls(lib) == before  # no library in this session: the function body ran
     assert _finite_diff(got_body, ref) <= tol
     # same ranking from both implementations

@@ -110,6 +110,14 @@ def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
 @_threads_option
 @_ort_ops_option
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--exclude",
+    type=click.Choice(["auto", "none"]),
+    default="auto",
+    show_default=True,
+    help="exclude_items fed to artifacts that take it: auto = each dataset user's full known history "
+    "(as `m4r evaluate --exclude-history`), random lists for generated users; none = zeros.",
+)
 @click.option("--max-abs-error", type=float, default=None, help="Threshold: max |score difference|.")
 @click.option("--max-rel-error", type=float, default=None, help="Threshold: max relative score error.")
 @click.option("--min-overlap-mean", type=float, default=None, help="Threshold: mean top-K overlap.")
@@ -133,6 +141,7 @@ def verify(
     threads: int | None,
     ort_ops: Path | None,
     seed: int,
+    exclude: str,
     max_abs_error: float | None,
     max_rel_error: float | None,
     min_overlap_mean: float | None,
@@ -178,6 +187,7 @@ def verify(
         max_seq_len=max_seq_len,
         seed=seed,
         ort_ops=ort_ops,
+        exclude=exclude,
     )
     render_verify(report)
     _write_json(json_path, report.to_dict())
