@@ -82,8 +82,9 @@ def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
     "--backend",
     "backends",
     multiple=True,
-    help="Backend(s) to run the artifact on: ort-cpu, ort-cuda, ort-trt (ONNX), tensorrt (engine). "
-    "Several allowed. Default: ort-cpu for ONNX, tensorrt for engines.",
+    help="Backend(s) to run the artifact on: ort-cpu, ort-cpu-ops (with libm4r_ort_ops.so), ort-cuda, "
+    "ort-trt (ONNX), tensorrt (engine). Several allowed. Default: ort-cpu for ONNX (ort-cpu-ops with "
+    "--ort-ops), tensorrt for engines.",
 )
 @click.option(
     "--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the report here."
