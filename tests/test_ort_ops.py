@@ -129,6 +129,11 @@ def test_library_kernel_runs_when_loaded_and_function_body_when_not(
     got_body = body.run(None, _feeds(body))[0]
     assert ort_ops.compute_calls(lib) == before  # no library in this session: the function body ran
     assert _finite_diff(got_body, ref) <= tol
+    helper_session = ex.ort_session(path.read_bytes(), ort_ops=lib)  # the Python session helper
+    before = ort_ops.compute_calls(lib)
+    np.testing.assert_array_equal(helper_session.run(None, _feeds(helper_session))[0], got)
+    assert ort_ops.compute_calls(lib) - before == n_scan
+
     # same ranking from both implementations
     assert (np.argsort(-got, axis=1)[:, :10] == np.argsort(-got_body, axis=1)[:, :10]).all()
 
