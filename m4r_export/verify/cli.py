@@ -127,6 +127,12 @@ def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
 @click.option("--min-rbo", type=float, default=None, help="Threshold: mean rank-biased overlap.")
 @click.option("--max-ndcg-delta", type=float, default=None, help="Threshold: |ndcg@K difference|.")
 @click.option("--max-hit-delta", type=float, default=None, help="Threshold: |hit@K difference|.")
+@click.option(
+    "--allow-other-checkpoint",
+    is_flag=True,
+    help="Compare even when --ckpt is not the checkpoint the artifact was exported from (its sha256 differs "
+    "from the manifest's); the report notes it.",
+)
 def verify(
     ckpt: Path,
     artifact: Path,
@@ -151,11 +157,13 @@ def verify(
     min_rbo: float | None,
     max_ndcg_delta: float | None,
     max_hit_delta: float | None,
+    allow_other_checkpoint: bool,
 ) -> None:
     """Check that an exported artifact ranks items like the PyTorch model.
 
     Exit code 0: parity holds; 1: a parity metric is out of bounds (the message names it);
-    2: usage error.
+    2: usage error; 3: the artifact's files do not match its manifest, or --ckpt is not the
+    checkpoint it was exported from.
     """
     from .report import plot_verify, render_verify, require_matplotlib
     from .verify import run_verify
@@ -189,6 +197,7 @@ def verify(
         seed=seed,
         ort_ops=ort_ops,
         exclude=exclude,
+        allow_other_checkpoint=allow_other_checkpoint,
     )
     render_verify(report)
     _write_json(json_path, report.to_dict())
@@ -284,7 +293,10 @@ def bench(
     markdown: Path | None,
     plot: Path | None,
 ) -> None:
-    """Latency of an artifact next to the PyTorch reference, with a sequence-length sweep."""
+    """Latency of an artifact next to the PyTorch reference, with a sequence-length sweep.
+
+    The artifact's files are checked against its manifest first (exit code 3 on a mismatch).
+    """
     from .bench import DEFAULT_BATCHES, DEFAULT_SEQS, run_bench
     from .report import bench_markdown, plot_bench, render_bench, require_matplotlib
 

@@ -124,9 +124,21 @@ class Runner:
         return (item_seq, item_seq_len) if width is None else fit_width(item_seq, item_seq_len, width)
 
     def run(self, item_seq: Any, item_seq_len: Any, exclude_items: Any = None) -> dict[str, np.ndarray]:
+        """Outputs for a batch; an empty batch gives empty outputs on every backend.
+
+        ONNX Runtime's Scan refuses zero iterations (the ``chunked`` and ``rowwise`` bodies scan
+        over rows), so an empty batch runs one padding row and returns its outputs' first 0 rows:
+        the right names, dtypes and trailing shapes, whatever the backend.
+        """
         seq, lens = self.adapt(*check_inputs(item_seq, item_seq_len))
         excl = check_exclude(exclude_items, seq.shape[0], self.takes_exclude, self.name)
-        outs = self.infer(seq, lens, excl)
+        if seq.shape[0] == 0:
+            width = max(1, seq.shape[1]) if self.fixed_width is None else self.fixed_width
+            one_excl = None if excl is None else np.zeros((1, max(1, excl.shape[1])), dtype=np.int64)
+            one = self.infer(np.zeros((1, width), dtype=np.int64), np.ones(1, dtype=np.int64), one_excl)
+            outs = {k: v[:0] for k, v in one.items()}
+        else:
+            outs = self.infer(seq, lens, excl)
         return {
             k: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v.astype(np.int64)
             for k, v in outs.items()

@@ -29,6 +29,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import M4RError, UsageError
+from ..integrity import ArtifactIntegrityError, check_checkpoint_matches
 from .artifact import ArtifactInfo, load_artifact
 from .metrics import non_finite, ranking_parity, score_errors, topk_from_scores
 from .runners import TorchRunner, default_backend, default_threads, fit_width, make_runner
@@ -413,12 +414,16 @@ def run_verify(
     max_seq_len: int | None = None,
     seed: int = 0,
     ort_ops: Path | None = None,
+    allow_other_checkpoint: bool = False,
     exclude: str = "auto",
 ) -> VerifyReport:
     """Compare ``artifact`` with the PyTorch model of ``ckpt`` on every backend in ``backends``.
 
     Raises :class:`UsageError` for bad arguments / files and :class:`M4RError` when a backend cannot
     run; parity failures are *not* exceptions: they are in ``report.passed`` / ``failure_message()``.
+    The artifact's files are checked against its manifest first, and ``ckpt`` against the
+    checkpoint sha256 the manifest recorded (:class:`~m4r_export.integrity.ArtifactIntegrityError`,
+    exit code 3; ``allow_other_checkpoint`` turns the latter into a note).
     ``exclude``: "auto" feeds exclude lists to artifacts that take them (see the module docstring),
     "none" feeds none.
     """
@@ -432,10 +437,21 @@ def run_verify(
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     if exclude not in ("auto", "none"):
         raise UsageError(f"--exclude {exclude!r}: choose auto or none")
-    art = load_artifact(artifact)
+    art = load_artifact(artifact)  # checks every file its manifest lists
     ck = read_checkpoint(ckpt)
-    model = ck.build_model()
     notes = list(art.notes)
+    if art.manifest is not None:
+        try:
+            check_checkpoint_matches(art.manifest, ckpt)
+        except ArtifactIntegrityError as exc:
+            if not allow_other_checkpoint:
+                raise
+            notes.append(str(exc).split(";")[0] + " (--allow-other-checkpoint)")
+    else:
+        notes.append(
+            "no manifest.json beside the artifact: file integrity and checkpoint identity not checked"
+        )
+    model = ck.build_model()
     if art.model_config is not None:
         mine = model.config.to_dict()
         diff = {

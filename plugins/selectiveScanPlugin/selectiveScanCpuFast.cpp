@@ -1,7 +1,7 @@
 // Optimised CPU SelectiveScan: blocks of kW channels in vector lanes (selectiveScanCpuFastKernel.inl), threads
 // over (row, channel block) work items, the hot loops compiled twice (baseline and AVX2) and chosen at run
-// time. Everything per (channel, position) that is not the N-wide state loop -- softplus, the skip term, the
-// gate and their gradients -- uses the scalar functions of selectiveScanMath.h, like the reference.
+// time. The skip term and the gate use the scalar functions of selectiveScanMath.h, like the reference;
+// softplus (and its gradient) is vectorised too (polynomial exp and log, within 2 ulp of libm).
 #include "selectiveScanCpuFast.h"
 
 #include "selectiveScanMath.h"
@@ -29,10 +29,12 @@ constexpr float kDecayExpMin = M4R_SCAN_DECAY_EXP_MIN;
 typedef float Vec __attribute__((vector_size(kW * sizeof(float))));
 typedef int32_t VecI __attribute__((vector_size(kW * sizeof(int32_t))));
 
+#define M4R_SCAN_POLY_FMA(a, b, c) ((a) * (b) + (c))
 namespace generic
 {
 #include "selectiveScanCpuFastKernel.inl"
 } // namespace generic
+#undef M4R_SCAN_POLY_FMA
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define M4R_SCAN_HAVE_AVX2 1
@@ -42,10 +44,13 @@ namespace generic
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #endif
+// The exp polynomial with explicit FMAs (half the instructions of the polynomial).
+#define M4R_SCAN_POLY_FMA(a, b, c) __builtin_ia32_vfmaddps256((a), (b), Vec{} + (c))
 namespace avx2
 {
 #include "selectiveScanCpuFastKernel.inl"
 } // namespace avx2
+#undef M4R_SCAN_POLY_FMA
 #if defined(__clang__)
 #pragma clang attribute pop
 #else
@@ -58,6 +63,8 @@ struct Kernels
     decltype(&generic::forwardBlock) forward;
     decltype(&generic::statesBlock) states;
     decltype(&generic::adjointBlock) adjoint;
+    decltype(&generic::softplusInPlace) softplus;
+    decltype(&generic::softplusGradInPlace) softplusGrad;
     char const* isa;
 };
 
@@ -68,10 +75,12 @@ Kernels const& kernels()
         __builtin_cpu_init();
         if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && std::getenv("M4R_SCAN_GENERIC") == nullptr)
         {
-            return Kernels{avx2::forwardBlock, avx2::statesBlock, avx2::adjointBlock, "avx2+fma"};
+            return Kernels{avx2::forwardBlock, avx2::statesBlock, avx2::adjointBlock, avx2::softplusInPlace,
+                avx2::softplusGradInPlace, "avx2+fma"};
         }
 #endif
-        return Kernels{generic::forwardBlock, generic::statesBlock, generic::adjointBlock, "generic"};
+        return Kernels{generic::forwardBlock, generic::statesBlock, generic::adjointBlock, generic::softplusInPlace,
+            generic::softplusGradInPlace, "generic"};
     }();
     return k;
 }
@@ -257,12 +266,13 @@ struct Problem
 //! Per-thread buffers of one block: inputs transposed to [t][lane], B and C of the current row to [t][n].
 struct Scratch
 {
-    VecBuf dt, u, a, h, hc;
+    VecBuf x, dt, u, a, h, hc;
     std::vector<float> Bt, Ct;
     int32_t row = -1;
 
     explicit Scratch(Problem const& p)
-        : dt(p.L)
+        : x(p.L)
+        , dt(p.L)
         , u(p.L)
         , a(p.N)
         , h(p.N)
@@ -292,12 +302,12 @@ struct Scratch
         }
     }
 
-    //! dt (after bias and softplus, as the reference computes it), u and A of a block; unused lanes are zero
-    //! (dt = u = a = 0: their state stays 0 and nothing is written for them).
+    //! x = delta + bias, dt = softplus(x) (or x), u and A of a block; unused lanes have x = u = a = 0, so
+    //! their state stays 0 (nothing is written for them).
     int32_t loadBlock(Problem const& p, int32_t b, int32_t c0, int32_t steps)
     {
         int32_t const lanes = std::min(kW, p.dim - c0);
-        std::fill(dt.begin(), dt.begin() + steps, Vec{});
+        std::fill(x.begin(), x.begin() + steps, Vec{});
         std::fill(u.begin(), u.begin() + steps, Vec{});
         std::fill(a.begin(), a.end(), Vec{});
         for (int32_t l = 0; l < lanes; ++l)
@@ -307,13 +317,18 @@ struct Scratch
             float const bias = p.bias != nullptr ? p.bias[c] : 0.F;
             for (int32_t t = 0; t < steps; ++t)
             {
-                dt[t][l] = m4r::scan::stepSize(load(p.delta, row + t, p.dtype), bias, p.softplus);
+                x[t][l] = load(p.delta, row + t, p.dtype) + bias;
                 u[t][l] = load(p.u, row + t, p.dtype);
             }
             for (int32_t s = 0; s < p.N; ++s)
             {
                 a[s][l] = p.A[static_cast<std::size_t>(c) * p.N + s];
             }
+        }
+        std::copy(x.begin(), x.begin() + steps, dt.begin());
+        if (p.softplus)
+        {
+            kernels().softplus(dt.data(), steps);
         }
         return lanes;
     }
@@ -511,7 +526,7 @@ int backward(Problem const& p, Grads const& g, int32_t numThreads)
                 part.dC.assign(static_cast<std::size_t>(p.batch) * rowBC, 0.F);
             }
             Scratch s(p);
-            VecBuf H(rowBC), G(p.N), dBacc(rowBC), dCacc(rowBC), dAacc(p.N), gy(p.L), gDt(p.L), gDtu(p.L);
+            VecBuf H(rowBC), E(rowBC), G(p.N), dBacc(rowBC), dCacc(rowBC), dAacc(p.N), gy(p.L), gDt(p.L), gDtu(p.L);
             int32_t const bLo = byRow ? static_cast<int32_t>(lo) : 0;
             int32_t const bHi = byRow ? static_cast<int32_t>(hi) : p.batch;
             int32_t const kLo = byRow ? 0 : static_cast<int32_t>(lo);
@@ -528,7 +543,7 @@ int backward(Problem const& p, Grads const& g, int32_t numThreads)
                     int32_t const c0 = kb * kW;
                     int32_t const lanes = s.loadBlock(p, b, c0, stop + 1);
                     k.states(s.dt.data(), s.u.data(), s.a.data(), s.Bt.data(), s.Ct.data(), p.N, stop, H.data(),
-                        s.hc.data());
+                        E.data(), s.hc.data());
                     // dL/d(hc) per position and the gradients of the skip term and the gate (scalar, as the
                     // forward computes them).
                     std::fill(gy.begin(), gy.begin() + steps, Vec{});
@@ -567,25 +582,23 @@ int backward(Problem const& p, Grads const& g, int32_t numThreads)
                         part.dD[c] += gD;
                     }
                     std::fill(dAacc.begin(), dAacc.end(), Vec{});
-                    k.adjoint(s.dt.data(), s.u.data(), s.a.data(), s.Bt.data(), s.Ct.data(), gy.data(), p.N, stop,
-                        H.data(), G.data(), dBacc.data(), dCacc.data(), dAacc.data(), gDt.data(), gDtu.data());
+                    k.adjoint(s.dt.data(), s.u.data(), s.a.data(), s.Bt.data(), s.Ct.data(), gy.data(), p.N, stop, p.lastOnly,
+                        H.data(), E.data(), G.data(), dBacc.data(), dCacc.data(), dAacc.data(), gDt.data(), gDtu.data());
+                    if (p.softplus)
+                    {
+                        k.softplusGrad(gDt.data(), s.x.data(), stop + 1);
+                    }
                     for (int32_t l = 0; l < lanes; ++l)
                     {
                         int32_t const c = c0 + l;
                         std::size_t const row = p.rowOffset(b, c);
                         float const d = p.D != nullptr ? p.D[c] : 0.F;
-                        float const bias = p.bias != nullptr ? p.bias[c] : 0.F;
                         float gBias = 0.F;
                         for (int32_t t = 0; t <= stop; ++t)
                         {
                             float const dt = lane(s.dt[t], l);
                             g.du[row + t] = lane(gy[t], l) * d + dt * lane(gDtu[t], l);
-                            float gdt = lane(gDt[t], l);
-                            if (p.softplus)
-                            {
-                                float const x = static_cast<float const*>(p.delta)[row + t] + bias;
-                                gdt = x <= 20.F ? gdt / (1.F + std::exp(-x)) : gdt;
-                            }
+                            float const gdt = lane(gDt[t], l); // times softplus'(x) above
                             g.ddelta[row + t] = gdt;
                             gBias += gdt;
                         }

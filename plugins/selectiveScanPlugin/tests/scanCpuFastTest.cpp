@@ -353,6 +353,9 @@ int main()
     forwardCase({13, 24, 50, 8, true, false, true, false, true, false}, 2);
     // dt ~ 40: decay exponents far below the clamp (exp underflows to 0 in both).
     forwardCase({3, 9, 50, 8, true, false, true, true, true, false, 40.F}, 2);
+    // softplus of tiny (e^x ~ 1e-7..1e-6) and near-threshold (x ~ 20) arguments.
+    forwardCase({2, 9, 50, 8, true, false, true, true, false, false, -13.F}, 1);
+    forwardCase({2, 9, 50, 8, true, false, true, true, false, false, 21.5F}, 1);
 
     for (bool last : {false, true})
     {
