@@ -430,16 +430,22 @@ def flush_denormal_enabled() -> bool:
     return bool((torch.tensor([1e-39]) * 1.0).item() == 0.0)
 
 
-def ort_session(model_bytes: bytes, threads: int | None = None) -> Any:
+def ort_session(model_bytes: bytes, threads: int | None = None, ort_ops: Path | None = None) -> Any:
     """A CPU InferenceSession; keeps the calling thread's flush-to-zero setting.
 
     ONNX Runtime's first session in a process clears the thread's FTZ/DAZ flags, which would make
     PyTorch's CPU scan 3-4x slower for the rest of the process (denormals); they are restored.
+    ``ort_ops``: libm4r_ort_ops.so to load (SelectiveScan then runs the native kernel, not the
+    function body); see :func:`m4r_export.onnx.ort_ops.find_ort_ops_library`.
     """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if ort_ops is not None:
+        from .ort_ops import register_ort_ops
+
+        register_ort_ops(so, ort_ops)
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1

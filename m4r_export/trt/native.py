@@ -9,6 +9,7 @@ Libraries (all in ``<build>/lib``):
   * ``libm4r_trt_plugin_static.so`` TensorRT plugin, registers itself at load (LD_PRELOAD, --staticPlugins)
   * ``libm4r_scan_cuda.so``         CUDA kernels with a C entry point (self-check)
   * ``libm4r_scan_cpu.so``          CPU reference with a C entry point (tests)
+  * ``libm4r_ort_ops.so``           ONNX Runtime custom-op library (m4r_export.onnx.ort_ops)
   * ``libm4r_scan_native.so``       optimised CPU kernel, C ABI (the ``native`` scan backend)
 
 ``m4r build-native`` builds only the CPU libraries (no CUDA, seconds) into a cache directory of its
@@ -33,6 +34,7 @@ PLUGIN_STATIC_LIBRARY = "libm4r_trt_plugin_static.so"
 SCAN_CUDA_LIBRARY = "libm4r_scan_cuda.so"
 SCAN_CPU_LIBRARY = "libm4r_scan_cpu.so"
 SCAN_NATIVE_LIBRARY = "libm4r_scan_native.so"
+ORT_OPS_LIBRARY = "libm4r_ort_ops.so"
 PLUGIN_ENV = "M4R_TRT_PLUGIN"
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
@@ -133,6 +135,7 @@ def build_native(
     build_dir: Path | None = None,
     *,
     tensorrt_root: Path | None = None,
+    onnxruntime_root: Path | None = None,
     cuda_archs: str | None = None,
     with_cuda: bool = True,
     build_tests: bool = False,
@@ -162,6 +165,8 @@ def build_native(
     cfg.append(f"-DM4R_BUILD_TESTS={'ON' if build_tests else 'OFF'}")
     if tensorrt_root is not None:
         cfg.append(f"-DTensorRT_ROOT={tensorrt_root.resolve()}")
+    if onnxruntime_root is not None:
+        cfg.append(f"-DONNXRUNTIME_ROOT={onnxruntime_root.resolve()}")
     if cuda_archs:
         cfg.append(f"-DCMAKE_CUDA_ARCHITECTURES={cuda_archs}")
     _run(cfg, log_path, echo)
@@ -179,6 +184,7 @@ def build_native(
         SCAN_CUDA_LIBRARY,
         SCAN_CPU_LIBRARY,
         SCAN_NATIVE_LIBRARY,
+        ORT_OPS_LIBRARY,
     ):
         path = out / "lib" / name
         if path.is_file():

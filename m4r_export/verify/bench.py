@@ -26,6 +26,7 @@ the share is spent.
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import time
@@ -252,10 +253,15 @@ def run_bench(
     reference_device: str = "cpu",
     seed: int = 0,
     progress: Any = None,
+    ort_ops: Path | None = None,
+    extra_scan_backends: tuple[str, ...] | list[str] = (),
 ) -> BenchResult:
     """Benchmark ``artifact`` (and the PyTorch reference) over the batch x seq grid.
 
     ``progress``, when given, is called with a one-line string after each grid point.
+    ``ort_ops``: custom-op library for the ``ort-cpu-ops`` backend (the default backend when given).
+    ``extra_scan_backends``: more PyTorch references timed beside ``scan_backend`` (named
+    ``pytorch-<scan backend>``; ratios stay relative to the first, ``pytorch``).
     """
     batches, seqs = sorted(set(batches)), sorted(set(seqs))
     for what, values in (("--batch", batches), ("--seq", seqs)):
@@ -266,7 +272,10 @@ def run_bench(
     art = load_artifact(artifact)
     threads = threads or default_threads()
     notes = list(art.notes)
-    runners: list[Runner] = [make_runner(b, art, threads=threads) for b in backends or [default_backend(art)]]
+    runners: list[Runner] = [
+        make_runner(b, art, threads=threads, ort_ops=ort_ops)
+        for b in backends or [default_backend(art, ort_ops)]
+    ]
     ref_weights = "none"
     model: Any = None
     if reference:
@@ -281,6 +290,18 @@ def run_bench(
             threads=threads,
         )
         runners.append(ref)
+        for extra in extra_scan_backends:
+            other = TorchRunner(
+                copy.deepcopy(model),
+                art.head,
+                art.k or 10,
+                art.exclude_history,
+                device=reference_device,
+                scan_backend=extra,
+                threads=threads,
+            )
+            other.name = f"{ref.name}-{extra}"
+            runners.append(other)
     if art.model_config is not None and art.model_config.get("n_items"):
         n_items = int(art.model_config["n_items"])
     elif reference:

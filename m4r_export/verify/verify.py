@@ -413,6 +413,7 @@ def run_verify(
     scan_backend: str = "auto",
     max_seq_len: int | None = None,
     seed: int = 0,
+    ort_ops: Path | None = None,
     allow_other_checkpoint: bool = False,
     exclude: str = "auto",
 ) -> VerifyReport:
@@ -515,8 +516,8 @@ def run_verify(
             notes.append("no item table (.npy) beside the artifact: the checkpoint's item embedding is used")
 
     results = []
-    for backend in backends or [default_backend(art)]:
-        runner = make_runner(backend, art, threads=threads)
+    for backend in backends or [default_backend(art, ort_ops)]:
+        runner = make_runner(backend, art, threads=threads, ort_ops=ort_ops)
         t0 = time.perf_counter()
         try:
             outs = _batched(runner, inputs, batch_size)
