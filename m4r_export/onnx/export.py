@@ -142,6 +142,10 @@ class _FloatOutputs(nn.Module):
 # ------------------------------------------------------------------------------------ the export
 
 
+#: Largest K TensorRT's TopK layer accepts (ITopKLayer; TensorRT 10 and 11).
+TENSORRT_MAX_TOPK = 3840
+
+
 @dataclass(frozen=True)
 class ExportOptions:
     head: str = "scores"
@@ -152,13 +156,19 @@ class ExportOptions:
     opset: int = DEFAULT_OPSET
     body: str = bodies.DEFAULT_BODY
 
-    def validate(self, n_items: int) -> None:
+    def validate(self, n_items: int, *, engine: bool = False) -> None:
+        """engine: a TensorRT engine will be built from this export (--fp16 without --no-trt)."""
         if self.head not in HEADS:
             raise UsageError(f"--head {self.head!r}: choose one of {', '.join(HEADS)}")
         if self.head == "topk" and not 1 <= self.k <= n_items - 1:
             raise UsageError(
                 f"--k {self.k}: the model has {n_items - 1} items (plus padding); choose K between 1 and "
                 f"{n_items - 1}"
+            )
+        if engine and self.head == "topk" and self.k > TENSORRT_MAX_TOPK:
+            raise UsageError(
+                f"--k {self.k}: TensorRT's TopK supports K <= {TENSORRT_MAX_TOPK}, and --fp16 builds a TensorRT "
+                f"engine when TensorRT is present; choose --k <= {TENSORRT_MAX_TOPK} or pass --no-trt"
             )
         if self.opset not in SUPPORTED_OPSETS:
             raise UsageError(
@@ -515,7 +525,7 @@ def export_artifacts(
     )
 
     say = echo or (lambda _msg: None)
-    opts.validate(model.n_items)
+    opts.validate(model.n_items, engine=opts.fp16 and build_trt)
     out = ensure_writable_dir(out_dir)
     items_txt = _items_text(model)
 

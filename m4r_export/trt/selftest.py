@@ -311,7 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     refs = {"CPU ref": cpu, "torch ref": torch_scan(selective_scan_ref)}
     ok = parity(kernel, refs, PARITY_CASES, device) and ctest.returncode == 0
     print("\n== __expf error at L = 1000 (bound: L * (2 + floor(1.173 max|dt*A|)) ulp, selectiveScanMath.h)")
-    ok &= parity(kernel, {"CPU ref": cpu}, EXPF_CASES, device, lambda c, t: 1e-5 + expf_error_bound(t, c.seqlen))
+    ok &= parity(
+        kernel, {"CPU ref": cpu}, EXPF_CASES, device, lambda c, t: 1e-5 + expf_error_bound(t, c.seqlen)
+    )
     if not args.no_speed:
         benchmark(kernel, SPEED_CASES, device)
     print(f"\nselftest: {'PASS' if ok else 'FAIL'}")
