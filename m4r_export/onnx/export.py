@@ -167,8 +167,8 @@ class ExportOptions:
             )
         if engine and self.head == "topk" and self.k > TENSORRT_MAX_TOPK:
             raise UsageError(
-                f"--k {self.k}: TensorRT's TopK supports K <= {TENSORRT_MAX_TOPK}, and --fp16 builds a TensorRT "
-                f"engine when TensorRT is present; choose --k <= {TENSORRT_MAX_TOPK} or pass --no-trt"
+                f"--k {self.k}: TensorRT's TopK supports K <= {TENSORRT_MAX_TOPK}, and --fp16 builds a "
+                f"TensorRT engine when TensorRT is there; choose --k <= {TENSORRT_MAX_TOPK} or pass --no-trt"
             )
         if self.opset not in SUPPORTED_OPSETS:
             raise UsageError(

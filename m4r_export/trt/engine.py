@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 __all__ = ["EngineBuildResult", "ShapeProfile", "build_engine", "try_build_engine"]
 
 
-#: Messages a logger keeps (the most recent ones): enough to quote in an error, bounded for long-lived runners.
+#: Messages a logger keeps (the latest): enough to quote in an error, bounded for long-lived runners.
 LOG_KEEP = 200
 
 

@@ -138,8 +138,8 @@ class TrtRunner:
         got = sha256_file(library)
         if want and got != want:
             raise M4RError(
-                f"plugin {library} (sha256 {got[:12]}) is not the build engine {self.engine_path} was made with "
-                f"(sha256 {str(want)[:12]}); pass that library with --plugin, or rebuild the engine with "
+                f"plugin {library} (sha256 {got[:12]}) is not the build engine {self.engine_path} was made "
+                f"with (sha256 {str(want)[:12]}); pass that library with --plugin or rebuild the engine with "
                 "`m4r build-engine` against this one"
             )
         load_plugin_library(library, self._logger)
