@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from fake_tensorrt import TOP_K, HostDevice, fake_tensorrt
 
 from m4r_export.errors import M4RError, UsageError
 from m4r_export.onnx.export import TENSORRT_MAX_TOPK, ExportOptions
@@ -22,8 +23,6 @@ from m4r_export.trt import runner as runner_mod
 from m4r_export.trt.engine import build_engine, make_logger
 from m4r_export.trt.manifest import ShapeProfile, manifest_path_for
 from m4r_export.trt.native import PLUGIN_ENV
-
-from fake_tensorrt import TOP_K, HostDevice, fake_tensorrt
 
 GPU = env.GpuInfo(0, "Fake L4", "8.9")
 PROFILE = ShapeProfile(1, 4, 8, 1, 6, 10)
@@ -104,7 +103,9 @@ def test_unsupported_tensorrt_versions_are_refused(
     assert env.version_problem("10.8.0.43") is None and env.version_problem("11.1.0") is None
     assert "10.7.0" in str(env.version_problem("10.7.0"))
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt({}, version="10.9.0.34"))
-    with pytest.raises(M4RError, match=r"built with TensorRT 10\.8\.0\.43, but this is TensorRT 10\.9\.0\.34"):
+    with pytest.raises(
+        M4RError, match=r"built with TensorRT 10\.8\.0\.43, but this is TensorRT 10\.9\.0\.34"
+    ):
         runner_mod.TrtRunner(engine)
 
 
@@ -140,7 +141,9 @@ def test_shapes_outside_the_profile(fake: dict[str, Any], tmp_path: Path) -> Non
         runner.run(np.ones((9, 4), dtype=np.int64), np.ones(9, dtype=np.int64))
     # the engine itself refuses what the manifest's profile would let through (a stale manifest)
     runner.profile = ShapeProfile(1, 4, 8, 1, 6, 50)
-    with pytest.raises(M4RError, match=r"(?s)TensorRT rejected shape \(2, 11\) for item_seq.*outside profile"):
+    with pytest.raises(
+        M4RError, match=r"(?s)TensorRT rejected shape \(2, 11\) for item_seq.*outside profile"
+    ):
         runner.run(np.ones((2, 11), dtype=np.int64), np.ones(2, dtype=np.int64))
     assert "context.execute_async_v3" not in fake["order"]
 
@@ -155,7 +158,9 @@ def test_rejected_timing_cache_starts_fresh_with_a_warning(fake: dict[str, Any],
     assert any("timing cache" in n and "fresh" in n for n in manifest["notes"])
     assert cache.read_bytes() == b"CACHE:fake"  # replaced by this GPU's cache
     assert fake["config"].cache.data == b""  # the build ran with the fresh cache
-    build_engine(_onnx(tmp_path), tmp_path / "m2.plan", profile=PROFILE, build_plugin=False, timing_cache=cache)
+    build_engine(
+        _onnx(tmp_path), tmp_path / "m2.plan", profile=PROFILE, build_plugin=False, timing_cache=cache
+    )
 
 
 def test_logger_keeps_a_bounded_tail(fake: dict[str, Any]) -> None:
