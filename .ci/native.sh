@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Native part of CI: configure + build the CPU reference, the CUDA kernels (compiled, not run: CI has no
+# Native part of CI: configure + build the CPU reference, the optimised CPU kernel, the CUDA kernels (compiled, not run: CI has no
 # GPU) and, when TensorRT_ROOT points at TensorRT headers, the plugin; then run ctest.
 #   env: M4R_CUDA_ARCHS (default 80: one arch keeps the build ~1 min on 2 cores; releases use the
 #        CMake default 75;80;86;87;89;90), M4R_NATIVE_BUILD_DIR (default build/native-ci), TensorRT_ROOT.

@@ -100,11 +100,12 @@ def fake_tensorrt(calls: dict[str, Any], version: str = "10.8.0.43") -> types.Mo
 
     class Network:
         def __init__(self) -> None:
+            self.names: list[str] = []  # set by the parse: calls["inputs"], default a ranking head's three
             self.num_inputs = 0
             self.uses_plugin = False
 
         def get_input(self, i: int) -> types.SimpleNamespace:
-            return types.SimpleNamespace(name=["item_seq", "item_seq_len"][i])
+            return types.SimpleNamespace(name=self.names[i])
 
     class Profile:
         def __init__(self) -> None:
@@ -171,6 +172,9 @@ def fake_tensorrt(calls: dict[str, Any], version: str = "10.8.0.43") -> types.Mo
             if network.num_inputs == 0 or len(config.profiles) != 1:
                 log(self.logger, Severity.ERROR, "network not parsed or no optimization profile")
                 return None
+            if set(config.profiles[0].shapes) != set(network.names):
+                log(self.logger, Severity.ERROR, f"profile {sorted(config.profiles[0].shapes)} != inputs")
+                return None
             plan = {"fake_engine": 1, "plugin": network.uses_plugin, "profile": config.profiles[0].shapes}
             return json.dumps(plan).encode()
 
@@ -199,7 +203,8 @@ def fake_tensorrt(calls: dict[str, Any], version: str = "10.8.0.43") -> types.Mo
                     self.errors.append(msg)
                     return False
                 self.network.uses_plugin = True
-            self.network.num_inputs = 2
+            self.network.names = list(calls.get("inputs", ["item_seq", "item_seq_len", "exclude_items"]))
+            self.network.num_inputs = len(self.network.names)
             return True
 
     class Registry:
@@ -248,14 +253,17 @@ def fake_tensorrt(calls: dict[str, Any], version: str = "10.8.0.43") -> types.Mo
                 log(self.engine.logger, Severity.ERROR, "legacy default stream: refused by the strict fake")
                 return False
             names = self.engine.names
-            if set(self.addresses) != set(names) or set(self.shapes) != {"item_seq", "item_seq_len"}:
+            if set(self.addresses) != set(names) or set(self.shapes) != set(self.engine.inputs):
                 log(self.engine.logger, Severity.ERROR, "missing input shape or tensor address")
                 return False
             bufs = {n: HostDevice.buffers.get(self.addresses[n]) for n in names}
             seq, lens = bufs["item_seq"], bufs["item_seq_len"]
-            if seq is None or lens is None or tuple(seq.shape) != self.shapes["item_seq"]:
-                log(self.engine.logger, Severity.ERROR, "input buffer does not match its shape")
-                return False
+            for name in self.engine.inputs:
+                buf = bufs[name]
+                if buf is None or tuple(buf.shape) != self.shapes[name] or buf.dtype != torch.int64:
+                    log(self.engine.logger, Severity.ERROR, f"{name}: input buffer does not match its shape")
+                    return False
+            assert seq is not None and lens is not None
             for name, (_, dtype) in _OUTPUTS.items():
                 out = bufs[name]
                 want = self.get_tensor_shape(name)
@@ -264,8 +272,11 @@ def fake_tensorrt(calls: dict[str, Any], version: str = "10.8.0.43") -> types.Mo
                     msg = f"{name}: buffer {got}, engine needs {want} {dtype}"
                     log(self.engine.logger, Severity.ERROR, msg)
                     return False
-            # outputs derived from the inputs: last valid item + j, and length + j
+            # outputs derived from the inputs: last valid item + j (+ 1000 * first excluded item), length + j
             last = seq[torch.arange(seq.shape[0]), lens.clamp(1, seq.shape[1]) - 1]
+            excl = bufs.get("exclude_items")
+            if excl is not None:
+                last = last + 1000 * excl[:, 0]
             j = torch.arange(TOP_K)
             bufs["top_items"].copy_((last[:, None] + j).to(torch.int32))
             bufs["top_scores"].copy_((lens[:, None] + j).to(torch.float32))
@@ -275,7 +286,8 @@ def fake_tensorrt(calls: dict[str, Any], version: str = "10.8.0.43") -> types.Mo
         def __init__(self, plan: dict[str, Any], logger: Any) -> None:
             self.profile = {k: tuple(tuple(x) for x in v) for k, v in plan["profile"].items()}
             self.logger = logger
-            self.names = ["item_seq", "item_seq_len", *(_OUTPUTS)]
+            self.inputs = list(self.profile)
+            self.names = [*self.inputs, *(_OUTPUTS)]
             self.num_io_tensors = len(self.names)
 
         def get_tensor_name(self, i: int) -> str:

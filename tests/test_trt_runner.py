@@ -80,6 +80,9 @@ def test_engine_built_then_run_end_to_end(fake: dict[str, Any], tmp_path: Path) 
     np.testing.assert_array_equal(out["top_items"], last[:, None] + np.arange(TOP_K))
     np.testing.assert_array_equal(out["top_scores"], lengths[:, None] + np.arange(TOP_K))
     assert out["top_items"].dtype == np.int32 and out["top_scores"].shape == (3, TOP_K)
+    assert fake["order"].count("context.set_input_shape:exclude_items") == 1  # zeros [batch, 1] by default
+    excluded = runner.run(item_seq, lengths, np.array([[2], [0], [1]]))
+    np.testing.assert_array_equal(excluded["top_items"][:, 0], last + 1000 * np.array([2, 0, 1]))
 
 
 def test_plugin_that_fails_to_load_stops_the_build_before_parsing(

@@ -11,8 +11,10 @@ Pipeline (:func:`export_artifacts`, used by ``m4r export``):
 3. ``onnx.checker.check_model(full_check=True)``.
 4. Parity against the PyTorch module on generated inputs (fixed seed); the export fails when the
    stated tolerance is violated (like HuggingFace Optimum's export validation).
-5. Write every file atomically, ``manifest.json`` last (an older manifest is removed first, so a
-   directory without one is visibly incomplete).
+5. Publish the directory as one unit (:func:`m4r_export.fileio.publish_directory`): every file,
+   ``manifest.json`` included, is staged in a fresh sibling directory that replaces ``--out-dir``
+   with one rename, so a reader sees the previous export or this one, never a mix, and files of a
+   previous export that this one does not list are gone.
 
 ``--fp16``: a second trace of a half-precision copy: weights and activations fp16, LayerNorm
 computed in fp32, the scan's A/D/delta_bias fp32 and its state fp32 inside the op. Its outputs are
@@ -24,9 +26,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as _dt
+import hashlib
 import io
+import json
 import logging
 import os
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -40,18 +45,16 @@ from torch import Tensor, nn
 
 from .. import __version__
 from ..errors import M4RError, UsageError
+from ..integrity import ITEM_TABLE, ITEMS_FILE, ITEMS_FORMAT, MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION
 from ..model import Mamba4Rec, register_scan_backend
 from ..model.scan import selective_scan_fast
-from ..serving import HEAD_OUTPUTS, HEADS, INPUT_NAMES, ServingModel
+from ..serving import EXCLUDE_INPUT, HEAD_OUTPUTS, HEADS, ServingModel, input_names
 from . import bodies
 
 SCAN_BACKEND = "onnx-export"
 DEFAULT_OPSET = 20
 #: opsets we export and test: >= 19 for the function body's string Equal; <= what onnx/ORT know
 SUPPORTED_OPSETS = tuple(range(19, 24))
-MANIFEST_FORMAT = "m4r-export-manifest"
-MANIFEST_VERSION = 1
-ITEM_TABLE = "item_embedding.npy"
 
 
 # ----------------------------------------------------------------------------- scan as one node
@@ -134,8 +137,10 @@ class _FloatOutputs(nn.Module):
         super().__init__()
         self.inner = inner
 
-    def forward(self, item_seq: Tensor, item_seq_len: Tensor) -> tuple[Tensor, ...]:
-        outs = self.inner(item_seq, item_seq_len)
+    def forward(
+        self, item_seq: Tensor, item_seq_len: Tensor, exclude_items: Tensor | None = None
+    ) -> tuple[Tensor, ...]:
+        outs = self.inner(item_seq, item_seq_len, exclude_items)
         return tuple(o.float() if o.is_floating_point() else o for o in outs)
 
 
@@ -151,10 +156,16 @@ class ExportOptions:
     head: str = "scores"
     k: int = 100
     exclude_history: bool = False
+    #: ranking heads take the ``exclude_items`` input (``m4r export --no-exclude-items`` drops it)
+    exclude_items: bool = True
     max_seq_len: int = 50
     fp16: bool = False
     opset: int = DEFAULT_OPSET
     body: str = bodies.DEFAULT_BODY
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return input_names(self.head, self.exclude_items)
 
     def validate(self, n_items: int, *, engine: bool = False) -> None:
         """engine: a TensorRT engine will be built from this export (--fp16 without --no-trt)."""
@@ -176,8 +187,10 @@ class ExportOptions:
                 f"{SUPPORTED_OPSETS[-1]} (the SelectiveScan function body needs opset >= 19); "
                 f"the default is {DEFAULT_OPSET}"
             )
-        if self.max_seq_len < 1:
-            raise UsageError(f"--max-seq-len {self.max_seq_len}: must be >= 1")
+        from ..checkpoint import MAX_SEQ_LEN_LIMIT
+
+        if not 1 <= self.max_seq_len <= MAX_SEQ_LEN_LIMIT:
+            raise UsageError(f"--max-seq-len {self.max_seq_len}: must be in [1, {MAX_SEQ_LEN_LIMIT}]")
         if self.body not in bodies.BODIES:
             raise UsageError(f"--body {self.body!r}: choose one of {', '.join(bodies.BODIES)}")
 
@@ -185,15 +198,19 @@ class ExportOptions:
 def _serving_module(model: Mamba4Rec, opts: ExportOptions, fp16: bool) -> nn.Module:
     m = half_model(model) if fp16 else copy.deepcopy(model).eval()
     m.set_scan_backend(SCAN_BACKEND)
-    serving = ServingModel(m, opts.head, opts.k, opts.exclude_history).eval()
+    serving = ServingModel(m, opts.head, opts.k, opts.exclude_history, opts.exclude_items).eval()
     return _FloatOutputs(serving).eval() if fp16 else serving
 
 
-def _sample_inputs(n_items: int, max_seq_len: int) -> tuple[Tensor, Tensor]:
+def _sample_inputs(n_items: int, max_seq_len: int, exclude_items: bool) -> tuple[Tensor, ...]:
     seq = max(2, min(max_seq_len, 8))
     g = torch.Generator().manual_seed(0)
     item_seq = torch.randint(1, max(2, n_items), (3, seq), generator=g)
-    return item_seq, torch.tensor([seq, 2, 1])
+    if not exclude_items:
+        return item_seq, torch.tensor([seq, 2, 1])
+    # a width unlike batch (3) and seq, so that the exporter keeps the three dims apart
+    exclude = torch.randint(0, max(2, n_items), (3, seq + 3), generator=g)
+    return item_seq, torch.tensor([seq, 2, 1]), exclude
 
 
 @contextlib.contextmanager
@@ -217,9 +234,14 @@ def trace_onnx(model: Mamba4Rec, opts: ExportOptions, fp16: bool = False) -> Any
     import onnx
 
     module = _serving_module(model, opts, fp16)
-    args = _sample_inputs(model.n_items, opts.max_seq_len)
+    names = opts.input_names
+    args = _sample_inputs(model.n_items, opts.max_seq_len, EXCLUDE_INPUT in names)
     batch = torch.export.Dim("batch", min=1)
     seq = torch.export.Dim("seq", min=1, max=max(opts.max_seq_len, 2))
+    dynamic: dict[str, Any] = {"item_seq": {0: batch, 1: seq}, "item_seq_len": {0: batch}}
+    if EXCLUDE_INPUT in names:
+        # traced with min 1; ONNX Runtime also runs E = 0 (tests/test_export.py checks it)
+        dynamic[EXCLUDE_INPUT] = {0: batch, 1: torch.export.Dim("exclude", min=1)}
     sink = io.StringIO()
     try:
         with contextlib.redirect_stdout(sink), torch.no_grad(), _quiet_exporter():
@@ -227,9 +249,9 @@ def trace_onnx(model: Mamba4Rec, opts: ExportOptions, fp16: bool = False) -> Any
                 module,
                 args,
                 dynamo=True,
-                input_names=list(INPUT_NAMES),
+                input_names=list(names),
                 output_names=list(HEAD_OUTPUTS[opts.head]),
-                dynamic_shapes={"item_seq": {0: batch, 1: seq}, "item_seq_len": {0: batch}},
+                dynamic_shapes=dynamic,
                 opset_version=opts.opset,
                 external_data=False,
                 verbose=False,
@@ -272,6 +294,8 @@ def finalize_model(proto: Any, opts: ExportOptions, fp16: bool) -> None:
         dims[0].dim_param = "batch"
         if vi.name == "item_seq":
             dims[1].dim_param = "seq"
+        if vi.name == EXCLUDE_INPUT:
+            dims[1].dim_param = "exclude"
     for vi in proto.graph.output:
         vi.type.tensor_type.shape.dim[0].dim_param = "batch"
     meta = {
@@ -280,10 +304,16 @@ def finalize_model(proto: Any, opts: ExportOptions, fp16: bool) -> None:
         "m4r.head": opts.head,
         "m4r.k": str(opts.k) if opts.head == "topk" else "",
         "m4r.exclude_history": str(int(opts.exclude_history)),
+        "m4r.exclude_items": str(int(EXCLUDE_INPUT in opts.input_names)),
         "m4r.max_seq_len": str(opts.max_seq_len),
         "m4r.precision": "fp16" if fp16 else "fp32",
         "m4r.function_body": opts.body,
-        "m4r.input_semantics": "ids outside [0, n_items) -> 0; item_seq_len clamped to [1, seq]",
+        "m4r.input_semantics": "ids outside [0, n_items) -> 0; item_seq_len clamped to [1, seq]"
+        + (
+            "; exclude_items [batch, E]: ids in [1, n_items) are -inf, 0 and others ignored"
+            if EXCLUDE_INPUT in opts.input_names
+            else ""
+        ),
     }
     del proto.metadata_props[:]
     for key, value in meta.items():
@@ -316,8 +346,15 @@ TOLERANCES = {
 
 PARITY_INPUTS = (
     "seed 0: 32 rows at seq=max_seq_len with lengths uniform in [1, max_seq_len]; 8 rows at "
-    "seq=min(7, max_seq_len) with edge cases (lengths 0, -1, > seq; ids -3 and >= n_items); 1 row at seq=1"
+    "seq=min(7, max_seq_len) with edge cases (lengths 0, -1, > seq; ids -3 and >= n_items); 1 row at seq=1; "
+    "exclude_items (ranking heads): E = 12, 3 and 1 per batch, ids uniform in [-2, n_items + 2) "
+    "(0s, duplicates and out-of-range ids included)"
 )
+
+
+def parity_exclude(n_items: int, batch: int, width: int, rng: np.random.Generator) -> np.ndarray:
+    """Random exclude lists [batch, width] with 0s, duplicates and ids outside [1, n_items)."""
+    return rng.integers(-2, n_items + 2, size=(batch, width)).astype(np.int64)
 
 
 def parity_inputs(n_items: int, max_seq_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -427,10 +464,14 @@ def ort_session(model_bytes: bytes, threads: int | None = None) -> Any:
 
 
 def torch_outputs(
-    serving: ServingModel, item_seq: np.ndarray, item_seq_len: np.ndarray
+    serving: ServingModel,
+    item_seq: np.ndarray,
+    item_seq_len: np.ndarray,
+    exclude_items: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
+    excl = None if exclude_items is None else torch.from_numpy(exclude_items)
     with torch.no_grad():
-        outs = serving(torch.from_numpy(item_seq), torch.from_numpy(item_seq_len))
+        outs = serving(torch.from_numpy(item_seq), torch.from_numpy(item_seq_len), excl)
     return {n: o.numpy() for n, o in zip(serving.output_names, outs, strict=True)}
 
 
@@ -440,20 +481,19 @@ def measure_parity(
     """Run the ONNX model (ORT CPU) and the PyTorch ServingModel (fp32) on the parity inputs."""
     reference = copy.deepcopy(model).eval()
     reference.set_scan_backend("fast")
-    serving = ServingModel(reference, opts.head, opts.k, opts.exclude_history)
+    serving = ServingModel(reference, opts.head, opts.k, opts.exclude_history, opts.exclude_items)
     table = model.item_embedding.weight.detach().numpy() if opts.head == "embedding" else None
     sess = ort_session(model_bytes)
     tol = TOLERANCES[precision]
     max_diff, overlaps, ok = 0.0, [], True
-    for item_seq, item_seq_len in parity_inputs(model.n_items, opts.max_seq_len):
-        ref = torch_outputs(serving, item_seq, item_seq_len)
-        got = dict(
-            zip(
-                serving.output_names,
-                sess.run(None, {"item_seq": item_seq, "item_seq_len": item_seq_len}),
-                strict=True,
-            )
-        )
+    rng = np.random.default_rng(1)
+    batches = parity_inputs(model.n_items, opts.max_seq_len)
+    for (item_seq, item_seq_len), width in zip(batches, (12, 3, 1), strict=True):
+        feeds = {"item_seq": item_seq, "item_seq_len": item_seq_len}
+        if serving.exclude_items:
+            feeds[EXCLUDE_INPUT] = parity_exclude(model.n_items, len(item_seq), width, rng)
+        ref = torch_outputs(serving, item_seq, item_seq_len, feeds.get(EXCLUDE_INPUT))
+        got = dict(zip(serving.output_names, sess.run(None, feeds), strict=True))
         d, ov = compare_outputs(ref, got, opts.head, table)
         max_diff = max(max_diff, d)
         overlaps.append((ov, len(item_seq)))
@@ -494,16 +534,62 @@ def _io_spec(proto: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return [spec(v) for v in proto.graph.input], [spec(v) for v in proto.graph.output]
 
 
+#: every character ``str.splitlines()`` splits on (readers disagree on all but \n; refuse them all)
+LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+
+
 def _items_text(model: Mamba4Rec) -> str:
+    """items.txt (format: :data:`m4r_export.integrity.ITEMS_FORMAT`)."""
     tokens = model.item_tokens or ["[PAD]", *(str(i) for i in range(1, model.n_items))]
     if len(tokens) != model.n_items:
         raise UsageError(
             f"checkpoint vocabulary has {len(tokens)} tokens but the model has {model.n_items} items"
         )
-    for t in tokens:
-        if "\n" in t or "\r" in t:
-            raise UsageError(f"item token {t!r} contains a line break; items.txt holds one token per line")
-    return "".join(f"{t}\n" for t in tokens)
+    for index, t in enumerate(tokens):
+        bad = [c for c in t if c in LINE_BREAKS]
+        if bad:
+            raise UsageError(
+                f"item token {t!r} (index {index}) contains the line-break character {bad[0]!r} "
+                f"(U+{ord(bad[0]):04X}); items.txt holds one token per line, so tokens may not contain "
+                "any character that str.splitlines() splits on: rename the item in the dataset"
+            )
+    text = "".join(f"{t}\n" for t in tokens)
+    assert len(text.splitlines()) == len(tokens)
+    return text
+
+
+def check_finite_weights(model: Mamba4Rec) -> None:
+    """Refuse a model with NaN/Inf weights (a diverged training run), naming the tensors."""
+    bad = [
+        n
+        for n, t in model.state_dict().items()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    if bad:
+        raise UsageError(
+            f"the checkpoint has non-finite weights (NaN or Inf) in {len(bad)} tensor(s), "
+            f"e.g. {', '.join(bad[:3])}: "
+            "its training run diverged. Export an earlier checkpoint, or re-train with a lower learning_rate"
+        )
+
+
+def _previous_export(directory: Path) -> bool:
+    """True when every entry of ``directory`` was written by ``m4r export`` (safe to replace)."""
+    manifest_path = directory / MANIFEST_NAME
+    listed: set[str] = set()
+    try:
+        old = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if isinstance(old, dict) and isinstance(old.get("files"), dict):
+            listed = {str(k) for k in old["files"]}
+    except (OSError, ValueError):
+        pass
+    known = {MANIFEST_NAME, "model.onnx", "model.fp16.onnx", ITEMS_FILE, ITEM_TABLE, *listed}
+    return all(
+        e.name in known
+        or e.name.endswith((".plan", ".plan.json"))
+        or (e.name.startswith(".") and e.name.endswith(".tmp"))
+        for e in directory.iterdir()
+    )
 
 
 def export_artifacts(
@@ -516,18 +602,14 @@ def export_artifacts(
     echo: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export, check, measure parity, then write everything (see the module docstring)."""
-    from ..fileio import (
-        ensure_writable_dir,
-        sha256_file,
-        write_bytes_atomic,
-        write_json_atomic,
-        write_text_atomic,
-    )
+    from ..fileio import ensure_writable_dir, publish_directory, sha256_file
 
     say = echo or (lambda _msg: None)
     opts.validate(model.n_items, engine=opts.fp16 and build_trt)
-    out = ensure_writable_dir(out_dir)
+    out = Path(out_dir)
+    ensure_writable_dir(out.absolute().parent)
     items_txt = _items_text(model)
+    check_finite_weights(model)
 
     precisions = ["fp32", "fp16"] if opts.fp16 else ["fp32"]
     protos: dict[str, Any] = {}
@@ -548,46 +630,41 @@ def export_artifacts(
                 "This is a bug in m4r export: please report it with the checkpoint's config"
             )
 
-    # everything validated: write (manifest last; remove a stale one first)
-    manifest_path = out / "manifest.json"
-    with contextlib.suppress(FileNotFoundError):
-        manifest_path.unlink()
+    # everything validated: collect every file (name -> bytes), then publish them as one unit
     names = {"fp32": "model.onnx", "fp16": "model.fp16.onnx"}
-    files: dict[str, dict[str, Any]] = {}
-    written: list[Path] = []
-    for precision in precisions:
-        path = out / names[precision]
-        write_bytes_atomic(path, blobs[precision])
-        files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size, "precision": precision}
-        written.append(path)
-    write_text_atomic(out / "items.txt", items_txt)
-    files["items.txt"] = {
-        "sha256": sha256_file(out / "items.txt"),
-        "bytes": (out / "items.txt").stat().st_size,
-    }
-    written.append(out / "items.txt")
+    contents: dict[str, bytes] = {names[p]: blobs[p] for p in precisions}
+    notes: dict[str, dict[str, Any]] = {names[p]: {"precision": p} for p in precisions}
+    contents[ITEMS_FILE] = items_txt.encode("utf-8")
+    notes[ITEMS_FILE] = {"format": ITEMS_FORMAT}
     if opts.head == "embedding":
         buf = io.BytesIO()
         np.save(buf, model.item_embedding.weight.detach().float().numpy())
-        write_bytes_atomic(out / ITEM_TABLE, buf.getvalue())
-        files[ITEM_TABLE] = {
-            "sha256": sha256_file(out / ITEM_TABLE),
-            "bytes": (out / ITEM_TABLE).stat().st_size,
+        contents[ITEM_TABLE] = buf.getvalue()
+        notes[ITEM_TABLE] = {
             "precision": "fp32",
             "shape": [model.n_items, model.config.hidden_size],
             "note": "row i = item index i; row 0 is padding and must never be returned; "
             "score = user_embedding @ table.T",
         }
-        written.append(out / ITEM_TABLE)
 
     trt = {"status": "skipped", "reason": "no --fp16 file (TensorRT engines are built from model.fp16.onnx)"}
     if opts.fp16 and build_trt:
-        trt = _try_trt(out / names["fp16"], out, opts)
+        with tempfile.TemporaryDirectory(prefix=".m4r-trt-", dir=out.absolute().parent) as tmp:
+            (Path(tmp) / names["fp16"]).write_bytes(blobs["fp16"])
+            trt = _try_trt(Path(tmp) / names["fp16"], Path(tmp), opts)
+            for produced in sorted(Path(tmp).iterdir()):
+                if produced.name != names["fp16"]:
+                    contents[produced.name] = produced.read_bytes()
 
+    files = {
+        name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), **notes.get(name, {})}
+        for name, data in contents.items()
+    }
     inputs, outputs = _io_spec(protos["fp32"])
     ckpt: dict[str, Any] = {"path": None, "sha256": None}
     if checkpoint_path is not None:
         ckpt = {"path": str(Path(checkpoint_path).resolve()), "sha256": sha256_file(checkpoint_path)}
+
     manifest = {
         "format": MANIFEST_FORMAT,
         "format_version": MANIFEST_VERSION,
@@ -599,6 +676,7 @@ def export_artifacts(
         "head": opts.head,
         "k": opts.k if opts.head == "topk" else None,
         "exclude_history": opts.exclude_history,
+        "exclude_items": EXCLUDE_INPUT in opts.input_names,
         "opset": opts.opset,
         "custom_op": {
             "domain": bodies.DOMAIN,
@@ -616,14 +694,25 @@ def export_artifacts(
             "item_seq_len": "int64, clamped to [1, seq]; the user representation is read at item_seq_len - 1",
             "longer_histories": f"keep the most recent {opts.max_seq_len} items "
             "(m4r_export.onnx.truncate_inputs / histories_to_inputs)",
+            **(
+                {
+                    EXCLUDE_INPUT: "int64 [batch, E], any E >= 0: items never ranked for that row (scores "
+                    "-inf), in addition to exclude_history (which covers the input window only); 0 = no "
+                    "item, ids outside [1, n_items) are ignored, duplicates are harmless; send zeros "
+                    "[batch, 1] to exclude nothing (m4r_export.onnx.exclude_inputs pads ragged lists)"
+                }
+                if EXCLUDE_INPUT in opts.input_names
+                else {}
+            ),
         },
+        "items_format": ITEMS_FORMAT,
         "files": files,
         "parity": parity,
         "tensorrt": trt,
     }
-    write_json_atomic(manifest_path, manifest)
-    written.append(manifest_path)
-    return ExportResult(out, manifest, written)
+    contents[MANIFEST_NAME] = (json.dumps(manifest, indent=2) + "\n").encode("utf-8")
+    publish_directory(out, contents, replaceable=_previous_export)
+    return ExportResult(out, manifest, [out / name for name in contents])
 
 
 def _try_trt(fp16_path: Path, out: Path, opts: ExportOptions) -> dict[str, Any]:

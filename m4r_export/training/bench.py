@@ -9,6 +9,9 @@ every sequence full length (L = 50 and L = 200 by default). Variants, measured s
 * ``reference+ftz``   -- the same loop with ``torch.set_flush_denormal(True)``;
 * ``fast+ftz``        -- the fast scan with flush-denormal: what ``m4r train`` runs on CPU;
 * ``fast``            -- the fast scan without flush-denormal (``--all-variants``);
+* ``native+ftz``      -- the C++ CPU kernel (``native`` backend, ``m4r build-native``) with
+  flush-denormal: what ``m4r train`` runs on CPU once the library is built;
+* ``native``          -- the same without flush-denormal (``--all-variants``);
 * ``reference-code``  -- the loop without flush-denormal AND without serving-style pruning: every
   layer runs on every position and the last position is gathered afterwards, which is the
   computation of the reference Mamba4Rec code's training step (``--all-variants``).
@@ -40,6 +43,8 @@ VARIANTS = {
     "reference+ftz": ("reference", True, True),
     "fast+ftz": ("fast", True, True),
     "fast": ("fast", False, True),
+    "native+ftz": ("native", True, True),
+    "native": ("native", False, True),
     "reference-code": ("reference", False, False),
 }
 
@@ -158,6 +163,9 @@ def run_benchmark(
             ftz = cells.get(("reference+ftz", L))
             if ftz is not None:
                 row["speedup_vs_reference_ftz_cpu"] = ftz.median_cpu() / cell.median_cpu()
+            code = cells.get(("reference-code", L))
+            if code is not None:
+                row["speedup_vs_reference_code_cpu"] = code.median_cpu() / cell.median_cpu()
             rows.append(row)
     return {
         "benchmark": "training step (forward logits + CE over all items + backward + Adam)",
@@ -192,6 +200,7 @@ def print_table(report: dict[str, Any]) -> None:
         "samples/s",
         "x vs reference",
         "x vs ref+ftz",
+        "x vs ref-code",
     ):
         t.add_column(col, justify="left" if col == "variant" else "right")
     for r in report["results"]:
@@ -204,6 +213,7 @@ def print_table(report: dict[str, Any]) -> None:
             f"{r['samples_per_s_wall']:.0f}",
             f"{r.get('speedup_vs_reference_cpu', float('nan')):.1f}",
             f"{r.get('speedup_vs_reference_ftz_cpu', float('nan')):.1f}",
+            f"{r.get('speedup_vs_reference_code_cpu', float('nan')):.1f}",
         )
     console = Console(width=max(Console().width, 100))
     console.print(t)
@@ -258,7 +268,10 @@ def bench_train(
         raise UsageError("--batch, --repeats, --threads and --seq-len must be >= 1")
     chosen = list(dict.fromkeys(variants))
     if all_variants:
-        chosen = list(VARIANTS)
+        from ..model.scan_native import native_available
+
+        # the native variants only where their library is built (m4r build-native)
+        chosen = [v for v in VARIANTS if VARIANTS[v][0] != "native" or native_available()]
     report = run_benchmark(
         lengths=list(lengths),
         variants=chosen,

@@ -10,6 +10,7 @@ a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -67,6 +68,9 @@ class TrainConfig:
             if not cond:
                 raise UsageError(f"{source}: {msg}")
 
+        for name in ("dropout_prob", "learning_rate", "weight_decay", "max_minutes"):
+            value = getattr(self, name)
+            need(value is None or math.isfinite(value), f"{name} must be a finite number, got {value}")
         for name in ("hidden_size", "num_layers", "d_state", "d_conv", "expand", "max_seq_len"):
             need(int(getattr(self, name)) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(0.0 <= self.dropout_prob < 1.0, f"dropout_prob must be in [0, 1), got {self.dropout_prob}")

@@ -1,4 +1,4 @@
-"""``m4r build-plugin`` and ``m4r build-engine``."""
+"""``m4r build-plugin``, ``m4r build-native`` and ``m4r build-engine``."""
 
 from __future__ import annotations
 
@@ -56,6 +56,34 @@ def build_plugin(
     )
 
 
+@click.command("build-native")
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Build directory (default: ~/.cache/m4r/native-cpu/<sources hash>, where m4r finds the library).",
+)
+@click.option("--jobs", "-j", type=int, default=None, help="Parallel compile jobs (default: CPU count).")
+@click.option("--verbose", "-v", is_flag=True, help="Echo CMake and compiler output.")
+def build_native_cmd(out: Path | None, jobs: int | None, verbose: bool) -> None:
+    """Build the optimised CPU scan kernel (the `native` scan backend; needs cmake and a C++ compiler)."""
+    from ..model.scan_native import SCAN_LIB_ENV
+    from .native import SCAN_NATIVE_LIBRARY, build_native, default_build_dir
+
+    click.echo("building the m4r CPU scan kernel with CMake ...")
+    build = build_native(
+        out or default_build_dir(cpu_only=True),
+        with_cuda=False,
+        targets=["m4r_scan_native"],
+        jobs=jobs,
+        echo=click.echo if verbose else None,
+    )
+    lib = build.libraries[SCAN_NATIVE_LIBRARY]
+    found = "m4r finds it there" if out is None else f"set {SCAN_LIB_ENV}={lib} so that m4r finds it"
+    click.echo(f"  {SCAN_NATIVE_LIBRARY}: {lib} ({found}; scan backend `auto` now uses it on CPU)")
+
+
 @click.command("build-engine")
 @click.option(
     "--onnx", "onnx_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True
@@ -87,6 +115,11 @@ def build_plugin(
 @click.option("--opt-seq", type=int, default=50, show_default=True)
 @click.option("--max-seq", type=int, default=200, show_default=True)
 @click.option(
+    "--min-exclude", type=int, default=1, show_default=True, help="exclude_items width E (ranking heads)."
+)
+@click.option("--opt-exclude", type=int, default=1, show_default=True)
+@click.option("--max-exclude", type=int, default=1024, show_default=True)
+@click.option(
     "--timing-cache",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
@@ -105,13 +138,18 @@ def build_engine(
     min_seq: int,
     opt_seq: int,
     max_seq: int,
+    min_exclude: int,
+    opt_exclude: int,
+    max_exclude: int,
     timing_cache: Path | None,
     opt_level: int,
 ) -> None:
     """Build a strongly typed TensorRT engine (+ manifest) from an exported ONNX file."""
     from .engine import build_engine as _build
 
-    profile = ShapeProfile(min_batch, opt_batch, max_batch, min_seq, opt_seq, max_seq)
+    profile = ShapeProfile(
+        min_batch, opt_batch, max_batch, min_seq, opt_seq, max_seq, min_exclude, opt_exclude, max_exclude
+    )
     profile.validate()
     engine_path = (out_dir or onnx_path.parent) / engine_name
     manifest = _build(

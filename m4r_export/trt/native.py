@@ -10,6 +10,10 @@ Libraries (all in ``<build>/lib``):
   * ``libm4r_trt_plugin_static.so`` TensorRT plugin, registers itself at load (LD_PRELOAD, --staticPlugins)
   * ``libm4r_scan_cuda.so``         CUDA kernels with a C entry point (self-check)
   * ``libm4r_scan_cpu.so``          CPU reference with a C entry point (tests)
+  * ``libm4r_scan_native.so``       optimised CPU kernel, C ABI (the ``native`` scan backend)
+
+``m4r build-native`` builds only the CPU libraries (no CUDA, seconds) into a cache directory of its
+own, so that it never reconfigures the directory ``m4r build-plugin`` uses.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ PLUGIN_LIBRARY = "libm4r_trt_plugin.so"
 PLUGIN_STATIC_LIBRARY = "libm4r_trt_plugin_static.so"
 SCAN_CUDA_LIBRARY = "libm4r_scan_cuda.so"
 SCAN_CPU_LIBRARY = "libm4r_scan_cpu.so"
+SCAN_NATIVE_LIBRARY = "libm4r_scan_native.so"
 PLUGIN_ENV = "M4R_TRT_PLUGIN"
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
@@ -79,14 +84,17 @@ def build_key(src: Path, cuda_archs: str | None) -> str:
     return h.hexdigest()[:12]
 
 
-def default_build_dir(cuda_archs: str | None = None) -> Path:
-    """``$M4R_CACHE_DIR`` (or ``~/.cache/m4r``) ``/native/<build_key(sources, cuda_archs, nvcc)>``.
+def default_build_dir(cuda_archs: str | None = None, *, cpu_only: bool = False) -> Path:
+    """``$M4R_CACHE_DIR`` (or ``~/.cache/m4r``) ``/native/<build_key(sources, cuda_archs, nvcc)>``, or
+    ``/native-cpu/<sources hash>`` if cpu_only (no CUDA code: archs and nvcc do not matter).
 
     cuda_archs None: the CMake default list (75;80;86;87;89;90).
     """
     root = os.environ.get("M4R_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "m4r"
     )
+    if cpu_only:
+        return Path(root) / "native-cpu" / _sources_digest(source_dir())
     return Path(root) / "native" / build_key(source_dir(), cuda_archs)
 
 
@@ -137,6 +145,7 @@ def build_native(
     with_cuda: bool = True,
     build_tests: bool = False,
     require_plugin: bool = False,
+    targets: list[str] | None = None,
     jobs: int | None = None,
     echo: Callable[[str], None] | None = None,
 ) -> NativeBuild:
@@ -144,6 +153,7 @@ def build_native(
 
     cuda_archs: CMAKE_CUDA_ARCHITECTURES, e.g. "89" or "80;86" (default: 75;80;86;87;89;90).
     require_plugin: raise, naming the missing piece, unless the TensorRT plugin was built.
+    targets: CMake targets to build (default: all).
     """
     cmake = shutil.which("cmake")
     if cmake is None:
@@ -163,10 +173,19 @@ def build_native(
     if cuda_archs:
         cfg.append(f"-DCMAKE_CUDA_ARCHITECTURES={cuda_archs}")
     _run(cfg, log_path, echo)
-    _run([cmake, "--build", str(out), "-j", str(jobs or os.cpu_count() or 2)], log_path, echo)
+    build_cmd = [cmake, "--build", str(out), "-j", str(jobs or os.cpu_count() or 2)]
+    for target in targets or []:
+        build_cmd += ["--target", target]
+    _run(build_cmd, log_path, echo)
 
     result = NativeBuild(out, log_path=log_path)
-    for name in (PLUGIN_LIBRARY, PLUGIN_STATIC_LIBRARY, SCAN_CUDA_LIBRARY, SCAN_CPU_LIBRARY):
+    for name in (
+        PLUGIN_LIBRARY,
+        PLUGIN_STATIC_LIBRARY,
+        SCAN_CUDA_LIBRARY,
+        SCAN_CPU_LIBRARY,
+        SCAN_NATIVE_LIBRARY,
+    ):
         path = out / "lib" / name
         if path.is_file():
             result.libraries[name] = path

@@ -99,6 +99,14 @@ def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
 )
 @_threads_option
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--exclude",
+    type=click.Choice(["auto", "none"]),
+    default="auto",
+    show_default=True,
+    help="exclude_items fed to artifacts that take it: auto = each dataset user's full known history "
+    "(as `m4r evaluate --exclude-history`), random lists for generated users; none = zeros.",
+)
 @click.option("--max-abs-error", type=float, default=None, help="Threshold: max |score difference|.")
 @click.option("--max-rel-error", type=float, default=None, help="Threshold: max relative score error.")
 @click.option("--min-overlap-mean", type=float, default=None, help="Threshold: mean top-K overlap.")
@@ -107,6 +115,12 @@ def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
 @click.option("--min-rbo", type=float, default=None, help="Threshold: mean rank-biased overlap.")
 @click.option("--max-ndcg-delta", type=float, default=None, help="Threshold: |ndcg@K difference|.")
 @click.option("--max-hit-delta", type=float, default=None, help="Threshold: |hit@K difference|.")
+@click.option(
+    "--allow-other-checkpoint",
+    is_flag=True,
+    help="Compare even when --ckpt is not the checkpoint the artifact was exported from (its sha256 differs "
+    "from the manifest's); the report notes it.",
+)
 def verify(
     ckpt: Path,
     artifact: Path,
@@ -121,6 +135,7 @@ def verify(
     scan_backend: str,
     threads: int | None,
     seed: int,
+    exclude: str,
     max_abs_error: float | None,
     max_rel_error: float | None,
     min_overlap_mean: float | None,
@@ -129,11 +144,13 @@ def verify(
     min_rbo: float | None,
     max_ndcg_delta: float | None,
     max_hit_delta: float | None,
+    allow_other_checkpoint: bool,
 ) -> None:
     """Check that an exported artifact ranks items like the PyTorch model.
 
     Exit code 0: parity holds; 1: a parity metric is out of bounds (the message names it);
-    2: usage error.
+    2: usage error; 3: the artifact's files do not match its manifest, or --ckpt is not the
+    checkpoint it was exported from.
     """
     from .report import plot_verify, render_verify, require_matplotlib
     from .verify import run_verify
@@ -165,6 +182,8 @@ def verify(
         scan_backend=scan_backend,
         max_seq_len=max_seq_len,
         seed=seed,
+        exclude=exclude,
+        allow_other_checkpoint=allow_other_checkpoint,
     )
     render_verify(report)
     _write_json(json_path, report.to_dict())
@@ -252,7 +271,10 @@ def bench(
     markdown: Path | None,
     plot: Path | None,
 ) -> None:
-    """Latency of an artifact next to the PyTorch reference, with a sequence-length sweep."""
+    """Latency of an artifact next to the PyTorch reference, with a sequence-length sweep.
+
+    The artifact's files are checked against its manifest first (exit code 3 on a mismatch).
+    """
     from .bench import DEFAULT_BATCHES, DEFAULT_SEQS, run_bench
     from .report import bench_markdown, plot_bench, render_bench, require_matplotlib
 
