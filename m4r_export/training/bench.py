@@ -29,13 +29,12 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import torch
-import torch.nn.functional as F
 
-from ..model import Mamba4Rec
+if TYPE_CHECKING:  # torch is imported where the benchmark runs: `m4r --help` lists this command
+    import torch
 
 #: variant -> (scan backend, flush denormals, last layer pruned to the last position)
 VARIANTS = {
@@ -66,6 +65,11 @@ class Cell:
 def _setup(
     variant: str, seq_len: int, batch: int, n_items: int, seed: int, state: dict[str, torch.Tensor] | None
 ) -> Any:
+    import torch
+    import torch.nn.functional as F
+
+    from ..model import Mamba4Rec
+
     backend, _, pruned = VARIANTS[variant]
     torch.manual_seed(seed)
     model = Mamba4Rec(n_items)
@@ -110,6 +114,8 @@ def run_benchmark(
     ckpt: str | None = None,
     log: Any = None,
 ) -> dict[str, Any]:
+    import torch
+
     torch.set_num_threads(threads)
     state = None
     if ckpt is not None:
@@ -185,12 +191,13 @@ def run_benchmark(
 
 def print_table(report: dict[str, Any]) -> None:
     from rich.console import Console
-    from rich.table import Table
+
+    from ..console import titled_table
 
     title = (
         f"training step, batch {report['batch']}, {report['n_items']} items, {report['threads']} thread(s)"
     )
-    t = Table(title=title)
+    t = titled_table(title)
     for col in (
         "L",
         "variant",
