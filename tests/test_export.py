@@ -370,6 +370,7 @@ def test_ort_exclude_items_matches_pytorch_and_python_sets(
     out, model, manifest = exports[head]
     rng = np.random.default_rng(width)
     seq = rng.integers(1, N_ITEMS, size=(5, 7)).astype(np.int64)
+    seq[1, 0], seq[2, 0], seq[4, 6] = -5, N_ITEMS + 3, N_ITEMS  # out-of-range history ids
     lens = np.array([7, 3, 1, 0, 30], dtype=np.int64)
     excl = _random_excludes(rng, 5, width)
     ref = torch_run(model, head, manifest["k"] or 100, manifest["exclude_history"], seq, lens, excl)
@@ -385,7 +386,7 @@ def test_ort_exclude_items_matches_pytorch_and_python_sets(
     for row in range(5):
         banned = {0} | {int(i) for i in excl[row] if 1 <= i < N_ITEMS}
         if manifest["exclude_history"]:
-            banned |= {int(i) for i in seq[row, : clamped[row]]}
+            banned |= {int(i) for i in seq[row, : clamped[row]] if 0 <= i < N_ITEMS}
         if head == "scores":
             assert set(np.flatnonzero(np.isneginf(got[0][row])).tolist()) == banned
         else:
