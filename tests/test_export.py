@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from m4r_export.checkpoint import save_checkpoint
 from m4r_export.cli import main
-from m4r_export.errors import M4RError
+from m4r_export.errors import M4RError, UsageError
 from m4r_export.fileio import sha256_file
 from m4r_export.model import Mamba4Rec
 from m4r_export.onnx import exclude_inputs, histories_to_inputs, truncate_inputs
@@ -403,3 +403,11 @@ def test_exclude_inputs_pads_ragged_lists() -> None:
     assert exclude_inputs([np.array([4, 9])]).dtype == np.int64
     with pytest.raises(Exception, match="2 rows but the batch has 3"):
         exclude_inputs([[1], [2]], batch=3)
+
+
+def test_vocabulary_size_must_match_the_item_table(tmp_path: Path) -> None:
+    model = tiny_model()
+    model.item_tokens = model.item_tokens[:-1]  # one token short: items.txt would shift every id
+    with pytest.raises(UsageError, match=f"vocabulary has {N_ITEMS - 1} tokens but the model has {N_ITEMS}"):
+        ex.export_artifacts(model, tmp_path / "out", ex.ExportOptions(max_seq_len=12))
+    assert not any((tmp_path / "out").iterdir())  # checked before anything is traced or written
