@@ -24,13 +24,14 @@ from m4r_export.model import Mamba4Rec
 from m4r_export.onnx import exclude_inputs, histories_to_inputs, truncate_inputs
 from m4r_export.onnx import export as ex
 from m4r_export.serving import ServingModel
+from m4r_export.verify.testing import trained_like_
 
 N_ITEMS = 40
 
 
 def tiny_model(num_layers: int = 1, seed: int = 0) -> Mamba4Rec:
     torch.manual_seed(seed)
-    model = Mamba4Rec(N_ITEMS, hidden_size=16, num_layers=num_layers, d_state=8).eval()
+    model = trained_like_(Mamba4Rec(N_ITEMS, hidden_size=16, num_layers=num_layers, d_state=8).eval(), seed)
     with torch.no_grad():  # make the ranking non-trivial
         model.item_embedding.weight.normal_(0, 1.0)
     model.item_tokens = ["[PAD]"] + [f"i{i}" for i in range(1, N_ITEMS)]
