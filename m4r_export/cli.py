@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "export": "m4r_export.onnx.cli:export",
     "build-plugin": "m4r_export.trt.cli:build_plugin",
     "build-native": "m4r_export.trt.cli:build_native_cmd",
+    "build-ort-ops": "m4r_export.onnx.cli:build_ort_ops",
     "build-engine": "m4r_export.trt.cli:build_engine",
     "verify": "m4r_export.verify.cli:verify",
     "bench": "m4r_export.verify.cli:bench",

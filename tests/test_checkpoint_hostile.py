@@ -199,8 +199,10 @@ def test_calling_a_storage_class_is_refused(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------- memory bombs
 
+# Peak RSS of the child's own address space: VmHWM. (getrusage's ru_maxrss would also count the
+# parent's RSS, which a vfork+exec child inherits as its starting high-water mark.)
 _CHILD = """
-import resource, sys
+import sys
 from m4r_export.checkpoint import read_checkpoint
 from m4r_export.errors import M4RError
 try:
@@ -208,7 +210,8 @@ try:
     print("LOADED")
 except M4RError as exc:
     print("ERROR", exc)
-print("PEAK_MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print("PEAK_MB", int(hwm.split()[1]) / 1024)
 """
 
 

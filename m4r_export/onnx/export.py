@@ -48,7 +48,7 @@ from ..errors import M4RError, UsageError
 from ..integrity import ITEM_TABLE, ITEMS_FILE, ITEMS_FORMAT, MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION
 from ..model import Mamba4Rec, register_scan_backend
 from ..model.scan import selective_scan_fast
-from ..serving import EXCLUDE_INPUT, HEAD_OUTPUTS, HEADS, ServingModel, input_names
+from ..serving import EXCLUDE_INPUT, HEAD_OUTPUTS, HEADS, ServingModel, check_k, input_names
 from . import bodies
 
 SCAN_BACKEND = "onnx-export"
@@ -147,6 +147,10 @@ class _FloatOutputs(nn.Module):
 # ------------------------------------------------------------------------------------ the export
 
 
+#: Largest K TensorRT's TopK layer accepts (ITopKLayer; TensorRT 10 and 11).
+TENSORRT_MAX_TOPK = 3840
+
+
 @dataclass(frozen=True)
 class ExportOptions:
     head: str = "scores"
@@ -164,13 +168,16 @@ class ExportOptions:
     def input_names(self) -> tuple[str, ...]:
         return input_names(self.head, self.exclude_items)
 
-    def validate(self, n_items: int) -> None:
+    def validate(self, n_items: int, *, engine: bool = False) -> None:
+        """engine: a TensorRT engine will be built from this export (--fp16 without --no-trt)."""
         if self.head not in HEADS:
             raise UsageError(f"--head {self.head!r}: choose one of {', '.join(HEADS)}")
-        if self.head == "topk" and not 1 <= self.k <= n_items - 1:
+        if self.head == "topk":
+            check_k(self.k, n_items)
+        if engine and self.head == "topk" and self.k > TENSORRT_MAX_TOPK:
             raise UsageError(
-                f"--k {self.k}: the model has {n_items - 1} items (plus padding); choose K between 1 and "
-                f"{n_items - 1}"
+                f"--k {self.k}: TensorRT's TopK supports K <= {TENSORRT_MAX_TOPK}, and --fp16 builds a "
+                f"TensorRT engine when TensorRT is there; choose --k <= {TENSORRT_MAX_TOPK} or pass --no-trt"
             )
         if self.opset not in SUPPORTED_OPSETS:
             raise UsageError(
@@ -440,16 +447,22 @@ def flush_denormal_enabled() -> bool:
     return bool((torch.tensor([1e-39]) * 1.0).item() == 0.0)
 
 
-def ort_session(model_bytes: bytes, threads: int | None = None) -> Any:
+def ort_session(model_bytes: bytes, threads: int | None = None, ort_ops: Path | None = None) -> Any:
     """A CPU InferenceSession; keeps the calling thread's flush-to-zero setting.
 
     ONNX Runtime's first session in a process clears the thread's FTZ/DAZ flags, which would make
     PyTorch's CPU scan 3-4x slower for the rest of the process (denormals); they are restored.
+    ``ort_ops``: libm4r_ort_ops.so to load (SelectiveScan then runs the native kernel, not the
+    function body); see :func:`m4r_export.onnx.ort_ops.find_ort_ops_library`.
     """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if ort_ops is not None:
+        from .ort_ops import register_ort_ops
+
+        register_ort_ops(so, ort_ops)
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
@@ -602,7 +615,7 @@ def export_artifacts(
     from ..fileio import ensure_writable_dir, publish_directory, sha256_file
 
     say = echo or (lambda _msg: None)
-    opts.validate(model.n_items)
+    opts.validate(model.n_items, engine=opts.fp16 and build_trt)
     out = Path(out_dir)
     ensure_writable_dir(out.absolute().parent)
     items_txt = _items_text(model)

@@ -29,13 +29,12 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import torch
-import torch.nn.functional as F
 
-from ..model import Mamba4Rec
+if TYPE_CHECKING:  # torch is imported where the benchmark runs: `m4r --help` lists this command
+    import torch
 
 #: variant -> (scan backend, flush denormals, last layer pruned to the last position)
 VARIANTS = {
@@ -66,6 +65,11 @@ class Cell:
 def _setup(
     variant: str, seq_len: int, batch: int, n_items: int, seed: int, state: dict[str, torch.Tensor] | None
 ) -> Any:
+    import torch
+    import torch.nn.functional as F
+
+    from ..model import Mamba4Rec
+
     backend, _, pruned = VARIANTS[variant]
     torch.manual_seed(seed)
     model = Mamba4Rec(n_items)
@@ -110,6 +114,8 @@ def run_benchmark(
     ckpt: str | None = None,
     log: Any = None,
 ) -> dict[str, Any]:
+    import torch
+
     torch.set_num_threads(threads)
     state = None
     if ckpt is not None:
@@ -183,14 +189,20 @@ def run_benchmark(
     }
 
 
+def _ratio(value: float | None) -> str:
+    """A speed-up cell; '-' when the variant it compares with was not timed."""
+    return "-" if value is None else f"{value:.1f}"
+
+
 def print_table(report: dict[str, Any]) -> None:
     from rich.console import Console
-    from rich.table import Table
+
+    from ..console import titled_table
 
     title = (
         f"training step, batch {report['batch']}, {report['n_items']} items, {report['threads']} thread(s)"
     )
-    t = Table(title=title)
+    t = titled_table(title)
     for col in (
         "L",
         "variant",
@@ -211,11 +223,11 @@ def print_table(report: dict[str, Any]) -> None:
             f"{r['median_cpu_s']:.2f}",
             f"{r['median_wall_s']:.2f}",
             f"{r['samples_per_s_wall']:.0f}",
-            f"{r.get('speedup_vs_reference_cpu', float('nan')):.1f}",
-            f"{r.get('speedup_vs_reference_ftz_cpu', float('nan')):.1f}",
-            f"{r.get('speedup_vs_reference_code_cpu', float('nan')):.1f}",
+            _ratio(r.get("speedup_vs_reference_cpu")),
+            _ratio(r.get("speedup_vs_reference_ftz_cpu")),
+            _ratio(r.get("speedup_vs_reference_code_cpu")),
         )
-    console = Console(width=max(Console().width, 100))
+    console = Console(width=max(Console().width, 120))
     console.print(t)
     console.print("x vs ...: ratio of median CPU time per step (variants interleaved in one run)")
 

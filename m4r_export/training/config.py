@@ -226,7 +226,14 @@ def load_config(path: str | Path | None, **overrides: Any) -> TrainConfig:
         except yaml.YAMLError as exc:
             raise UsageError(f"config {p} is not valid YAML: {exc}") from None
         raw = loaded if loaded is not None else {}
-    for k, v in overrides.items():
-        if v is not None:
-            raw[k] = v
-    return config_from_dict(raw, source)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return config_from_dict({**raw, **given}, source)
+    except UsageError:
+        if not given:
+            raise
+    # Whose value is wrong? The recipe's when it fails on its own (this raises) ...
+    config_from_dict(raw, source)
+    # ... else an override's: name the option(s), not the recipe file
+    named = ", ".join(f"{k}={v!r}" for k, v in given.items())
+    return config_from_dict({**raw, **given}, f"option(s) {named}")

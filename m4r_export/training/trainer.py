@@ -522,7 +522,9 @@ class Trainer:
         self.log(msg)
 
     def _progress(self, total: int, start: int) -> Any:
-        return _ProgressBar(total, start, enabled=self.progress and self.info.is_main, epoch=self.epoch + 1)
+        return _ProgressBar(
+            total, start, enabled=self.progress and self.info.is_main, epoch=self.epoch + 1, log=self.log
+        )
 
     def _dump_debug(self) -> None:
         import json
@@ -546,16 +548,41 @@ class Trainer:
 
 
 class _ProgressBar:
-    """Rich progress bar with loss and samples/s (a no-op when disabled)."""
+    """Per-batch progress of one epoch (a no-op when disabled).
 
-    def __init__(self, total: int, start: int, *, enabled: bool, epoch: int) -> None:
+    On a terminal: a transient rich bar with loss and samples/s. Elsewhere (a log file, CI, nohup,
+    a pipe), where a bar would print nothing until the epoch ends, a plain line through ``log``
+    every ``every`` batches (default: a tenth of the epoch) or every ``interval_s`` seconds,
+    whichever comes first, so a long epoch is never silent.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        start: int,
+        *,
+        enabled: bool,
+        epoch: int,
+        log: Callable[[str], None] = print,
+        interactive: bool | None = None,
+        every: int | None = None,
+        interval_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.enabled = enabled
         self.total, self.start, self.epoch = total, start, epoch
+        self.log, self.interactive = log, interactive
+        self.every = every if every is not None else max(1, math.ceil(total / 10))
+        self.interval_s, self.clock = interval_s, clock
 
     def __enter__(self) -> Callable[[int, float, float], None]:
         if not self.enabled:
             return lambda n, loss, rate: None
         from rich.console import Console
+
+        console = Console(stderr=True)
+        if not (console.is_terminal if self.interactive is None else self.interactive):
+            return self._lines()
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self._p = Progress(
@@ -566,7 +593,7 @@ class _ProgressBar:
             TextColumn("{task.fields[rate]:,.0f} samples/s"),
             TimeElapsedColumn(),
             transient=True,
-            console=Console(stderr=True),
+            console=console,
         )
         self._p.start()
         task = self._p.add_task(
@@ -578,8 +605,25 @@ class _ProgressBar:
 
         return update
 
+    def _lines(self) -> Callable[[int, float, float], None]:
+        t0 = last = self.clock()
+        done = self.start
+
+        def update(n: int, loss: float, rate: float) -> None:
+            nonlocal done, last
+            done += 1
+            now = self.clock()
+            if done < self.total and (done % self.every == 0 or now - last >= self.interval_s):
+                last = now
+                self.log(
+                    f"epoch {self.epoch}: batch {done}/{self.total}, loss {loss:.4f}, {rate:,.0f} samples/s, "
+                    f"{now - t0:.0f} s"
+                )
+
+        return update
+
     def __exit__(self, *exc: object) -> None:
-        if self.enabled:
+        if self.enabled and hasattr(self, "_p"):
             self._p.stop()
 
 

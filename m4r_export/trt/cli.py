@@ -15,7 +15,8 @@ from .manifest import ShapeProfile
     "out",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Build directory (default: ~/.cache/m4r/native/<sources hash>, where m4r finds the plugin).",
+    help="Build directory (default: $M4R_CACHE_DIR/native/<key>, where M4R_CACHE_DIR defaults to "
+    "$XDG_CACHE_HOME/m4r or ~/.cache/m4r; m4r finds the plugin there).",
 )
 @click.option(
     "--tensorrt-root",
@@ -35,9 +36,12 @@ def build_plugin(
     out: Path | None, tensorrt_root: Path | None, cuda_archs: str | None, jobs: int | None, verbose: bool
 ) -> None:
     """Build the SelectiveScan TensorRT plugin (needs cmake, nvcc and the TensorRT headers)."""
-    from .native import PLUGIN_ENV, PLUGIN_LIBRARY, PLUGIN_STATIC_LIBRARY, build_native
+    from .native import PLUGIN_ENV, PLUGIN_LIBRARY, PLUGIN_STATIC_LIBRARY, build_native, default_build_dir
 
-    click.echo("building the m4r native libraries with CMake ...")
+    where = (
+        out if out is not None else f"{default_build_dir()} (set M4R_CACHE_DIR or pass --out to change it)"
+    )
+    click.echo(f"building the m4r native libraries with CMake into {where} ...")
     build = build_native(
         out,
         tensorrt_root=tensorrt_root,

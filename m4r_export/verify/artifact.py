@@ -61,10 +61,17 @@ def _onnx_facts(onnx_path: Path) -> tuple[list[str], dict[str, list[int | str]],
     """Output names, their shapes (dims as int or symbolic name), whether the graph is fp16, inputs."""
     import onnx
 
+    if onnx_path.stat().st_size == 0:
+        raise M4RError(f"{onnx_path} is empty (0 bytes): the file is truncated or corrupt; re-export it")
     try:
         model = onnx.load(str(onnx_path), load_external_data=False)
     except Exception as exc:
         raise M4RError(f"{onnx_path} is not a readable ONNX model ({exc}); re-export it") from exc
+    if not model.graph.output or not model.graph.node:  # protobuf parses many byte strings as "empty"
+        raise M4RError(
+            f"{onnx_path} is not a valid ONNX model (its graph has no nodes or outputs): the file is "
+            "corrupt or not an ONNX model; re-export it"
+        )
     fp16 = onnx.TensorProto.FLOAT16
     shapes: dict[str, list[int | str]] = {}
     is_fp16 = False
@@ -104,6 +111,10 @@ def _find_item_table(directory: Path, manifest: dict[str, Any] | None) -> Path |
 def load_artifact(path: str | Path) -> ArtifactInfo:
     """Read what ``verify``/``bench`` need to know about ``path`` (.onnx, or .plan/.engine)."""
     p = Path(path)
+    if p.is_dir():
+        found = sorted(f.name for f in p.iterdir() if f.suffix in (*ONNX_SUFFIXES, *ENGINE_SUFFIXES))
+        hint = f"one of the files in it: {', '.join(found)}" if found else "DIR/model.onnx (m4r export)"
+        raise UsageError(f"artifact {p} is a directory; --artifact takes a model file: pass {hint}")
     if not p.is_file():
         raise UsageError(f"artifact {p} does not exist; pass DIR/model.onnx (m4r export) or DIR/model.plan")
     notes: list[str] = []

@@ -413,6 +413,7 @@ def run_verify(
     scan_backend: str = "auto",
     max_seq_len: int | None = None,
     seed: int = 0,
+    ort_ops: Path | None = None,
     allow_other_checkpoint: bool = False,
     exclude: str = "auto",
 ) -> VerifyReport:
@@ -427,6 +428,7 @@ def run_verify(
     "none" feeds none.
     """
     from ..checkpoint import read_checkpoint
+    from ..serving import check_k
 
     if users < 1:
         raise UsageError(f"--users must be >= 1, got {users}")
@@ -463,8 +465,7 @@ def run_verify(
                 + "; pass the checkpoint the artifact was exported from"
             )
     n_items = model.n_items
-    if k > n_items - 1:
-        raise UsageError(f"--k {k} is larger than the number of items ({n_items - 1})")
+    check_k(k, n_items)
     if art.head == "topk" and art.k is not None and k > art.k:
         raise UsageError(f"--k {k} is larger than the artifact's top-K ({art.k}); pass --k {art.k} or less")
     max_len = max_seq_len or art.max_seq_len or int(ck.meta.get("max_seq_len") or 50)
@@ -515,8 +516,8 @@ def run_verify(
             notes.append("no item table (.npy) beside the artifact: the checkpoint's item embedding is used")
 
     results = []
-    for backend in backends or [default_backend(art)]:
-        runner = make_runner(backend, art, threads=threads)
+    for backend in backends or [default_backend(art, ort_ops)]:
+        runner = make_runner(backend, art, threads=threads, ort_ops=ort_ops)
         t0 = time.perf_counter()
         try:
             outs = _batched(runner, inputs, batch_size)
