@@ -42,7 +42,9 @@ from .repository import BACKENDS, TritonOptions, write_repository
     help="libm4r_trt_plugin_static.so for --backend tensorrt (default: $M4R_TRT_PLUGIN_STATIC or the "
     "`m4r build-plugin` output).",
 )
-@click.option("--engine", default=None, help="Engine file in --artifacts (default: the manifest's, model.plan).")
+@click.option(
+    "--engine", default=None, help="Engine file in --artifacts (default: the manifest's, model.plan)."
+)
 def triton(
     artifacts: Path,
     repo: Path,

@@ -48,8 +48,14 @@ class TensorSpec:
 
     def to_dict(self, *, is_input: bool) -> dict[str, Any]:
         if self.dtype not in TRITON_DTYPES:
-            raise M4RError(f"tensor {self.name!r} has dtype {self.dtype} which m4r triton cannot map to Triton")
-        d: dict[str, Any] = {"name": self.name, "data_type": TRITON_DTYPES[self.dtype], "dims": list(self.dims)}
+            raise M4RError(
+                f"tensor {self.name!r} has dtype {self.dtype} which m4r triton cannot map to Triton"
+            )
+        d: dict[str, Any] = {
+            "name": self.name,
+            "data_type": TRITON_DTYPES[self.dtype],
+            "dims": list(self.dims),
+        }
         if self.reshape is not None:
             d["reshape"] = {"shape": list(self.reshape)}
         if is_input and self.optional:

@@ -135,10 +135,12 @@ class LocalTritonServer:
                 self.stop()
                 self.cleanup()
                 raise M4RError(f"tritonserver exited with code {self.proc.returncode}:\n{log[-3000:]}")
-            with contextlib.suppress(urllib.error.URLError, ConnectionError, OSError):
-                with urllib.request.urlopen(url, timeout=1) as resp:
-                    if resp.status == 200:
-                        return
+            with (
+                contextlib.suppress(urllib.error.URLError, ConnectionError, OSError),
+                urllib.request.urlopen(url, timeout=1) as resp,
+            ):
+                if resp.status == 200:
+                    return
             time.sleep(0.2)
         log = self.log()
         self.stop()

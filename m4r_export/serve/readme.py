@@ -18,10 +18,12 @@ def repository_readme(name: str, opts: Any, manifest: dict[str, Any], models: li
         f"Export: head `{manifest.get('head')}`, max_seq_len {L}; ONNX inputs {inputs}; outputs {outputs}.",
         "",
         "## Request format",
-        f"* `{manifest['inputs'][0]['name']}`: int64 `[batch, {L}]`, item indices oldest first, right-padded with 0. "
+        f"* `{manifest['inputs'][0]['name']}`: int64 `[batch, {L}]`, item indices oldest first, "
+        "right-padded with 0. "
         f"Histories longer than {L} must be cut to the most recent {L} items by the client; Triton rejects "
         "any other width (the fixed width is what lets the dynamic batcher batch requests).",
-        f"* `{manifest['inputs'][1]['name']}`: int64 `[batch, 1]` (reshaped to `[batch]`), clamped to `[1, {L}]`: "
+        f"* `{manifest['inputs'][1]['name']}`: int64 `[batch, 1]` (reshaped to `[batch]`), "
+        f"clamped to `[1, {L}]`: "
         "an empty history (0) is read as length 1.",
         "* item ids outside `[0, n_items)` are treated as padding (0), exactly like the exported graph.",
     ]
@@ -30,7 +32,8 @@ def repository_readme(name: str, opts: Any, manifest: dict[str, Any], models: li
         lines.append(f"* `{spec['name']}`: {spec['dtype']} `{spec['shape']}`, 0 = none; {how}.")
     if opts.with_tokens:
         lines += [
-            f"* `{name}_tokens` (ensemble): BYTES `history` `[1, n]` of raw item tokens (one user per request); "
+            f"* `{name}_tokens` (ensemble): BYTES `history` `[1, n]` of raw item tokens "
+            "(one user per request); "
             "unknown tokens are skipped and counted in `unknown_tokens`; the most recent "
             f"{L} known items are kept; an empty history or one with no known token is an error. "
             "Returns `item_tokens` (BYTES) plus the model's other outputs.",
@@ -43,7 +46,8 @@ def repository_readme(name: str, opts: Any, manifest: dict[str, Any], models: li
             "",
             "```bash",
             f"docker run --gpus all --rm -p8000:8000 -p8001:8001 -p8002:8002 -v $PWD:/repo {NGC_IMAGE} \\",
-            "  env LD_PRELOAD=/repo/plugins/libm4r_trt_plugin_static.so tritonserver --model-repository=/repo",
+            "  env LD_PRELOAD=/repo/plugins/libm4r_trt_plugin_static.so \\",
+            "  tritonserver --model-repository=/repo",
             "# or let the TensorRT backend load it:",
             "#   tritonserver --model-repository=/repo \\",
             "#     --backend-config=tensorrt,plugins=/repo/plugins/libm4r_trt_plugin_static.so",
@@ -53,8 +57,12 @@ def repository_readme(name: str, opts: Any, manifest: dict[str, Any], models: li
         run = "tritonserver --model-repository=/repo"
         prefix = ""
         if opts.backend == "python" or opts.with_tokens:
-            prefix = "pip install onnxruntime numpy && " if opts.backend == "python" else "pip install numpy && "
-            lines.append("The Python-backend models need numpy (and onnxruntime for the model) in the server's Python.")
+            prefix = (
+                "pip install onnxruntime numpy && " if opts.backend == "python" else "pip install numpy && "
+            )
+            lines.append(
+                "The Python-backend models need numpy (and onnxruntime for the model) in the server's Python."
+            )
         lines += [
             "",
             "```bash",
@@ -65,7 +73,8 @@ def repository_readme(name: str, opts: Any, manifest: dict[str, Any], models: li
         ]
         if opts.ort_ops is not None:
             lines.append(
-                f"The native custom-op library `ortops/{opts.ort_ops.name}` is named in `{name}/config.pbtxt` "
+                f"The native custom-op library `ortops/{opts.ort_ops.name}` is named in "
+                f"`{name}/config.pbtxt` "
                 "(`model_operations`); it must match the server's ONNX Runtime version."
             )
     lines += [

@@ -66,7 +66,9 @@ class TritonOptions:
         if self.kind not in (None, "cpu", "gpu"):
             raise UsageError(f"--kind {self.kind!r}: choose cpu or gpu")
         if self.backend == "tensorrt" and self.device_kind == "cpu":
-            raise UsageError("--kind cpu with --backend tensorrt: TensorRT engines run on GPUs only; use --kind gpu")
+            raise UsageError(
+                "--kind cpu with --backend tensorrt: TensorRT engines run on GPUs only; use --kind gpu"
+            )
         if self.max_batch < 1:
             raise UsageError(f"--max-batch {self.max_batch}: must be >= 1")
         if self.instances < 1:
@@ -124,7 +126,7 @@ def plan_repository(artifacts: Path, opts: TritonOptions, manifest: dict[str, An
     name = opts.name or f"m4r_{manifest.get('head', 'model')}"
     plan = RepositoryPlan()
     inputs, outputs = _model_tensors(manifest, opts.backend)
-    common = {
+    common: dict[str, Any] = {
         "name": name,
         "inputs": inputs,
         "outputs": outputs,
@@ -300,7 +302,9 @@ def _readme(name: str, opts: TritonOptions, manifest: dict[str, Any], plan: Repo
     return repository_readme(name, opts, manifest, sorted(plan.configs))
 
 
-def write_repository(artifacts: str | os.PathLike[str], out: str | os.PathLike[str], opts: TritonOptions) -> Path:
+def write_repository(
+    artifacts: str | os.PathLike[str], out: str | os.PathLike[str], opts: TritonOptions
+) -> Path:
     """Check the export, plan and check every config, then write ``out`` atomically (see module doc).
 
     ``out`` must not exist or be an earlier m4r repository (marked by ``.m4r-triton``); it is
@@ -334,7 +338,9 @@ def write_repository(artifacts: str | os.PathLike[str], out: str | os.PathLike[s
             meta = manifest["files"].get(source.name) if source.parent == src else None
             if meta and sha256_file(stage / rel) != meta["sha256"]:
                 raise M4RError(f"{source} changed while it was being copied; run m4r triton again")
-        write_text_atomic(stage / MARKER, json.dumps({"artifacts": str(src.resolve()), "backend": opts.backend}))
+        write_text_atomic(
+            stage / MARKER, json.dumps({"artifacts": str(src.resolve()), "backend": opts.backend})
+        )
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old")

@@ -22,7 +22,9 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        path = os.path.join(args["model_repository"], args["model_version"], params.get("onnx_file", "model.onnx"))
+        path = os.path.join(
+            args["model_repository"], args["model_version"], params.get("onnx_file", "model.onnx")
+        )
         opts = ort.SessionOptions()
         threads = int(params.get("intra_op_num_threads", "0"))
         if threads > 0:
@@ -61,7 +63,10 @@ class TritonPythonModel:
         responses = []
         start = 0
         for n in rows:
-            tensors = [pb_utils.Tensor(name, r[start : start + n]) for name, r in zip(self.outputs, results)]
+            tensors = [
+                pb_utils.Tensor(name, r[start : start + n])
+                for name, r in zip(self.outputs, results, strict=True)
+            ]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             start += n
         return responses

@@ -24,5 +24,7 @@ class TritonPythonModel:
         for request in requests:
             ids = pb_utils.get_input_tensor_by_name(request, self.ids_in).as_numpy()
             tokens = self.tokens[np.clip(ids, 0, len(self.tokens) - 1)]
-            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.tokens_out, tokens)]))
+            responses.append(
+                pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.tokens_out, tokens)])
+            )
         return responses

@@ -52,7 +52,9 @@ class TritonPythonModel:
             history = pb_utils.get_input_tensor_by_name(request, self.history_in)
             n_rows = history.as_numpy().shape[0] if history.as_numpy().ndim == 2 else 1
             if n_rows != 1:
-                responses.append(self._error(f"send one user per request ({self.history_in} has {n_rows} rows)"))
+                responses.append(
+                    self._error(f"send one user per request ({self.history_in} has {n_rows} rows)")
+                )
                 continue
             ids, unknown = self._ids(history)
             if not ids:
