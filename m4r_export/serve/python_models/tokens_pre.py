@@ -82,4 +82,6 @@ class TritonPythonModel:
 
     @staticmethod
     def _error(message: str) -> Any:
-        return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+        code = getattr(pb_utils.TritonError, "INVALID_ARG", None)  # 400 instead of 500 where supported
+        error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+        return pb_utils.InferenceResponse(output_tensors=[], error=error)
