@@ -141,11 +141,10 @@ def plan_repository(artifacts: Path, opts: TritonOptions, manifest: dict[str, An
         plan.texts[f"{name}/1/model.py"] = _python_model_source("onnx_model.py")
     elif opts.backend == "onnxruntime":
         op_library = None
-        if opts.ort_ops is not None:
-            if not opts.ort_ops.is_file():
-                raise UsageError(f"--ort-ops {opts.ort_ops}: no such file; pass the built custom-op library")
-            op_library = f"../../ortops/{opts.ort_ops.name}"  # relative to the version directory
-            plan.copies[f"ortops/{opts.ort_ops.name}"] = opts.ort_ops
+        library = _ort_ops_library(opts.ort_ops)
+        if library is not None:
+            op_library = f"../../ortops/{library.name}"  # relative to the version directory
+            plan.copies[f"ortops/{library.name}"] = library
         cfg = cfgmod.model_config(platform=PLATFORMS["onnxruntime"], op_library=op_library, **common)
         plan.copies[f"{name}/1/model.onnx"] = _onnx_file(artifacts, manifest)
     else:
@@ -165,6 +164,17 @@ def _onnx_file(artifacts: Path, manifest: dict[str, Any]) -> Path:
     if "model.onnx" not in manifest.get("files", {}):
         raise UsageError(f"{artifacts} has no model.onnx in its manifest; re-export with `m4r export`")
     return artifacts / "model.onnx"
+
+
+def _ort_ops_library(explicit: Path | None) -> Path | None:
+    """The native custom-op library: --ort-ops, else whatever the ortops discovery finds (or none)."""
+    try:
+        from ..onnx.ort_ops import find_ort_ops_library
+    except ImportError:  # a tree without the discovery function: only an explicit path
+        if explicit is not None and not explicit.is_file():
+            raise UsageError(f"--ort-ops {explicit}: no such file; pass a built custom-op library") from None
+        return explicit
+    return find_ort_ops_library(explicit)
 
 
 def _engine_file(artifacts: Path, manifest: dict[str, Any], opts: TritonOptions) -> Path:
