@@ -71,14 +71,8 @@ def fake_engine(export_dir: Path, tmp: Path) -> tuple[Path, Path]:
         "format": "m4r-trt-engine/1",
         "engine": "model.plan",
         "engine_sha256": sha256_file(art / "model.plan"),
-        "profile": {
-            "min_batch": 1,
-            "opt_batch": 64,
-            "max_batch": 256,
-            "min_seq": 1,
-            "opt_seq": 12,
-            "max_seq": 12,
-        },
+        "onnx": {"file": "model.onnx", "sha256": sha256_file(art / "model.onnx")},
+        "profile": {"batch": [1, 64, 256], "seq": [1, 12, MAX_SEQ]},
     }
     (art / "model.plan.json").write_text(json.dumps(meta))
     plugin = tmp / "libm4r_trt_plugin_static.so"
@@ -140,6 +134,20 @@ def test_every_backend_and_the_ensemble_parse_against_tritons_schema(
     assert trt.instance_group[0].kind == pb.ModelInstanceGroup.KIND_GPU
     assert (tmp_path / "repo_tensorrt" / MODEL / "1" / "model.plan").read_bytes() == b"not a real engine"
     assert (tmp_path / "repo_tensorrt" / "plugins" / plugin.name).is_file()
+    # the engine's profile must cover what the repository sends
+    small = run_cli(
+        "--artifacts",
+        str(art),
+        "--repo",
+        str(tmp_path / "r"),
+        "--backend",
+        "tensorrt",
+        "--plugin",
+        str(plugin),
+        "--max-batch",
+        "512",
+    )
+    assert small.exit_code == 2 and "profile allows batches up to 256" in small.output
     readme = (tmp_path / "repo_tensorrt" / "README.md").read_text()
     assert "LD_PRELOAD=/repo/plugins/libm4r_trt_plugin_static.so" in readme
     assert "--backend-config=tensorrt,plugins=/repo/plugins/libm4r_trt_plugin_static.so" in readme

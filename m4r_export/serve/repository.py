@@ -178,7 +178,7 @@ def _ort_ops_library(explicit: Path | None) -> Path | None:
 
 
 def _engine_file(artifacts: Path, manifest: dict[str, Any], opts: TritonOptions) -> Path:
-    from ..trt.manifest import read_manifest
+    from ..trt.manifest import ShapeProfile, read_manifest
 
     name = opts.engine or (manifest.get("tensorrt") or {}).get("engine") or "model.plan"
     engine = artifacts / name
@@ -191,16 +191,24 @@ def _engine_file(artifacts: Path, manifest: dict[str, Any], opts: TritonOptions)
     meta = read_manifest(engine)
     if meta.get("engine_sha256") != sha256_file(engine):
         raise M4RError(f"{engine} does not match the sha256 in its manifest; rebuild the engine")
-    profile = meta.get("profile") or {}
-    if int(profile.get("max_seq", 0)) < int(manifest["max_seq_len"]):
+    source = (meta.get("onnx") or {}).get("file")
+    expected = (manifest["files"].get(source) or {}).get("sha256") if source else None
+    if source and expected != (meta.get("onnx") or {}).get("sha256"):
         raise UsageError(
-            f"{engine}: its profile allows sequences up to {profile.get('max_seq')} but the repository pads "
-            f"to max_seq_len {manifest['max_seq_len']}; rebuild with --max-seq {manifest['max_seq_len']}"
+            f"{engine} was built from another {source} than the one in {artifacts}; rebuild the engine "
+            "from this export"
         )
-    if int(profile.get("max_batch", 0)) < opts.max_batch:
+    profile = ShapeProfile.from_json(meta["profile"])
+    L = int(manifest["max_seq_len"])
+    if not profile.min_seq <= L <= profile.max_seq:
         raise UsageError(
-            f"{engine}: its profile allows batches up to {profile.get('max_batch')}; pass --max-batch "
-            f"{profile.get('max_batch')} or rebuild the engine with --max-batch {opts.max_batch}"
+            f"{engine}: its profile allows sequence lengths {profile.min_seq}..{profile.max_seq} but the "
+            f"repository pads every request to max_seq_len {L}; rebuild with --max-seq {L}"
+        )
+    if profile.max_batch < opts.max_batch:
+        raise UsageError(
+            f"{engine}: its profile allows batches up to {profile.max_batch}; pass --max-batch "
+            f"{profile.max_batch} or rebuild the engine with --max-batch {opts.max_batch}"
         )
     return engine
 
