@@ -227,8 +227,15 @@ def test_usage_errors_are_one_line(export_dir: Path, tmp_path: Path) -> None:
         result = CliRunner().invoke(main, ["triton", "--artifacts", str(export_dir), *args])
         assert result.exit_code == 2, result.output
         assert message in result.output and "Traceback" not in result.output
+    # a head without item ids (scores, embedding) cannot map ids back to tokens
     scores = tmp_path / "scores"
-    export_artifacts(_model(), scores, ExportOptions(head="scores", max_seq_len=MAX_SEQ), build_trt=False)
+    shutil.copytree(export_dir, scores)
+    manifest = json.loads((scores / "manifest.json").read_text())
+    manifest["head"], manifest["outputs"] = (
+        "scores",
+        [{"name": "scores", "dtype": "float32", "shape": ["batch", N_ITEMS]}],
+    )
+    (scores / "manifest.json").write_text(json.dumps(manifest))
     result = CliRunner().invoke(
         main, ["triton", "--artifacts", str(scores), "--repo", str(tmp_path / "s"), "--with-tokens"]
     )
