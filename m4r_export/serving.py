@@ -3,12 +3,19 @@
 One definition shared by every consumer: the ONNX exporter traces it, and ``m4r verify`` runs it
 as the PyTorch reference, so "the artifact matches PyTorch" always means "matches this module".
 
-Heads (inputs ``item_seq`` int64 [batch, seq], ``item_seq_len`` int64 [batch]):
+Inputs: ``item_seq`` int64 [batch, seq], ``item_seq_len`` int64 [batch], and for the ranking heads
+(``scores``, ``topk``) unless built with ``exclude_items=False``: ``exclude_items`` int64 [batch, E]
+(E >= 0, any width): items never to rank for that row (histories, business rules, out of stock).
+Entries 0 (padding: "no item") and ids outside ``[1, n_items)`` are ignored, duplicates are harmless.
+A caller with nothing to exclude sends zeros ``[batch, 1]``.
+
+Heads:
   * ``scores``    -> ``scores`` float [batch, n_items]; item 0 (padding) is -inf.
   * ``topk``      -> ``topk_scores`` float [batch, K], ``topk_items`` int64 [batch, K], best first.
   * ``embedding`` -> ``user_embedding`` float [batch, hidden] (score = user_embedding @ table.T,
     with the item table shipped beside the model for ANN retrieval).
-With ``exclude_history`` the items of each row's valid history (positions < length) are -inf too.
+With ``exclude_history`` the items of each row's valid history (positions < length, i.e. only the
+input window) are -inf too; ``exclude_items`` masks any further items (e.g. the full history).
 A row whose rankable items are fewer than K gets trailing entries with score -inf: those entries
 are not recommendations (their item id is meaningless).
 """
@@ -27,11 +34,33 @@ HEAD_OUTPUTS = {
     "embedding": ("user_embedding",),
 }
 INPUT_NAMES = ("item_seq", "item_seq_len")
+EXCLUDE_INPUT = "exclude_items"
+RANKING_HEADS = ("scores", "topk")
+
+
+def input_names(head: str, exclude_items: bool = True) -> tuple[str, ...]:
+    """The graph inputs of a serving head: ``exclude_items`` only on ranking heads that take it."""
+    return (*INPUT_NAMES, EXCLUDE_INPUT) if exclude_items and head in RANKING_HEADS else INPUT_NAMES
+
+
+def _mask_items(mask: Tensor, ids: Tensor) -> Tensor:
+    """``mask`` [batch, n_items] with ``mask[b, ids[b, j]] = True``; ids outside [0, n_items) -> 0.
+
+    Column 0 (padding) is masked anyway, so mapping "no item" and invalid ids to 0 ignores them.
+    """
+    valid = (ids >= 0) & (ids < mask.shape[1])
+    ids = torch.where(valid, ids, torch.zeros_like(ids))
+    return mask.scatter(1, ids, torch.ones_like(ids, dtype=torch.bool))
 
 
 class ServingModel(nn.Module):
     def __init__(
-        self, model: Mamba4Rec, head: str = "scores", k: int = 100, exclude_history: bool = False
+        self,
+        model: Mamba4Rec,
+        head: str = "scores",
+        k: int = 100,
+        exclude_history: bool = False,
+        exclude_items: bool = True,
     ) -> None:
         super().__init__()
         if head not in HEADS:
@@ -42,13 +71,22 @@ class ServingModel(nn.Module):
         self.head = head
         self.k = k
         self.exclude_history = exclude_history
+        #: whether the ranking heads take the ``exclude_items`` input (never the embedding head)
+        self.exclude_items = exclude_items and head in RANKING_HEADS
         self.eval()  # serving never runs dropout; torch.onnx.export restores this flag afterwards
 
     @property
     def output_names(self) -> tuple[str, ...]:
         return HEAD_OUTPUTS[self.head]
 
-    def forward(self, item_seq: Tensor, item_seq_len: Tensor) -> tuple[Tensor, ...]:
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return input_names(self.head, self.exclude_items)
+
+    def forward(
+        self, item_seq: Tensor, item_seq_len: Tensor, exclude_items: Tensor | None = None
+    ) -> tuple[Tensor, ...]:
+        """``exclude_items`` [batch, E] (ranking heads built with ``exclude_items=True``; None = none)."""
         user = self.model(item_seq, item_seq_len)
         if self.head == "embedding":
             return (user,)
@@ -58,8 +96,11 @@ class ServingModel(nn.Module):
         if self.exclude_history:
             seq, lengths = self.model.sanitize(item_seq, item_seq_len)
             positions = torch.arange(seq.shape[1], device=seq.device)[None, :]
-            history = torch.where(positions < lengths[:, None], seq, torch.zeros_like(seq))
-            mask = mask.scatter(1, history, torch.ones_like(history, dtype=torch.bool))
+            mask = _mask_items(mask, torch.where(positions < lengths[:, None], seq, torch.zeros_like(seq)))
+        if exclude_items is not None:
+            if not self.exclude_items:
+                raise ValueError(f"this {self.head} head was built without the exclude_items input")
+            mask = _mask_items(mask, exclude_items)
         scores = scores.masked_fill(mask, float("-inf"))
         if self.head == "scores":
             return (scores,)

@@ -21,8 +21,8 @@ from m4r_export.cli import main
 from m4r_export.errors import M4RError
 from m4r_export.fileio import sha256_file
 from m4r_export.model import Mamba4Rec
+from m4r_export.onnx import exclude_inputs, histories_to_inputs, truncate_inputs
 from m4r_export.onnx import export as ex
-from m4r_export.onnx import histories_to_inputs, truncate_inputs
 from m4r_export.serving import ServingModel
 
 N_ITEMS = 40
@@ -42,17 +42,30 @@ def write_ckpt(path: Path, model: Mamba4Rec) -> Path:
     return path
 
 
-def ort_run(path: Path, item_seq: np.ndarray, item_seq_len: np.ndarray) -> list[np.ndarray]:
+def ort_run(
+    path: Path, item_seq: np.ndarray, item_seq_len: np.ndarray, exclude: np.ndarray | None = None
+) -> list[np.ndarray]:
+    """Run the file; a model with the exclude_items input gets ``exclude`` (default: zeros [batch, 1])."""
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return sess.run(None, {"item_seq": item_seq, "item_seq_len": item_seq_len})
+    feeds = {"item_seq": item_seq, "item_seq_len": item_seq_len}
+    if "exclude_items" in {i.name for i in sess.get_inputs()}:
+        feeds["exclude_items"] = exclude if exclude is not None else np.zeros((len(item_seq), 1), np.int64)
+    return sess.run(None, feeds)
 
 
 def torch_run(
-    model: Mamba4Rec, head: str, k: int, excl: bool, seq: np.ndarray, lens: np.ndarray
+    model: Mamba4Rec,
+    head: str,
+    k: int,
+    excl: bool,
+    seq: np.ndarray,
+    lens: np.ndarray,
+    exclude: np.ndarray | None = None,
 ) -> list[Any]:
     serving = ServingModel(model, head, k, excl)
+    ex_t = None if exclude is None else torch.from_numpy(exclude)
     with torch.no_grad():
-        return [o.numpy() for o in serving(torch.from_numpy(seq), torch.from_numpy(lens))]
+        return [o.numpy() for o in serving(torch.from_numpy(seq), torch.from_numpy(lens), ex_t)]
 
 
 EDGE_SEQ = np.array(
@@ -102,8 +115,16 @@ def test_graph_has_one_scan_node_per_layer_and_the_function(exports: dict[str, A
         a_input = inits[nodes[-1].input[2]]  # A = -exp(A_log) is a precomputed fp32 initializer
         assert a_input.data_type == onnx.TensorProto.FLOAT
         assert (onnx.numpy_helper.to_array(a_input) < 0).all()
-        dims = [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in proto.graph.input]
-        assert dims == [["batch", "seq"], ["batch"]]
+        dims = {
+            v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in proto.graph.input
+        }
+        expected = {"item_seq": ["batch", "seq"], "item_seq_len": ["batch"]}
+        if head != "embedding":  # ranking heads take the items to exclude
+            expected["exclude_items"] = ["batch", "exclude"]
+        assert dims == expected
+        itypes = {v.name: v.type.tensor_type.elem_type for v in proto.graph.input}
+        assert set(itypes.values()) == {onnx.TensorProto.INT64}
 
 
 def test_fp16_file_is_fp16_with_fp32_scan_parameters(exports: dict[str, Any]) -> None:
@@ -185,7 +206,11 @@ def test_manifest(exports: dict[str, Any]) -> None:
     assert manifest["inputs"] == [
         {"name": "item_seq", "dtype": "int64", "shape": ["batch", "seq"]},
         {"name": "item_seq_len", "dtype": "int64", "shape": ["batch"]},
+        {"name": "exclude_items", "dtype": "int64", "shape": ["batch", "exclude"]},
     ]
+    assert manifest["exclude_items"] is True and "exclude_items" in manifest["input_semantics"]
+    meta = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
+    assert meta["m4r.exclude_items"] == "1"
     assert manifest["outputs"] == [{"name": "scores", "dtype": "float32", "shape": ["batch", N_ITEMS]}]
     for name, info in manifest["files"].items():
         assert sha256_file(out / name) == info["sha256"]
@@ -198,6 +223,9 @@ def test_manifest(exports: dict[str, Any]) -> None:
     assert manifest["tensorrt"]["status"] in ("built", "skipped")
     assert (out / "items.txt").read_text().splitlines() == model.item_tokens
     emb_out, emb_model, emb_manifest = exports["embedding"]
+    assert emb_manifest["exclude_items"] is False  # the embedding head ranks nothing
+    assert [i["name"] for i in emb_manifest["inputs"]] == ["item_seq", "item_seq_len"]
+    assert "exclude_items" not in emb_manifest["input_semantics"]
     table = np.load(emb_out / "item_embedding.npy")
     np.testing.assert_array_equal(table, emb_model.item_embedding.weight.detach().numpy())
     assert "item_embedding.npy" in emb_manifest["files"]
@@ -211,11 +239,28 @@ def test_cli_export_and_errors(tmp_path: Path) -> None:
     ckpt = write_ckpt(tmp_path / "model.pt", tiny_model())
     out = tmp_path / "out"
     res = runner.invoke(
-        main, ["export", "--ckpt", str(ckpt), "--out-dir", str(out), "--head", "topk", "--k", "3"]
+        main,
+        [
+            "export",
+            "--ckpt",
+            str(ckpt),
+            "--out-dir",
+            str(out),
+            "--head",
+            "topk",
+            "--k",
+            "3",
+            "--no-exclude-items",
+        ],
     )
     assert res.exit_code == 0, res.output
     assert "TensorRT: skipped" in res.output or "TensorRT: built" in res.output
     manifest = json.loads((out / "manifest.json").read_text())
+    # --no-exclude-items: the two-input signature of earlier releases
+    assert [i["name"] for i in manifest["inputs"]] == ["item_seq", "item_seq_len"]
+    assert manifest["exclude_items"] is False
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["item_seq", "item_seq_len"]
     assert manifest["max_seq_len"] == 12  # from the checkpoint's meta
     assert manifest["checkpoint"]["sha256"] == sha256_file(ckpt)
 
@@ -303,3 +348,57 @@ def test_ort_session_keeps_torch_flush_to_zero(exports: dict[str, Any]) -> None:
         [sys.executable, "-c", code, str(out / "model.onnx")], capture_output=True, text=True
     )
     assert res.stdout.strip() == "True", res.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------- exclude_items
+
+
+def _random_excludes(rng: np.random.Generator, batch: int, width: int) -> np.ndarray:
+    """Ids in [-3, N_ITEMS + 3): padding 0s, duplicates, negative and too-large ids all occur."""
+    ex_ = rng.integers(-3, N_ITEMS + 3, size=(batch, width)).astype(np.int64)
+    if width > 1:
+        ex_[:, 1] = ex_[:, 0]  # a duplicate in every row
+        ex_[0, :] = 0  # a row that excludes nothing
+    return ex_
+
+
+@pytest.mark.parametrize("width", [0, 1, 3, 60])
+@pytest.mark.parametrize("head", ["scores", "topk"])
+def test_ort_exclude_items_matches_pytorch_and_python_sets(
+    exports: dict[str, Any], head: str, width: int
+) -> None:
+    out, model, manifest = exports[head]
+    rng = np.random.default_rng(width)
+    seq = rng.integers(1, N_ITEMS, size=(5, 7)).astype(np.int64)
+    lens = np.array([7, 3, 1, 0, 30], dtype=np.int64)
+    excl = _random_excludes(rng, 5, width)
+    ref = torch_run(model, head, manifest["k"] or 100, manifest["exclude_history"], seq, lens, excl)
+    got = ort_run(out / "model.onnx", seq, lens, excl)
+    for r, g in zip(ref, got, strict=True):
+        if r.dtype.kind == "f":
+            np.testing.assert_array_equal(np.isneginf(r), np.isneginf(g))
+            np.testing.assert_allclose(g[np.isfinite(r)], r[np.isfinite(r)], rtol=1e-4, atol=1e-5)
+        else:
+            np.testing.assert_array_equal(g, r)
+    # independent of ServingModel: the masked set per row, from plain Python sets
+    clamped = np.clip(lens, 1, seq.shape[1])
+    for row in range(5):
+        banned = {0} | {int(i) for i in excl[row] if 1 <= i < N_ITEMS}
+        if manifest["exclude_history"]:
+            banned |= {int(i) for i in seq[row, : clamped[row]]}
+        if head == "scores":
+            assert set(np.flatnonzero(np.isneginf(got[0][row])).tolist()) == banned
+        else:
+            k = manifest["k"]
+            finite = np.isfinite(got[0][row])
+            assert not banned & set(got[1][row][finite].tolist())
+            assert finite.sum() == min(k, N_ITEMS - len(banned))
+
+
+def test_exclude_inputs_pads_ragged_lists() -> None:
+    np.testing.assert_array_equal(exclude_inputs([[5, 6, 6], [], [7]]), [[5, 6, 6], [0, 0, 0], [7, 0, 0]])
+    np.testing.assert_array_equal(exclude_inputs([[], []]), np.zeros((2, 1), np.int64))
+    np.testing.assert_array_equal(exclude_inputs([], batch=3), np.zeros((3, 1), np.int64))
+    assert exclude_inputs([np.array([4, 9])]).dtype == np.int64
+    with pytest.raises(Exception, match="2 rows but the batch has 3"):
+        exclude_inputs([[1], [2]], batch=3)

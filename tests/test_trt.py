@@ -48,10 +48,12 @@ def fake_tensorrt(calls: dict[str, Any]) -> types.ModuleType:
             pass
 
     class Network:
-        num_inputs = 2
+        def __init__(self) -> None:  # the inputs of the parsed file (calls["inputs"] to change them)
+            self.names = calls.get("inputs", ["item_seq", "item_seq_len", "exclude_items"])
+            self.num_inputs = len(self.names)
 
         def get_input(self, i: int) -> types.SimpleNamespace:
-            return types.SimpleNamespace(name=["item_seq", "item_seq_len"][i])
+            return types.SimpleNamespace(name=self.names[i])
 
     class Profile:
         def set_shape(self, name: str, lo: Any, opt: Any, hi: Any) -> None:
@@ -192,11 +194,18 @@ def test_build_engine_flow_with_fake_tensorrt(monkeypatch: pytest.MonkeyPatch, t
     assert calls["config"].builder_optimization_level == 4
     assert calls["shapes"]["item_seq"] == ((1, 2), (8, 20), (32, 100))
     assert calls["shapes"]["item_seq_len"] == ((1,), (8,), (32,))
+    assert calls["shapes"]["exclude_items"] == ((1, 1), (8, 1), (32, 1024))  # E >= 1 in an engine
     assert cache.read_bytes() == b"CACHE" and calls["timing_cache_in"] == b""
     manifest = json.loads(manifest_path_for(result.engine_path).read_text())
     assert manifest["format"] == MANIFEST_FORMAT and manifest["tensorrt_version"] == "10.8.0.43"
     assert manifest["gpu"] == {"name": "Fake L4", "compute_capability": "8.9"}
-    assert manifest["profile"] == {"batch": [1, 8, 32], "seq": [2, 20, 100]}
+    assert manifest["profile"] == {"batch": [1, 8, 32], "seq": [2, 20, 100], "exclude": [1, 1, 1024]}
+    assert ShapeProfile.from_json(manifest["profile"]) == profile
+    # an ONNX file exported with --no-exclude-items: no profile for an input it does not have
+    calls.clear()
+    calls["inputs"] = ["item_seq", "item_seq_len"]
+    try_build_engine(onnx, tmp_path / "out2", profile=profile)
+    assert set(calls["shapes"]) == {"item_seq", "item_seq_len"}
     assert calls["plugin_archs"] == "89" and manifest["plugin"]["library"] == lib.name
     assert read_manifest(result.engine_path) == manifest
 
@@ -256,6 +265,7 @@ def test_build_engine_explicit_missing_plugin_is_an_error(
         (ShapeProfile(min_batch=0), "batch"),
         (ShapeProfile(opt_batch=2048), "batch"),
         (ShapeProfile(opt_seq=500), "seq"),
+        (ShapeProfile(min_exclude=0), "exclude"),
     ],
 )
 def test_invalid_profiles_name_the_option(profile: ShapeProfile, field: str) -> None:
@@ -295,6 +305,13 @@ def test_inputs_outside_profile_name_the_fix() -> None:
         check_inputs_in_profile(p, 33, 10)
     with pytest.raises(UsageError, match=r"sequence length 101 .*most recent items.*--max-seq 101"):
         check_inputs_in_profile(p, 4, 101)
+    check_inputs_in_profile(p, 4, 10, 1024)
+    with pytest.raises(UsageError, match=r"exclude_items width 0 .*zeros \[batch, 1\]"):
+        check_inputs_in_profile(p, 4, 10, 0)
+    with pytest.raises(UsageError, match=r"exclude_items width 1025 .*--max-exclude 1025"):
+        check_inputs_in_profile(p, 4, 10, 1025)
+    # engines built before exclude_items: their manifest has no "exclude" entry
+    assert ShapeProfile.from_json({"batch": [1, 8, 32], "seq": [1, 20, 100]}).max_exclude == 1024
 
 
 def test_missing_or_foreign_manifest(tmp_path: Path) -> None:

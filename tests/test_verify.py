@@ -174,10 +174,13 @@ def test_adding_a_backend_is_one_class(tiny: dict[str, Path]) -> None:
         def __init__(self, artifact: object, *, threads: int | None = None) -> None:
             self.inner = OrtCpuRunner(artifact, threads=threads)  # type: ignore[arg-type]
             self.output_names = self.inner.output_names
+            self.takes_exclude = self.inner.takes_exclude
             self.name = self.backend
 
-        def infer(self, item_seq: np.ndarray, item_seq_len: np.ndarray) -> dict[str, np.ndarray]:
-            return self.inner.infer(item_seq, item_seq_len)
+        def infer(
+            self, item_seq: np.ndarray, item_seq_len: np.ndarray, exclude_items: np.ndarray | None
+        ) -> dict[str, np.ndarray]:
+            return self.inner.infer(item_seq, item_seq_len, exclude_items)
 
     try:
         assert BACKENDS["test-echo"] is EchoRunner

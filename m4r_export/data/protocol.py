@@ -96,6 +96,28 @@ class SequenceDataset:
             "split": "leave-one-out (valid = second last, test = last), chronological",
         }
 
+    def known_items(self, split: str) -> list[np.ndarray]:
+        """Per row of ``split`` ("valid" or "test"): every item its user interacted with before that
+        row's target, sorted and unique: the user's full known history, not only the ``max_seq_len``
+        window the model sees. What a deployment would exclude (``exclude_items``) and what
+        ``m4r evaluate --exclude-history`` masks. The rows before a test target are the user's train
+        and valid samples (leave-one-out), whose windows and targets together hold every earlier item.
+        """
+        if split not in ("valid", "test"):
+            raise UsageError(f"known items are defined for the valid and test splits, not {split!r}")
+        users: list[np.ndarray] = []
+        items: list[np.ndarray] = []
+        for part in (self.train,) if split == "valid" else (self.train, self.valid):
+            valid = np.arange(part.item_seq.shape[1])[None, :] < part.item_seq_len[:, None]
+            users += [np.broadcast_to(part.user[:, None], part.item_seq.shape)[valid], part.user]
+            items += [part.item_seq[valid], part.target]
+        keys = np.unique(np.concatenate(users).astype(np.int64) * self.n_items + np.concatenate(items))
+        key_user, key_item = keys // self.n_items, keys % self.n_items
+        rows = getattr(self, split).user
+        start = np.searchsorted(key_user, rows, side="left")
+        end = np.searchsorted(key_user, rows, side="right")
+        return [key_item[a:b] for a, b in zip(start.tolist(), end.tolist(), strict=True)]
+
     def summary(self) -> str:
         users, items, n = self.n_users - 1, self.n_items - 1, self.n_interactions
         density = n / max(users * items, 1)

@@ -5,6 +5,6 @@ See docs/onnx-export.md. Heavy imports (torch.onnx, onnx, onnxruntime) happen in
 
 from __future__ import annotations
 
-from .inputs import histories_to_inputs, truncate_inputs
+from .inputs import exclude_inputs, histories_to_inputs, truncate_inputs
 
-__all__ = ["histories_to_inputs", "truncate_inputs"]
+__all__ = ["exclude_inputs", "histories_to_inputs", "truncate_inputs"]

@@ -24,7 +24,17 @@ from ..errors import M4RError
     help="scores: [batch, n_items]; topk: topk_scores/topk_items [batch, K]; embedding: user_embedding.",
 )
 @click.option("--k", type=int, default=100, show_default=True, help="K for --head topk.")
-@click.option("--exclude-history", is_flag=True, help="Never rank items already in the input history.")
+@click.option(
+    "--exclude-history",
+    is_flag=True,
+    help="Never rank items in the input window (the last max-seq-len items); for the full history or "
+    "other items use the exclude_items input.",
+)
+@click.option(
+    "--no-exclude-items",
+    is_flag=True,
+    help="Ranking heads without the exclude_items [batch, E] input (clients then send two inputs).",
+)
 @click.option(
     "--max-seq-len",
     type=int,
@@ -57,6 +67,7 @@ def export(
     head: str,
     k: int,
     exclude_history: bool,
+    no_exclude_items: bool,
     max_seq_len: int | None,
     fp16: bool,
     opset: int | None,
@@ -87,6 +98,7 @@ def export(
         head=head,
         k=k,
         exclude_history=exclude_history,
+        exclude_items=not no_exclude_items,
         max_seq_len=max_seq_len,
         fp16=fp16,
         opset=DEFAULT_OPSET if opset is None else opset,

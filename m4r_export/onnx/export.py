@@ -42,7 +42,7 @@ from .. import __version__
 from ..errors import M4RError, UsageError
 from ..model import Mamba4Rec, register_scan_backend
 from ..model.scan import selective_scan_fast
-from ..serving import HEAD_OUTPUTS, HEADS, INPUT_NAMES, ServingModel
+from ..serving import EXCLUDE_INPUT, HEAD_OUTPUTS, HEADS, ServingModel, input_names
 from . import bodies
 
 SCAN_BACKEND = "onnx-export"
@@ -134,8 +134,10 @@ class _FloatOutputs(nn.Module):
         super().__init__()
         self.inner = inner
 
-    def forward(self, item_seq: Tensor, item_seq_len: Tensor) -> tuple[Tensor, ...]:
-        outs = self.inner(item_seq, item_seq_len)
+    def forward(
+        self, item_seq: Tensor, item_seq_len: Tensor, exclude_items: Tensor | None = None
+    ) -> tuple[Tensor, ...]:
+        outs = self.inner(item_seq, item_seq_len, exclude_items)
         return tuple(o.float() if o.is_floating_point() else o for o in outs)
 
 
@@ -147,10 +149,16 @@ class ExportOptions:
     head: str = "scores"
     k: int = 100
     exclude_history: bool = False
+    #: ranking heads take the ``exclude_items`` input (``m4r export --no-exclude-items`` drops it)
+    exclude_items: bool = True
     max_seq_len: int = 50
     fp16: bool = False
     opset: int = DEFAULT_OPSET
     body: str = bodies.DEFAULT_BODY
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return input_names(self.head, self.exclude_items)
 
     def validate(self, n_items: int) -> None:
         if self.head not in HEADS:
@@ -175,15 +183,19 @@ class ExportOptions:
 def _serving_module(model: Mamba4Rec, opts: ExportOptions, fp16: bool) -> nn.Module:
     m = half_model(model) if fp16 else copy.deepcopy(model).eval()
     m.set_scan_backend(SCAN_BACKEND)
-    serving = ServingModel(m, opts.head, opts.k, opts.exclude_history).eval()
+    serving = ServingModel(m, opts.head, opts.k, opts.exclude_history, opts.exclude_items).eval()
     return _FloatOutputs(serving).eval() if fp16 else serving
 
 
-def _sample_inputs(n_items: int, max_seq_len: int) -> tuple[Tensor, Tensor]:
+def _sample_inputs(n_items: int, max_seq_len: int, exclude_items: bool) -> tuple[Tensor, ...]:
     seq = max(2, min(max_seq_len, 8))
     g = torch.Generator().manual_seed(0)
     item_seq = torch.randint(1, max(2, n_items), (3, seq), generator=g)
-    return item_seq, torch.tensor([seq, 2, 1])
+    if not exclude_items:
+        return item_seq, torch.tensor([seq, 2, 1])
+    # a width unlike batch (3) and seq, so that the exporter keeps the three dims apart
+    exclude = torch.randint(0, max(2, n_items), (3, seq + 3), generator=g)
+    return item_seq, torch.tensor([seq, 2, 1]), exclude
 
 
 @contextlib.contextmanager
@@ -207,9 +219,14 @@ def trace_onnx(model: Mamba4Rec, opts: ExportOptions, fp16: bool = False) -> Any
     import onnx
 
     module = _serving_module(model, opts, fp16)
-    args = _sample_inputs(model.n_items, opts.max_seq_len)
+    names = opts.input_names
+    args = _sample_inputs(model.n_items, opts.max_seq_len, EXCLUDE_INPUT in names)
     batch = torch.export.Dim("batch", min=1)
     seq = torch.export.Dim("seq", min=1, max=max(opts.max_seq_len, 2))
+    dynamic: dict[str, Any] = {"item_seq": {0: batch, 1: seq}, "item_seq_len": {0: batch}}
+    if EXCLUDE_INPUT in names:
+        # traced with min 1; ONNX Runtime also runs E = 0 (tests/test_export.py checks it)
+        dynamic[EXCLUDE_INPUT] = {0: batch, 1: torch.export.Dim("exclude", min=1)}
     sink = io.StringIO()
     try:
         with contextlib.redirect_stdout(sink), torch.no_grad(), _quiet_exporter():
@@ -217,9 +234,9 @@ def trace_onnx(model: Mamba4Rec, opts: ExportOptions, fp16: bool = False) -> Any
                 module,
                 args,
                 dynamo=True,
-                input_names=list(INPUT_NAMES),
+                input_names=list(names),
                 output_names=list(HEAD_OUTPUTS[opts.head]),
-                dynamic_shapes={"item_seq": {0: batch, 1: seq}, "item_seq_len": {0: batch}},
+                dynamic_shapes=dynamic,
                 opset_version=opts.opset,
                 external_data=False,
                 verbose=False,
@@ -262,6 +279,8 @@ def finalize_model(proto: Any, opts: ExportOptions, fp16: bool) -> None:
         dims[0].dim_param = "batch"
         if vi.name == "item_seq":
             dims[1].dim_param = "seq"
+        if vi.name == EXCLUDE_INPUT:
+            dims[1].dim_param = "exclude"
     for vi in proto.graph.output:
         vi.type.tensor_type.shape.dim[0].dim_param = "batch"
     meta = {
@@ -270,10 +289,16 @@ def finalize_model(proto: Any, opts: ExportOptions, fp16: bool) -> None:
         "m4r.head": opts.head,
         "m4r.k": str(opts.k) if opts.head == "topk" else "",
         "m4r.exclude_history": str(int(opts.exclude_history)),
+        "m4r.exclude_items": str(int(EXCLUDE_INPUT in opts.input_names)),
         "m4r.max_seq_len": str(opts.max_seq_len),
         "m4r.precision": "fp16" if fp16 else "fp32",
         "m4r.function_body": opts.body,
-        "m4r.input_semantics": "ids outside [0, n_items) -> 0; item_seq_len clamped to [1, seq]",
+        "m4r.input_semantics": "ids outside [0, n_items) -> 0; item_seq_len clamped to [1, seq]"
+        + (
+            "; exclude_items [batch, E]: ids in [1, n_items) are -inf, 0 and others ignored"
+            if EXCLUDE_INPUT in opts.input_names
+            else ""
+        ),
     }
     del proto.metadata_props[:]
     for key, value in meta.items():
@@ -306,8 +331,15 @@ TOLERANCES = {
 
 PARITY_INPUTS = (
     "seed 0: 32 rows at seq=max_seq_len with lengths uniform in [1, max_seq_len]; 8 rows at "
-    "seq=min(7, max_seq_len) with edge cases (lengths 0, -1, > seq; ids -3 and >= n_items); 1 row at seq=1"
+    "seq=min(7, max_seq_len) with edge cases (lengths 0, -1, > seq; ids -3 and >= n_items); 1 row at seq=1; "
+    "exclude_items (ranking heads): E = 12, 3 and 1 per batch, ids uniform in [-2, n_items + 2) "
+    "(0s, duplicates and out-of-range ids included)"
 )
+
+
+def parity_exclude(n_items: int, batch: int, width: int, rng: np.random.Generator) -> np.ndarray:
+    """Random exclude lists [batch, width] with 0s, duplicates and ids outside [1, n_items)."""
+    return rng.integers(-2, n_items + 2, size=(batch, width)).astype(np.int64)
 
 
 def parity_inputs(n_items: int, max_seq_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -417,10 +449,14 @@ def ort_session(model_bytes: bytes, threads: int | None = None) -> Any:
 
 
 def torch_outputs(
-    serving: ServingModel, item_seq: np.ndarray, item_seq_len: np.ndarray
+    serving: ServingModel,
+    item_seq: np.ndarray,
+    item_seq_len: np.ndarray,
+    exclude_items: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
+    excl = None if exclude_items is None else torch.from_numpy(exclude_items)
     with torch.no_grad():
-        outs = serving(torch.from_numpy(item_seq), torch.from_numpy(item_seq_len))
+        outs = serving(torch.from_numpy(item_seq), torch.from_numpy(item_seq_len), excl)
     return {n: o.numpy() for n, o in zip(serving.output_names, outs, strict=True)}
 
 
@@ -430,20 +466,19 @@ def measure_parity(
     """Run the ONNX model (ORT CPU) and the PyTorch ServingModel (fp32) on the parity inputs."""
     reference = copy.deepcopy(model).eval()
     reference.set_scan_backend("fast")
-    serving = ServingModel(reference, opts.head, opts.k, opts.exclude_history)
+    serving = ServingModel(reference, opts.head, opts.k, opts.exclude_history, opts.exclude_items)
     table = model.item_embedding.weight.detach().numpy() if opts.head == "embedding" else None
     sess = ort_session(model_bytes)
     tol = TOLERANCES[precision]
     max_diff, overlaps, ok = 0.0, [], True
-    for item_seq, item_seq_len in parity_inputs(model.n_items, opts.max_seq_len):
-        ref = torch_outputs(serving, item_seq, item_seq_len)
-        got = dict(
-            zip(
-                serving.output_names,
-                sess.run(None, {"item_seq": item_seq, "item_seq_len": item_seq_len}),
-                strict=True,
-            )
-        )
+    rng = np.random.default_rng(1)
+    batches = parity_inputs(model.n_items, opts.max_seq_len)
+    for (item_seq, item_seq_len), width in zip(batches, (12, 3, 1), strict=True):
+        feeds = {"item_seq": item_seq, "item_seq_len": item_seq_len}
+        if serving.exclude_items:
+            feeds[EXCLUDE_INPUT] = parity_exclude(model.n_items, len(item_seq), width, rng)
+        ref = torch_outputs(serving, item_seq, item_seq_len, feeds.get(EXCLUDE_INPUT))
+        got = dict(zip(serving.output_names, sess.run(None, feeds), strict=True))
         d, ov = compare_outputs(ref, got, opts.head, table)
         max_diff = max(max_diff, d)
         overlaps.append((ov, len(item_seq)))
@@ -589,6 +624,7 @@ def export_artifacts(
         "head": opts.head,
         "k": opts.k if opts.head == "topk" else None,
         "exclude_history": opts.exclude_history,
+        "exclude_items": EXCLUDE_INPUT in opts.input_names,
         "opset": opts.opset,
         "custom_op": {
             "domain": bodies.DOMAIN,
@@ -606,6 +642,16 @@ def export_artifacts(
             "item_seq_len": "int64, clamped to [1, seq]; the user representation is read at item_seq_len - 1",
             "longer_histories": f"keep the most recent {opts.max_seq_len} items "
             "(m4r_export.onnx.truncate_inputs / histories_to_inputs)",
+            **(
+                {
+                    EXCLUDE_INPUT: "int64 [batch, E], any E >= 0: items never ranked for that row (scores "
+                    "-inf), in addition to exclude_history (which covers the input window only); 0 = no "
+                    "item, ids outside [1, n_items) are ignored, duplicates are harmless; send zeros "
+                    "[batch, 1] to exclude nothing (m4r_export.onnx.exclude_inputs pads ragged lists)"
+                }
+                if EXCLUDE_INPUT in opts.input_names
+                else {}
+            ),
         },
         "files": files,
         "parity": parity,

@@ -7,6 +7,10 @@ Inputs of every exported model: ``item_seq`` int64 [batch, seq] (right-padded, o
 * ``item_seq_len`` is clamped to ``[1, seq]`` (0 or negative -> 1, larger than seq -> seq);
 * only positions ``< item_seq_len`` matter (the model is causal; padding after them is ignored).
 
+Ranking heads also take ``exclude_items`` int64 [batch, E] (unless exported with
+``--no-exclude-items``): items never ranked for that row; 0 and ids outside ``[1, n_items)`` are
+ignored; :func:`exclude_inputs` pads ragged per-row lists (zeros ``[batch, 1]`` = nothing).
+
 Histories longer than the exported ``max_seq_len`` must be cut to the most recent items before
 they reach the model; :func:`truncate_inputs` does that for padded arrays and
 :func:`histories_to_inputs` for Python lists (both keep the newest items, like training did).
@@ -57,3 +61,20 @@ def histories_to_inputs(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Item-index histories (oldest first) -> padded ``(item_seq, item_seq_len)``, newest items kept."""
     return pad_sequences(histories, max_seq_len)
+
+
+def exclude_inputs(exclude: Sequence[Sequence[int] | np.ndarray], batch: int | None = None) -> np.ndarray:
+    """Per-row item-index lists to exclude -> the ``exclude_items`` input, int64 ``[batch, E]``.
+
+    Rows are right-padded with 0 ("no item") to the longest list; E is at least 1, so a batch with
+    nothing to exclude becomes zeros ``[batch, 1]`` (what every backend accepts, a TensorRT profile
+    included). ``batch`` defaults to ``len(exclude)``; with ``exclude=[]`` it gives that many zero rows.
+    Ids are passed as given: the model ignores 0 and ids outside ``[1, n_items)``.
+    """
+    rows = [list(r) for r in exclude] or [[] for _ in range(batch or 0)]
+    if batch is not None and len(rows) != batch:
+        raise UsageError(f"exclude_items has {len(rows)} rows but the batch has {batch}")
+    out = np.zeros((len(rows), max([1, *map(len, rows)])), dtype=np.int64)
+    for r, ids in enumerate(rows):
+        out[r, : len(ids)] = ids
+    return out

@@ -169,6 +169,12 @@ def _print_train_result(result: Any, out: Path, valid_metric: str) -> None:
 @click.option("--min-user-inter", type=int, default=None, help="Default: the checkpoint's (5).")
 @click.option("--min-item-inter", type=int, default=None, help="Default: the checkpoint's (5).")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: torch's, the core count).")
+@click.option(
+    "--exclude-history",
+    is_flag=True,
+    help="Never rank items the user interacted with before the target (the full history, not only the "
+    "max-seq-len window): what a top-K artifact fed that history as exclude_items returns.",
+)
 def evaluate(
     ckpt: Path,
     data_path: Path,
@@ -184,11 +190,12 @@ def evaluate(
     min_user_inter: int | None,
     min_item_inter: int | None,
     threads: int | None,
+    exclude_history: bool,
 ) -> None:
     """Full-ranking hit@K / ndcg@K / mrr@K of a checkpoint, beside the most-popular baseline.
 
     Padding is scored -inf; items in the user's history are not masked (RecBole's behaviour for
-    sequential models).
+    sequential models) unless --exclude-history.
     """
     from rich.console import Console
     from rich.table import Table
@@ -210,8 +217,12 @@ def evaluate(
         max_seq_len=max_seq_len,
         min_user_inter=min_user_inter,
         min_item_inter=min_item_inter,
+        exclude_history=exclude_history,
     )
-    t = Table(title=f"{report.split} split, {report.rows} users, full ranking ({report.seconds:.1f} s)")
+    masked = ", known history excluded" if exclude_history else ""
+    t = Table(
+        title=f"{report.split} split, {report.rows} users, full ranking{masked} ({report.seconds:.1f} s)"
+    )
     t.add_column("metric")
     t.add_column("model", justify="right")
     if report.baseline is not None:

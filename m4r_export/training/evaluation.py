@@ -29,6 +29,7 @@ class EvalReport:
     seconds: float
     checkpoint: str
     data: str
+    exclude_history: bool = False
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.model)
@@ -38,6 +39,7 @@ class EvalReport:
                 "rows": self.rows,
                 "checkpoint": self.checkpoint,
                 "data": self.data,
+                "exclude_history": self.exclude_history,
                 "seconds": round(self.seconds, 3),
             }
         )
@@ -86,11 +88,14 @@ def evaluate_checkpoint(
     max_seq_len: int | None = None,
     min_user_inter: int | None = None,
     min_item_inter: int | None = None,
+    exclude_history: bool = False,
 ) -> EvalReport:
     """Full-ranking metrics of a checkpoint (own format or RecBole) on ``split`` of ``data_path``.
 
     The data protocol (max_seq_len, filtering thresholds) defaults to the one stored in the
-    checkpoint, so the evaluation sees the samples the model was validated on.
+    checkpoint, so the evaluation sees the samples the model was validated on. ``exclude_history``
+    masks each user's full known history (every item before the target), for the model and the
+    baseline alike.
     """
     if split not in ("test", "valid"):
         raise UsageError(f"--split must be 'test' or 'valid', got {split!r}")
@@ -116,11 +121,19 @@ def evaluate_checkpoint(
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     data_split = getattr(ds, split)
-    metrics = evaluate(model_scorer(model), data_split, ks, batch_size=batch_size, device=dev)
+    exclude = ds.known_items(split) if exclude_history else None
+    metrics = evaluate(
+        model_scorer(model), data_split, ks, batch_size=batch_size, device=dev, exclude=exclude
+    )
     base = None
     if baseline:
         base = evaluate(
-            popularity_scorer(ds.train, ds.n_items, dev), data_split, ks, batch_size=batch_size, device=dev
+            popularity_scorer(ds.train, ds.n_items, dev),
+            data_split,
+            ks,
+            batch_size=batch_size,
+            device=dev,
+            exclude=exclude,
         )
     return EvalReport(
         split=split,
@@ -131,4 +144,5 @@ def evaluate_checkpoint(
         seconds=time.perf_counter() - t0,
         checkpoint=str(ckpt_path),
         data=str(data_path),
+        exclude_history=exclude_history,
     )

@@ -10,7 +10,11 @@ happen, and a NaN score never outranks anything):
 * ``ndcg@K`` = 1 / log2(rank + 1) if rank <= K else 0   (one relevant item, so IDCG = 1)
 * ``mrr@K``  = 1 / rank if rank <= K else 0
 
-each averaged over rows. A *scorer* is any callable ``(item_seq, item_seq_len) -> (batch, n_items)``
+each averaged over rows. With ``exclude`` (``m4r evaluate --exclude-history``) each row's listed
+items -- the user's full known history -- are -inf too, as a deployed top-K artifact fed that
+history through ``exclude_items`` ranks them; a target the user had already consumed then never hits.
+
+A *scorer* is any callable ``(item_seq, item_seq_len) -> (batch, n_items)``
 scores, so the model and the most-popular baseline go through the same code.
 """
 
@@ -71,11 +75,15 @@ def evaluate_scorer(
     batch_size: int = 4096,
     device: torch.device | str = "cpu",
     crop: bool = True,
+    exclude: Sequence[np.ndarray] | None = None,
 ) -> tuple[dict[str, float], int]:
     """Metric sums and the number of rows of ``split`` (see :func:`evaluate` for the means).
 
     ``crop`` cuts each batch to its longest history (exact for a causal, right-padded model).
+    ``exclude[r]``: item indices scored -inf for row ``r`` (one array per row of ``split``).
     """
+    if exclude is not None and len(exclude) != len(split):
+        raise ValueError(f"exclude has {len(exclude)} rows, the split {len(split)}")
     sums: dict[str, float] = {}
     n = len(split)
     for a in range(0, n, batch_size):
@@ -85,11 +93,23 @@ def evaluate_scorer(
         seq = torch.from_numpy(np.ascontiguousarray(split.item_seq[a:b, : max(width, 1)])).to(device)
         tgt = torch.from_numpy(split.target[a:b]).to(device)
         scores = scorer(seq, lens)
+        if exclude is not None:
+            scores = _mask_rows(scores, exclude[a:b])
         for key, v in metric_sums(target_ranks(scores, tgt), ks).items():
             sums[key] = sums.get(key, 0.0) + v
     if n == 0:
         sums = dict.fromkeys(metric_keys(ks), 0.0)
     return sums, n
+
+
+def _mask_rows(scores: Tensor, rows: Sequence[np.ndarray]) -> Tensor:
+    """``scores`` with ``scores[r, rows[r]] = -inf`` (out of place: scorers may return shared views)."""
+    width = max([1, *(len(r) for r in rows)])
+    index = np.zeros((len(rows), width), dtype=np.int64)  # padding 0: column 0 is -inf already
+    for r, ids in enumerate(rows):
+        index[r, : len(ids)] = ids
+    idx = torch.from_numpy(index).to(scores.device)
+    return scores.scatter(1, idx, float("-inf"))
 
 
 def means(sums: dict[str, float], n: int, ks: Sequence[int]) -> dict[str, float]:
@@ -103,9 +123,10 @@ def evaluate(
     *,
     batch_size: int = 4096,
     device: torch.device | str = "cpu",
+    exclude: Sequence[np.ndarray] | None = None,
 ) -> dict[str, float]:
     """Mean hit@K, ndcg@K, mrr@K over the rows of ``split`` (keys ``"hit@10"``, ...)."""
-    sums, n = evaluate_scorer(scorer, split, ks, batch_size=batch_size, device=device)
+    sums, n = evaluate_scorer(scorer, split, ks, batch_size=batch_size, device=device, exclude=exclude)
     return means(sums, n, ks)
 
 

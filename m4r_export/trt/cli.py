@@ -87,6 +87,11 @@ def build_plugin(
 @click.option("--opt-seq", type=int, default=50, show_default=True)
 @click.option("--max-seq", type=int, default=200, show_default=True)
 @click.option(
+    "--min-exclude", type=int, default=1, show_default=True, help="exclude_items width E (ranking heads)."
+)
+@click.option("--opt-exclude", type=int, default=1, show_default=True)
+@click.option("--max-exclude", type=int, default=1024, show_default=True)
+@click.option(
     "--timing-cache",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
@@ -105,13 +110,18 @@ def build_engine(
     min_seq: int,
     opt_seq: int,
     max_seq: int,
+    min_exclude: int,
+    opt_exclude: int,
+    max_exclude: int,
     timing_cache: Path | None,
     opt_level: int,
 ) -> None:
     """Build a strongly typed TensorRT engine (+ manifest) from an exported ONNX file."""
     from .engine import build_engine as _build
 
-    profile = ShapeProfile(min_batch, opt_batch, max_batch, min_seq, opt_seq, max_seq)
+    profile = ShapeProfile(
+        min_batch, opt_batch, max_batch, min_seq, opt_seq, max_seq, min_exclude, opt_exclude, max_exclude
+    )
     profile.validate()
     engine_path = (out_dir or onnx_path.parent) / engine_name
     manifest = _build(

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import M4RError, UsageError
 from ..fileio import sha256_file, write_bytes_atomic, write_json_atomic
 from .env import gpu_unavailable_reason, list_gpus, load_tensorrt, tensorrt_unavailable_reason
-from .manifest import INPUT_NAMES, MANIFEST_FORMAT, ShapeProfile, manifest_path_for
+from .manifest import EXCLUDE_INPUT, INPUT_NAMES, MANIFEST_FORMAT, ShapeProfile, manifest_path_for
 from .native import find_or_build_plugin, find_plugin_library
 
 if TYPE_CHECKING:
@@ -149,10 +149,10 @@ def build_engine(
         errors = "\n  ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise M4RError(f"TensorRT could not parse {onnx_path}:\n  {errors}{logged(logger)}")
     names = {network.get_input(i).name for i in range(network.num_inputs)}
-    if names != set(INPUT_NAMES):
+    if names not in (set(INPUT_NAMES), {*INPUT_NAMES, EXCLUDE_INPUT}):
         raise UsageError(
             f"{onnx_path} has inputs {sorted(names)}; m4r engines expect {list(INPUT_NAMES)} "
-            "(export the model with `m4r export`)"
+            f"(and {EXCLUDE_INPUT} for ranking heads); export the model with `m4r export`"
         )
 
     config = builder.create_builder_config()
@@ -161,6 +161,8 @@ def build_engine(
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
     opt_profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in profile.input_shapes().items():
+        if name not in names:
+            continue  # exclude_items: only ranking heads exported with it
         opt_profile.set_shape(name, trt.Dims(list(lo)), trt.Dims(list(opt)), trt.Dims(list(hi)))
     config.add_optimization_profile(opt_profile)
 

@@ -16,6 +16,8 @@ from ..errors import M4RError, UsageError
 
 MANIFEST_FORMAT = "m4r-trt-engine/1"
 INPUT_NAMES = ("item_seq", "item_seq_len")
+#: the ranking heads' optional third input (m4r_export.serving.EXCLUDE_INPUT; not imported: no torch here)
+EXCLUDE_INPUT = "exclude_items"
 
 
 def manifest_path_for(engine_path: Path) -> Path:
@@ -25,7 +27,9 @@ def manifest_path_for(engine_path: Path) -> Path:
 
 @dataclass(frozen=True)
 class ShapeProfile:
-    """Optimization profile over the two model inputs: item_seq [batch, seq], item_seq_len [batch]."""
+    """Optimization profile over the model inputs: item_seq [batch, seq], item_seq_len [batch] and,
+    for ranking heads that take it, exclude_items [batch, exclude] (E >= 1 in an engine: send zeros
+    [batch, 1] to exclude nothing)."""
 
     min_batch: int = 1
     opt_batch: int = 64
@@ -33,11 +37,15 @@ class ShapeProfile:
     min_seq: int = 1
     opt_seq: int = 50
     max_seq: int = 200
+    min_exclude: int = 1
+    opt_exclude: int = 1
+    max_exclude: int = 1024
 
     def validate(self) -> None:
         for what, lo, opt, hi in (
             ("batch", self.min_batch, self.opt_batch, self.max_batch),
             ("seq", self.min_seq, self.opt_seq, self.max_seq),
+            ("exclude", self.min_exclude, self.opt_exclude, self.max_exclude),
         ):
             if not 1 <= lo <= opt <= hi:
                 raise UsageError(
@@ -54,18 +62,25 @@ class ShapeProfile:
                 (self.max_batch, self.max_seq),
             ),
             "item_seq_len": ((self.min_batch,), (self.opt_batch,), (self.max_batch,)),
+            EXCLUDE_INPUT: (
+                (self.min_batch, self.min_exclude),
+                (self.opt_batch, self.opt_exclude),
+                (self.max_batch, self.max_exclude),
+            ),
         }
 
     def to_json(self) -> dict[str, list[int]]:
         return {
             "batch": [self.min_batch, self.opt_batch, self.max_batch],
             "seq": [self.min_seq, self.opt_seq, self.max_seq],
+            "exclude": [self.min_exclude, self.opt_exclude, self.max_exclude],
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ShapeProfile:
         b, s = data["batch"], data["seq"]
-        return cls(int(b[0]), int(b[1]), int(b[2]), int(s[0]), int(s[1]), int(s[2]))
+        e = data.get("exclude") or [1, 1, 1024]  # engines built before exclude_items existed
+        return cls(int(b[0]), int(b[1]), int(b[2]), int(s[0]), int(s[1]), int(s[2]), *map(int, e))
 
 
 def read_manifest(engine_path: Path) -> dict[str, Any]:
@@ -113,8 +128,8 @@ def check_engine_compatible(
     return warnings
 
 
-def check_inputs_in_profile(profile: ShapeProfile, batch: int, seq: int) -> None:
-    """UsageError naming the offending dimension and the fix when (batch, seq) is outside the profile."""
+def check_inputs_in_profile(profile: ShapeProfile, batch: int, seq: int, exclude: int | None = None) -> None:
+    """UsageError naming the offending dimension and the fix when (batch, seq, E) is outside the profile."""
     if not profile.min_batch <= batch <= profile.max_batch:
         raise UsageError(
             f"batch size {batch} is outside the engine's profile [{profile.min_batch}, {profile.max_batch}]; "
@@ -125,4 +140,10 @@ def check_inputs_in_profile(profile: ShapeProfile, batch: int, seq: int) -> None
             f"sequence length {seq} (item_seq.shape[1]) is outside the engine's profile "
             f"[{profile.min_seq}, {profile.max_seq}]; pad/truncate item_seq to at most {profile.max_seq} "
             f"columns (keep the most recent items) or rebuild the engine with --max-seq {seq}"
+        )
+    if exclude is not None and not profile.min_exclude <= exclude <= profile.max_exclude:
+        raise UsageError(
+            f"exclude_items width {exclude} is outside the engine's profile [{profile.min_exclude}, "
+            f"{profile.max_exclude}]; send zeros [batch, 1] (not [batch, 0]) to exclude nothing, and "
+            f"rebuild the engine with --max-exclude {max(exclude, 1)} for longer lists"
         )

@@ -16,6 +16,7 @@ from ..errors import M4RError, UsageError
 from .engine import load_plugin_library, logged, make_logger
 from .env import list_gpus, load_tensorrt
 from .manifest import (
+    EXCLUDE_INPUT,
     INPUT_NAMES,
     ShapeProfile,
     check_engine_compatible,
@@ -97,9 +98,16 @@ class TrtRunner:
             self._context: tensorrt.IExecutionContext = engine.create_execution_context()
         self._names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.output_names = [n for n in self._names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        #: the engine takes exclude_items [batch, E] (E within the profile, >= 1)
+        self.takes_exclude = EXCLUDE_INPUT in self._names
 
-    def run(self, item_seq: np.ndarray, item_seq_len: np.ndarray) -> dict[str, np.ndarray]:
-        """item_seq int [batch, seq] (right-padded with 0), item_seq_len int [batch] -> outputs by name."""
+    def run(
+        self, item_seq: np.ndarray, item_seq_len: np.ndarray, exclude_items: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
+        """item_seq int [batch, seq] (right-padded with 0), item_seq_len int [batch] -> outputs by name.
+
+        ``exclude_items`` int [batch, E] for engines that take it (None: zeros [batch, 1], nothing).
+        """
         import torch
 
         item_seq = np.asarray(item_seq)
@@ -114,12 +122,21 @@ class TrtRunner:
                 f"item_seq and item_seq_len must be integers, got {item_seq.dtype}, {item_seq_len.dtype}"
             )
         batch, seq = item_seq.shape
-        check_inputs_in_profile(self.profile, batch, seq)
+        exclude = None
+        if self.takes_exclude:
+            exclude = np.zeros((batch, 1), np.int64) if exclude_items is None else np.asarray(exclude_items)
+            if exclude.ndim != 2 or exclude.shape[0] != batch or not np.issubdtype(exclude.dtype, np.integer):
+                raise UsageError(f"exclude_items must be integers [batch={batch}, E], got {exclude.shape}")
+        elif exclude_items is not None:
+            raise UsageError(f"engine {self.engine_path} has no exclude_items input (exported without it)")
+        check_inputs_in_profile(self.profile, batch, seq, None if exclude is None else exclude.shape[1])
 
         feeds = {
             INPUT_NAMES[0]: torch.from_numpy(item_seq.astype(np.int64)),
             INPUT_NAMES[1]: torch.from_numpy(item_seq_len.astype(np.int64)),
         }
+        if exclude is not None:
+            feeds[EXCLUDE_INPUT] = torch.from_numpy(exclude.astype(np.int64))
         ctx = self._context
         buffers: dict[str, Any] = {}
         with torch.cuda.device(self.device):

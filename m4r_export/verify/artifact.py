@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import M4RError, UsageError
-from ..serving import HEAD_OUTPUTS
+from ..serving import EXCLUDE_INPUT, HEAD_OUTPUTS
 
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
@@ -33,6 +33,7 @@ class ArtifactInfo:
     manifest: dict[str, Any] | None = None
     onnx_path: Path | None = None  # the ONNX file (for an engine: the one it was built from)
     item_table: Path | None = None  # embedding head: the item table shipped beside the model
+    exclude_items: bool = False  # the graph takes the exclude_items input (read from the graph)
     notes: list[str] = field(default_factory=list)
 
     def describe(self) -> dict[str, Any]:
@@ -42,6 +43,7 @@ class ArtifactInfo:
             "head": self.head,
             "k": self.k,
             "exclude_history": self.exclude_history,
+            "exclude_items": self.exclude_items,
             "max_seq_len": self.max_seq_len,
             "precision": self.precision,
             "onnx": str(self.onnx_path) if self.onnx_path else None,
@@ -60,8 +62,8 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _onnx_facts(onnx_path: Path) -> tuple[list[str], dict[str, list[int | str]], bool]:
-    """Output names, their shapes (dims as int or symbolic name), and whether the graph is fp16."""
+def _onnx_facts(onnx_path: Path) -> tuple[list[str], dict[str, list[int | str]], bool, list[str]]:
+    """Output names, their shapes (dims as int or symbolic name), whether the graph is fp16, inputs."""
     import onnx
 
     try:
@@ -76,7 +78,7 @@ def _onnx_facts(onnx_path: Path) -> tuple[list[str], dict[str, list[int | str]],
         shapes[out.name] = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]
         is_fp16 |= out.type.tensor_type.elem_type == fp16
     is_fp16 |= any(init.data_type == fp16 for init in model.graph.initializer)
-    return [o.name for o in model.graph.output], shapes, is_fp16
+    return [o.name for o in model.graph.output], shapes, is_fp16, [i.name for i in model.graph.input]
 
 
 def _head_from_outputs(names: list[str], where: Path) -> str:
@@ -139,7 +141,7 @@ def load_artifact(path: str | Path) -> ArtifactInfo:
             f"({', '.join(ENGINE_SUFFIXES)})"
         )
 
-    out_names, out_shapes, is_fp16 = _onnx_facts(onnx_path)
+    out_names, out_shapes, is_fp16, in_names = _onnx_facts(onnx_path)
     manifest_path = onnx_path.parent / "manifest.json"
     manifest = _read_json(manifest_path) if manifest_path.is_file() else None
     if manifest is None:
@@ -175,5 +177,6 @@ def load_artifact(path: str | Path) -> ArtifactInfo:
         manifest=manifest,
         onnx_path=onnx_path,
         item_table=item_table,
+        exclude_items=EXCLUDE_INPUT in in_names,
         notes=notes,
     )

@@ -99,6 +99,14 @@ def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
 )
 @_threads_option
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--exclude",
+    type=click.Choice(["auto", "none"]),
+    default="auto",
+    show_default=True,
+    help="exclude_items fed to artifacts that take it: auto = each dataset user's full known history "
+    "(as `m4r evaluate --exclude-history`), random lists for generated users; none = zeros.",
+)
 @click.option("--max-abs-error", type=float, default=None, help="Threshold: max |score difference|.")
 @click.option("--max-rel-error", type=float, default=None, help="Threshold: max relative score error.")
 @click.option("--min-overlap-mean", type=float, default=None, help="Threshold: mean top-K overlap.")
@@ -121,6 +129,7 @@ def verify(
     scan_backend: str,
     threads: int | None,
     seed: int,
+    exclude: str,
     max_abs_error: float | None,
     max_rel_error: float | None,
     min_overlap_mean: float | None,
@@ -165,6 +174,7 @@ def verify(
         scan_backend=scan_backend,
         max_seq_len=max_seq_len,
         seed=seed,
+        exclude=exclude,
     )
     render_verify(report)
     _write_json(json_path, report.to_dict())

@@ -1,8 +1,10 @@
 """One small runner per backend behind one interface (Polygraphy's runner pattern).
 
-``runner.run(item_seq, item_seq_len) -> {output name: float32/int64 numpy array}``
+``runner.run(item_seq, item_seq_len, exclude_items=None) -> {output name: float32/int64 array}``
 
-* inputs: ``item_seq`` int [batch, seq] right-padded with 0, ``item_seq_len`` int [batch];
+* inputs: ``item_seq`` int [batch, seq] right-padded with 0, ``item_seq_len`` int [batch], and
+  ``exclude_items`` int [batch, E] (items never to rank; 0 = none) for runners whose model takes it
+  (``takes_exclude``); None feeds zeros ``[batch, 1]``, i.e. nothing excluded;
 * a runner whose backend only accepts a fixed or bounded sequence width (a static ONNX dimension,
   a TensorRT profile) adapts the input: wider inputs keep each row's **most recent** items, narrower
   inputs are right-padded with 0 (both leave the model's output unchanged when nothing is cut);
@@ -23,7 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..errors import M4RError, UsageError
-from ..serving import HEAD_OUTPUTS
+from ..serving import EXCLUDE_INPUT, HEAD_OUTPUTS, INPUT_NAMES
 from .artifact import ArtifactInfo
 
 #: --backend name -> runner class (filled by Runner.__init_subclass__)
@@ -76,6 +78,24 @@ def check_inputs(item_seq: Any, item_seq_len: Any) -> tuple[np.ndarray, np.ndarr
     return seq.astype(np.int64, copy=False), lens.astype(np.int64, copy=False)
 
 
+def check_exclude(exclude_items: Any, batch: int, takes_exclude: bool, name: str) -> np.ndarray | None:
+    """The ``exclude_items`` feed for a runner: None when its model has no such input."""
+    if exclude_items is None:
+        return np.zeros((batch, 1), dtype=np.int64) if takes_exclude else None
+    if not takes_exclude:
+        raise UsageError(
+            f"{name}: this model has no exclude_items input (exported with --no-exclude-items, or an "
+            "embedding head); re-export without --no-exclude-items or drop the exclude lists"
+        )
+    ex = np.asarray(exclude_items)
+    if ex.ndim != 2 or ex.shape[0] != batch or not np.issubdtype(ex.dtype, np.integer):
+        raise UsageError(
+            f"exclude_items must be integers [batch={batch}, E], got {ex.dtype} {ex.shape}; "
+            "pad ragged lists with 0 (m4r_export.onnx.exclude_inputs)"
+        )
+    return ex.astype(np.int64, copy=False)
+
+
 class Runner:
     """Base class: input checks, width adaptation, output normalisation and timing."""
 
@@ -88,8 +108,13 @@ class Runner:
     #: the backend accepts at most this many columns (engine profile), or None
     max_width: int | None = None
     output_names: tuple[str, ...] = ()
+    #: the model takes the exclude_items input
+    takes_exclude: bool = False
 
-    def infer(self, item_seq: np.ndarray, item_seq_len: np.ndarray) -> dict[str, np.ndarray]:
+    def infer(
+        self, item_seq: np.ndarray, item_seq_len: np.ndarray, exclude_items: np.ndarray | None
+    ) -> dict[str, np.ndarray]:
+        """Backend call; ``exclude_items`` is an int64 array exactly when ``takes_exclude``."""
         raise NotImplementedError
 
     def adapt(self, item_seq: np.ndarray, item_seq_len: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -98,19 +123,23 @@ class Runner:
             width = self.max_width
         return (item_seq, item_seq_len) if width is None else fit_width(item_seq, item_seq_len, width)
 
-    def run(self, item_seq: Any, item_seq_len: Any) -> dict[str, np.ndarray]:
+    def run(self, item_seq: Any, item_seq_len: Any, exclude_items: Any = None) -> dict[str, np.ndarray]:
         seq, lens = self.adapt(*check_inputs(item_seq, item_seq_len))
-        outs = self.infer(seq, lens)
+        excl = check_exclude(exclude_items, seq.shape[0], self.takes_exclude, self.name)
+        outs = self.infer(seq, lens, excl)
         return {
             k: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v.astype(np.int64)
             for k, v in outs.items()
         }
 
-    def timed(self, item_seq: np.ndarray, item_seq_len: np.ndarray) -> float:
+    def timed(
+        self, item_seq: np.ndarray, item_seq_len: np.ndarray, exclude_items: np.ndarray | None = None
+    ) -> float:
         """Latency of one call in milliseconds (host wall clock; GPU runners synchronise)."""
         seq, lens = self.adapt(item_seq, item_seq_len)
+        excl = check_exclude(exclude_items, seq.shape[0], self.takes_exclude, self.name)
         t0 = time.perf_counter_ns()
-        self.infer(seq, lens)
+        self.infer(seq, lens, excl)
         return (time.perf_counter_ns() - t0) / 1e6
 
     def peak_memory_reset(self) -> None:
@@ -142,6 +171,7 @@ class TorchRunner(Runner):
         k: int = 10,
         exclude_history: bool = False,
         *,
+        exclude_items: bool = True,
         device: str = "cpu",
         scan_backend: str = "auto",
         threads: int | None = None,
@@ -165,11 +195,14 @@ class TorchRunner(Runner):
         model.set_scan_backend(scan_backend)
         self.scan_backend = resolve_backend(scan_backend, self.torch_device)
         # eval() on the wrapper too: a ServingModel left in train mode flips the model back on export
-        self.module = ServingModel(model, head, k, exclude_history).eval()
+        self.module = ServingModel(model, head, k, exclude_history, exclude_items).eval()
+        self.takes_exclude = self.module.exclude_items
         self.output_names = HEAD_OUTPUTS[head]
         self.name = "pytorch" if self.device == "cpu" else "pytorch-cuda"
 
-    def infer(self, item_seq: np.ndarray, item_seq_len: np.ndarray) -> dict[str, np.ndarray]:
+    def infer(
+        self, item_seq: np.ndarray, item_seq_len: np.ndarray, exclude_items: np.ndarray | None
+    ) -> dict[str, np.ndarray]:
         torch = self._torch
         if self.device == "cpu":
             # again on every call: creating an ONNX Runtime session clears the thread's flush-to-zero
@@ -178,22 +211,27 @@ class TorchRunner(Runner):
         with torch.inference_mode():
             seq = torch.from_numpy(item_seq).to(self.torch_device)
             lens = torch.from_numpy(item_seq_len).to(self.torch_device)
-            outs = self.module(seq, lens)
+            excl = None if exclude_items is None else torch.from_numpy(exclude_items).to(self.torch_device)
+            outs = self.module(seq, lens, excl)
             return {
                 n: o.float().cpu().numpy() if o.is_floating_point() else o.cpu().numpy()
                 for n, o in zip(self.output_names, outs, strict=True)
             }
 
-    def timed(self, item_seq: np.ndarray, item_seq_len: np.ndarray) -> float:
+    def timed(
+        self, item_seq: np.ndarray, item_seq_len: np.ndarray, exclude_items: np.ndarray | None = None
+    ) -> float:
         if self.device != "cuda":
-            return super().timed(item_seq, item_seq_len)
+            return super().timed(item_seq, item_seq_len, exclude_items)
         torch = self._torch
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        excl_np = check_exclude(exclude_items, item_seq.shape[0], self.takes_exclude, self.name)
         with torch.inference_mode():
             seq = torch.from_numpy(item_seq).to(self.torch_device)
             lens = torch.from_numpy(item_seq_len).to(self.torch_device)
+            excl = None if excl_np is None else torch.from_numpy(excl_np).to(self.torch_device)
             start.record()
-            self.module(seq, lens)
+            self.module(seq, lens, excl)
             end.record()
         end.synchronize()
         return float(start.elapsed_time(end))
@@ -285,16 +323,25 @@ class OrtRunner(ArtifactRunner):
         if self.provider not in self.session.get_providers():
             raise M4RError(f"ONNX Runtime did not enable {self.provider} for {path}; {self.install_hint}")
         inputs = {i.name: i for i in self.session.get_inputs()}
-        if set(inputs) != {"item_seq", "item_seq_len"}:
-            raise M4RError(f"{path}: inputs are {sorted(inputs)}, expected item_seq and item_seq_len")
+        if set(inputs) not in (set(INPUT_NAMES), {*INPUT_NAMES, EXCLUDE_INPUT}):
+            raise M4RError(
+                f"{path}: inputs are {sorted(inputs)}, expected item_seq, item_seq_len (and exclude_items); "
+                "export the model with `m4r export`"
+            )
+        self.takes_exclude = EXCLUDE_INPUT in inputs
         width = inputs["item_seq"].shape[1] if len(inputs["item_seq"].shape) == 2 else None
         self.fixed_width = width if isinstance(width, int) and width > 0 else None
         self.output_names = tuple(o.name for o in self.session.get_outputs())
         self.threads = opts.intra_op_num_threads
         self.name = self.backend
 
-    def infer(self, item_seq: np.ndarray, item_seq_len: np.ndarray) -> dict[str, np.ndarray]:
-        outs = self.session.run(None, {"item_seq": item_seq, "item_seq_len": item_seq_len})
+    def infer(
+        self, item_seq: np.ndarray, item_seq_len: np.ndarray, exclude_items: np.ndarray | None
+    ) -> dict[str, np.ndarray]:
+        feeds = {"item_seq": item_seq, "item_seq_len": item_seq_len}
+        if exclude_items is not None:
+            feeds[EXCLUDE_INPUT] = exclude_items
+        outs = self.session.run(None, feeds)
         return dict(zip(self.output_names, outs, strict=True))
 
     def describe(self) -> dict[str, Any]:
@@ -357,10 +404,13 @@ class TensorrtEngineRunner(ArtifactRunner):
         self._runner = TrtRunner(artifact.path, plugin_library=plugin_library)
         self.max_width = self._runner.profile.max_seq
         self.output_names = tuple(self._runner.output_names)
+        self.takes_exclude = self._runner.takes_exclude
         self.name = "tensorrt"
 
-    def infer(self, item_seq: np.ndarray, item_seq_len: np.ndarray) -> dict[str, np.ndarray]:
-        return self._runner.run(item_seq, item_seq_len)
+    def infer(
+        self, item_seq: np.ndarray, item_seq_len: np.ndarray, exclude_items: np.ndarray | None
+    ) -> dict[str, np.ndarray]:
+        return self._runner.run(item_seq, item_seq_len, exclude_items)
 
     def describe(self) -> dict[str, Any]:
         import tensorrt

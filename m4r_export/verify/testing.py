@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..model import Mamba4Rec, register_scan_backend
 from ..model.scan import _finish, _gather_last, _prepare_dt, last_index
-from ..serving import HEAD_OUTPUTS, INPUT_NAMES, ServingModel
+from ..serving import EXCLUDE_INPUT, HEAD_OUTPUTS, ServingModel
 
 TRACE_BACKEND = "verify-trace"
 
@@ -73,6 +73,7 @@ def trace_onnx(
     head: str = "scores",
     k: int = 10,
     exclude_history: bool = False,
+    exclude_items: bool = True,
     max_seq_len: int = 12,
     static_seq: bool = False,
     name: str = "model.onnx",
@@ -86,22 +87,27 @@ def trace_onnx(
     out.mkdir(parents=True, exist_ok=True)
     previous = [str(m.scan_backend) for m in model.modules() if hasattr(m, "scan_backend")]
     model.set_scan_backend(TRACE_BACKEND)
-    serving = ServingModel(model, head, k, exclude_history).eval()
+    serving = ServingModel(model, head, k, exclude_history, exclude_items).eval()
     seq = torch.randint(1, model.n_items, (2, max_seq_len))
     lens = torch.tensor([1, max_seq_len])
+    args: tuple[Tensor, ...] = (seq, lens)
+    if serving.exclude_items:
+        args = (seq, lens, torch.randint(0, model.n_items, (2, 3)))
+    inputs = serving.input_names
     outputs = HEAD_OUTPUTS[head]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 serving,
-                (seq, lens),
+                args,
                 str(out / name),
-                input_names=list(INPUT_NAMES),
+                input_names=list(inputs),
                 output_names=list(outputs),
                 dynamic_axes={
-                    **{n: {0: "batch"} for n in (*INPUT_NAMES, *outputs)},
+                    **{n: {0: "batch"} for n in (*inputs, *outputs)},
                     **({} if static_seq else {"item_seq": {0: "batch", 1: "seq"}}),
+                    EXCLUDE_INPUT: {0: "batch", 1: "exclude"},
                 },
                 opset_version=18,
                 dynamo=False,
@@ -113,6 +119,7 @@ def trace_onnx(
         "head": head,
         "k": k if head == "topk" else None,
         "exclude_history": exclude_history,
+        "exclude_items": serving.exclude_items,
         "max_seq_len": max_seq_len,
         "model": model.config.to_dict(),
         "inputs": {"item_seq": ["batch", max_seq_len if static_seq else "seq"], "item_seq_len": ["batch"]},

@@ -9,6 +9,12 @@ Inputs: the test users of a dataset (``data``: their leave-one-out histories, an
 item as the target of hit/ndcg/mrr), or generated sequences of varied lengths (1, the maximum,
 and uniform in between) with uniformly drawn items. Histories longer than the artifact's
 ``max_seq_len`` keep their most recent items.
+
+Artifacts with the ``exclude_items`` input get, on both sides, exclude lists (``exclude="auto"``):
+dataset users their full known history (every item before the target, as ``m4r evaluate
+--exclude-history`` masks it), generated users random lists with 0s, duplicates and out-of-range
+ids. So the artifact's masking is checked (``mask_mismatches``), and hit/ndcg@K of dataset users
+match ``m4r evaluate --exclude-history``. ``exclude="none"`` feeds zeros [batch, 1] instead.
 """
 
 from __future__ import annotations
@@ -97,6 +103,8 @@ class VerifyInputs:
     targets: np.ndarray | None
     source: str
     notes: list[str] = field(default_factory=list)
+    #: per-user items to exclude, int64 [users, E] padded with 0 (None: the input is not fed)
+    exclude_items: np.ndarray | None = None
 
     @property
     def users(self) -> int:
@@ -203,12 +211,16 @@ def generated_inputs(n_items: int, users: int, max_len: int, seed: int = 0) -> V
     lengths[: min(users, 2)] = [1, max_len][: min(users, 2)]
     items = rng.integers(1, n_items, size=(users, max_len))
     valid = np.arange(max_len)[None, :] < lengths[:, None]
+    # exclude lists of 0..16 entries: ids uniform in [-2, n_items + 2) (duplicates and invalid ids too)
+    exclude = rng.integers(-2, n_items + 2, size=(users, 16))
+    exclude[np.arange(16)[None, :] >= rng.integers(0, 17, size=users)[:, None]] = 0
     return VerifyInputs(
         item_seq=np.where(valid, items, 0).astype(np.int64),
         item_seq_len=lengths.astype(np.int64),
         targets=None,
         source=f"generated: {users} sequences, lengths 1..{max_len}, items uniform in 1..{n_items - 1}, "
         f"seed {seed}",
+        exclude_items=exclude.astype(np.int64),
     )
 
 
@@ -217,11 +229,13 @@ def dataset_inputs(
 ) -> VerifyInputs:
     """Test users of a dataset (leave-one-out), mapped to the checkpoint's item indices."""
     from ..data import load_dataset
+    from ..onnx.inputs import exclude_inputs
 
     ds = load_dataset(data, max_seq_len=max_len)
     split = ds.test
     notes: list[str] = []
     seq, lens, target = split.item_seq, split.item_seq_len, split.target
+    known = ds.known_items("test")
     if item_tokens is not None and list(item_tokens) != list(ds.item_tokens):
         index = {t: i for i, t in enumerate(item_tokens) if i > 0}
         lut = np.array([index.get(t, 0) for t in ds.item_tokens], dtype=np.int64)
@@ -241,6 +255,7 @@ def dataset_inputs(
         target = lut[target]
         keep = keep_target & (lens > 0)
         seq, lens, target = seq[keep], lens[keep], target[keep]
+        known = [lut[k][lut[k] > 0] for k, kept in zip(known, keep.tolist(), strict=True) if kept]
         notes.append(
             f"dataset item ids remapped to the checkpoint's vocabulary: {n_unknown} unknown history items "
             f"dropped, {int(np.count_nonzero(~keep))} users dropped"
@@ -253,12 +268,14 @@ def dataset_inputs(
     if users < n:
         pick = np.sort(np.random.default_rng(seed).choice(n, size=users, replace=False))
         seq, lens, target = seq[pick], lens[pick], target[pick]
+        known = [known[i] for i in pick.tolist()]
     return VerifyInputs(
         item_seq=seq.astype(np.int64),
         item_seq_len=lens.astype(np.int64),
         targets=target.astype(np.int64),
         source=f"dataset {data}: {len(seq)} of {n} test users (leave-one-out targets), max_seq_len {max_len}",
         notes=notes,
+        exclude_items=exclude_inputs(known),
     )
 
 
@@ -268,7 +285,9 @@ def dataset_inputs(
 def _batched(runner: Any, inputs: VerifyInputs, batch_size: int) -> dict[str, np.ndarray]:
     parts: dict[str, list[np.ndarray]] = {}
     for i in range(0, inputs.users, batch_size):
-        outs = runner.run(inputs.item_seq[i : i + batch_size], inputs.item_seq_len[i : i + batch_size])
+        rows = slice(i, i + batch_size)
+        exclude = None if inputs.exclude_items is None else inputs.exclude_items[rows]
+        outs = runner.run(inputs.item_seq[rows], inputs.item_seq_len[rows], exclude)
         for name, value in outs.items():
             parts.setdefault(name, []).append(value)
     return {name: np.concatenate(v) for name, v in parts.items()}
@@ -393,11 +412,14 @@ def run_verify(
     scan_backend: str = "auto",
     max_seq_len: int | None = None,
     seed: int = 0,
+    exclude: str = "auto",
 ) -> VerifyReport:
     """Compare ``artifact`` with the PyTorch model of ``ckpt`` on every backend in ``backends``.
 
     Raises :class:`UsageError` for bad arguments / files and :class:`M4RError` when a backend cannot
     run; parity failures are *not* exceptions: they are in ``report.passed`` / ``failure_message()``.
+    ``exclude``: "auto" feeds exclude lists to artifacts that take them (see the module docstring),
+    "none" feeds none.
     """
     from ..checkpoint import read_checkpoint
 
@@ -407,6 +429,8 @@ def run_verify(
         raise UsageError(f"--k must be >= 1, got {k}")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    if exclude not in ("auto", "none"):
+        raise UsageError(f"--exclude {exclude!r}: choose auto or none")
     art = load_artifact(artifact)
     ck = read_checkpoint(ckpt)
     model = ck.build_model()
@@ -438,6 +462,13 @@ def run_verify(
         inputs.item_seq, inputs.item_seq_len = fit_width(inputs.item_seq, inputs.item_seq_len, max_len)
         notes.append(f"histories longer than max_seq_len {max_len} keep their most recent items")
     notes += inputs.notes
+    if not art.exclude_items or exclude == "none":
+        inputs.exclude_items = None
+    if inputs.exclude_items is not None:
+        what = "its known history" if inputs.targets is not None else "a random list"
+        notes.append(f"exclude_items: each user excludes {what} (up to {inputs.exclude_items.shape[1]} ids)")
+    elif art.exclude_items:
+        notes.append("exclude_items: zeros (nothing excluded)")
 
     if thresholds is None:
         thresholds = Thresholds.defaults(art.precision)
@@ -497,6 +528,9 @@ def run_verify(
             "length_min": int(inputs.item_seq_len.min()),
             "length_max": int(inputs.item_seq_len.max()),
             "targets": inputs.targets is not None,
+            "exclude_items": None
+            if inputs.exclude_items is None
+            else ("known history" if inputs.targets is not None else "random lists"),
             "batch_size": batch_size,
         },
         reference=ref.describe(),
