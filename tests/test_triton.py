@@ -106,7 +106,12 @@ def test_every_backend_and_the_ensemble_parse_against_tritons_schema(
         # I/O from the manifest: names, types; batch implicit; history fixed at max_seq_len
         assert [i.name for i in model.input] == [i["name"] for i in manifest["inputs"]]
         assert [o.name for o in model.output] == [o["name"] for o in manifest["outputs"]]
-        seq, length = model.input
+        seq, length, exclude = model.input
+        assert (exclude.name, list(exclude.dims), exclude.optional) == (
+            "exclude_items",
+            [-1],
+            backend == "python",
+        )
         assert seq.data_type == pb.TYPE_INT64 and list(seq.dims) == [MAX_SEQ]
         assert list(length.dims) == [1] and length.HasField("reshape") and list(length.reshape.shape) == []
         assert [list(o.dims) for o in model.output] == [[K], [K]]
@@ -153,30 +158,25 @@ def test_every_backend_and_the_ensemble_parse_against_tritons_schema(
     assert "--backend-config=tensorrt,plugins=/repo/plugins/libm4r_trt_plugin_static.so" in readme
 
 
-def test_an_extra_manifest_input_becomes_an_optional_input(export_dir: Path, tmp_path: Path) -> None:
-    """Inputs come from the manifest: a third one (items to exclude, 0 = none) needs no code change."""
+def test_inputs_follow_the_manifest(export_dir: Path, tmp_path: Path) -> None:
+    """No input list in the generator: a two-input export and a four-input manifest work unchanged."""
     art = tmp_path / "art"
     shutil.copytree(export_dir, art)
     manifest = json.loads((art / "manifest.json").read_text())
-    manifest["inputs"].append({"name": "exclude_items", "dtype": "int64", "shape": ["batch", "n_exclude"]})
-    (art / "manifest.json").write_text(json.dumps(manifest))
-    for backend, optional in (("python", True), ("onnxruntime", False)):
-        repo = tmp_path / backend
-        assert (
-            run_cli(
-                "--artifacts", str(art), "--repo", str(repo), "--backend", backend, "--with-tokens"
-            ).exit_code
-            == 0
-        )
+    two = manifest["inputs"][:2]
+    for inputs in (two, [*manifest["inputs"], {"name": "extra", "dtype": "int64", "shape": ["batch", "n"]}]):
+        manifest["inputs"] = inputs
+        (art / "manifest.json").write_text(json.dumps(manifest))
+        repo = tmp_path / f"repo{len(inputs)}"
+        assert run_cli("--artifacts", str(art), "--repo", str(repo), "--with-tokens").exit_code == 0
         cfgs = configs(repo)
-        extra = cfgs[MODEL].input[2]
-        assert (extra.name, list(extra.dims), extra.optional) == ("exclude_items", [-1], optional)
-        ens = cfgs[f"{MODEL}_tokens"]
-        assert [(i.name, i.optional) for i in ens.input] == [
-            ("history", False),
-            ("exclude_items_tokens", True),
+        assert [(i.name, i.optional) for i in cfgs[MODEL].input] == [
+            (i["name"], i["name"] not in ("item_seq", "item_seq_len")) for i in inputs
         ]
-        assert dict(ens.ensemble_scheduling.step[1].input_map)["exclude_items"] == "_exclude_items"
+        ens = cfgs[f"{MODEL}_tokens"]
+        assert [i.name for i in ens.input] == ["history"] + [f"{i['name']}_tokens" for i in inputs[2:]]
+        wired = dict(ens.ensemble_scheduling.step[1].input_map)
+        assert wired == {i["name"]: f"_{i['name']}" for i in inputs}
 
 
 def test_tampered_export_is_refused_and_nothing_is_written(export_dir: Path, tmp_path: Path) -> None:
@@ -311,21 +311,42 @@ def padded(hs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     return seq, np.array([[min(len(h), MAX_SEQ)] for h in hs], np.int64)
 
 
-def torch_topk(seq: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def torch_topk(
+    seq: np.ndarray, lens: np.ndarray, exclude: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     serving = ServingModel(_model(), "topk", K)
+    ex = None if exclude is None else torch.from_numpy(exclude)
     with torch.no_grad():
-        s, i = serving(torch.from_numpy(seq), torch.from_numpy(lens.reshape(-1)))
+        s, i = serving(torch.from_numpy(seq), torch.from_numpy(lens.reshape(-1)), ex)
     return s.numpy(), i.numpy()
 
 
-def infer(client: Any, mod: Any, seq: np.ndarray, lens: np.ndarray, model: str = MODEL) -> Any:
-    inputs = [
-        mod.InferInput("item_seq", list(seq.shape), "INT64"),
-        mod.InferInput("item_seq_len", list(lens.shape), "INT64"),
-    ]
-    inputs[0].set_data_from_numpy(seq)
-    inputs[1].set_data_from_numpy(lens)
+def infer(
+    client: Any,
+    mod: Any,
+    seq: np.ndarray,
+    lens: np.ndarray,
+    model: str = MODEL,
+    exclude: np.ndarray | None = None,
+) -> Any:
+    """One request; ``exclude_items`` only when given (the Python backend fills zeros otherwise)."""
+    arrays = {"item_seq": seq, "item_seq_len": lens}
+    if exclude is not None:
+        arrays["exclude_items"] = exclude
+    inputs = []
+    for name, arr in arrays.items():
+        inputs.append(mod.InferInput(name, list(arr.shape), "INT64"))
+        inputs[-1].set_data_from_numpy(arr)
     return client.infer(model, inputs)
+
+
+def exclusions(n: int, seed: int) -> np.ndarray:
+    """[n, 4] lists of items to exclude, 0-padded, some rows empty, some ids out of range (ignored)."""
+    rng = np.random.default_rng(seed)
+    ex = rng.integers(-2, N_ITEMS + 3, size=(n, 4)).astype(np.int64)
+    ex[rng.random((n, 4)) < 0.3] = 0
+    ex[::5] = 0
+    return ex
 
 
 def test_http_and_grpc_answers_match_pytorch(server: Any) -> None:
@@ -342,12 +363,22 @@ def test_http_and_grpc_answers_match_pytorch(server: Any) -> None:
             got_items.append(r.as_numpy("topk_items"))
             np.testing.assert_allclose(r.as_numpy("topk_scores"), ref_scores[rows], rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(np.concatenate(got_items), ref_items)  # fp32: top-10 identical
+        # items to exclude: widths 4 and 1 in separate requests, same answers as PyTorch
+        ex = exclusions(len(seq), seed=2)
+        _, ref_ex = torch_topk(seq, lens, ex)
+        assert not np.array_equal(ref_ex, ref_items)  # the exclusion changes the ranking
+        r = infer(client, mod, seq[:12], lens[:12], exclude=ex[:12])
+        np.testing.assert_array_equal(r.as_numpy("topk_items"), ref_ex[:12])
+        r = infer(client, mod, seq[12:13], lens[12:13], exclude=ex[12:13, :1])
+        np.testing.assert_array_equal(
+            r.as_numpy("topk_items"), torch_topk(seq[12:13], lens[12:13], ex[12:13, :1])[1]
+        )
         client.close()
 
 
-def tokens_request(mod: Any, tokens: list[str]) -> list[Any]:
-    arr = np.array([[t.encode() for t in tokens]], dtype=object)
-    inp = mod.InferInput("history", list(arr.shape), "BYTES")
+def tokens_request(mod: Any, tokens: list[str], name: str = "history") -> list[Any]:
+    arr = np.array([[t.encode() for t in tokens]], dtype=object).reshape(1, len(tokens))
+    inp = mod.InferInput(name, list(arr.shape), "BYTES")
     inp.set_data_from_numpy(arr)
     return [inp]
 
@@ -360,11 +391,19 @@ def test_token_ensemble_matches_pytorch(server: Any) -> None:
     cases = [(h, []) for h in histories(6, seed=1)] + [(long, []), ([5, 9, 2], ["nope", "[PAD]"])]
     for mod, url in ((th, server.http_url), (tg, server.grpc_url)):
         client = mod.InferenceServerClient(url)
-        for ids, unknown in cases:
+        for n, (ids, unknown) in enumerate(cases):
             tokens = [f"tok{i}" for i in ids[:1]] + unknown + [f"tok{i}" for i in ids[1:]]
-            r = client.infer(f"{MODEL}_tokens", tokens_request(mod, tokens))
+            request = tokens_request(mod, tokens)
             seq, lens = padded([ids[-MAX_SEQ:]])
-            ref_scores, ref_items = torch_topk(seq, lens)
+            exclude = None
+            if n % 2:  # every other user also sends items to exclude (one unknown token, dropped)
+                top = torch_topk(seq, lens)[1][0]
+                exclude = np.array([[top[0], top[3], 0]], np.int64)
+                request += tokens_request(
+                    mod, [f"tok{top[0]}", "nope", f"tok{top[3]}"], "exclude_items_tokens"
+                )
+            r = client.infer(f"{MODEL}_tokens", request)
+            ref_scores, ref_items = torch_topk(seq, lens, exclude)
             expected = [f"tok{i}".encode() for i in ref_items[0]]
             assert list(r.as_numpy("item_tokens")[0]) == expected
             np.testing.assert_allclose(r.as_numpy("topk_scores"), ref_scores, rtol=1e-5, atol=1e-5)
@@ -378,7 +417,9 @@ def test_bounded_load_forms_batches_without_errors(server: Any) -> None:
     clients, per_client = 16, 50
     pool = histories(64, seed=7)
     seq, lens = padded(pool)
-    _, ref_items = torch_topk(seq, lens)
+    ex = exclusions(len(pool), seed=8)
+    _, ref_plain = torch_topk(seq, lens)
+    _, ref_ex = torch_topk(seq, lens, ex)
     latencies: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
@@ -389,8 +430,17 @@ def test_bounded_load_forms_batches_without_errors(server: Any) -> None:
             row = (c * per_client + j) % len(pool)
             t0 = time.perf_counter()
             try:
-                r = infer(client, tg, seq[row : row + 1], lens[row : row + 1])
-                ok = np.array_equal(r.as_numpy("topk_items")[0], ref_items[row])
+                if c % 2:  # odd clients send items to exclude, widths 1..4 (zero-padded lists)
+                    width = 1 + j % 4
+                    width = max(width, int(np.max(np.nonzero(ex[row])[0], initial=-1)) + 1)
+                    r = infer(
+                        client, tg, seq[row : row + 1], lens[row : row + 1], exclude=ex[row : row + 1, :width]
+                    )
+                    expected = ref_ex[row]
+                else:
+                    r = infer(client, tg, seq[row : row + 1], lens[row : row + 1])
+                    expected = ref_plain[row]
+                ok = np.array_equal(r.as_numpy("topk_items")[0], expected)
                 msg = None if ok else f"request {row}: wrong top-10"
             except Exception as exc:  # every failure is counted, none aborts the load
                 msg = str(exc)
