@@ -85,7 +85,9 @@ def repository_readme(name: str, opts: Any, manifest: dict[str, Any], models: li
         "curl -s localhost:8000/v2/health/ready && echo ready",
         f"curl -s localhost:8000/v2/models/{name}/config | head -c 400",
         f"perf_analyzer -m {name} -u localhost:8001 -i grpc --concurrency-range 1:16:4 "
-        f"--shape {manifest['inputs'][0]['name']}:{L} --shape {manifest['inputs'][1]['name']}:1",
+        + " ".join(
+            f"--shape {spec['name']}:{L if n == 0 else 1}" for n, spec in enumerate(manifest["inputs"])
+        ),
         "```",
         "",
         "perf_analyzer sends random data: random ids are valid input (out-of-range ids count as padding).",
