@@ -38,7 +38,12 @@ def repository_readme(name: str, opts: Any, manifest: dict[str, Any], models: li
             f"{L} known items are kept; an empty history or one with no known token is an error. "
             "Returns `item_tokens` (BYTES) plus the model's other outputs.",
         ]
-    lines += ["", "## Start a server", ""]
+        lines += [
+            f"* optional BYTES `{spec['name']}_tokens` `[1, m]`: tokens for `{spec['name']}` "
+            "(unknown ones dropped)."
+            for spec in manifest["inputs"][2:]
+        ]
+    lines += ["", "## Start a server (from inside this directory)", ""]
     if opts.backend == "tensorrt":
         lines += [
             "The engine only runs on the GPU model and TensorRT version it was built with (see the engine's "
