@@ -46,7 +46,10 @@ def main() -> None:
     seq[np.arange(L)[None, :] >= lens] = 0
     sess = ort.InferenceSession(str(args.artifacts / "model.onnx"), providers=["CPUExecutionProvider"])
     ids_out = next(o["name"] for o in manifest["outputs"] if o["dtype"] == "int64")
-    ref = sess.run([ids_out], {"item_seq": seq, "item_seq_len": lens.reshape(-1)})[0]
+    feed = {"item_seq": seq, "item_seq_len": lens.reshape(-1)}
+    for spec in manifest["inputs"][2:]:  # e.g. exclude_items: not sent, the Python backend fills zeros
+        feed[spec["name"]] = np.zeros((n, 1), np.int64)
+    ref = sess.run([ids_out], feed)[0]
 
     with tempfile.TemporaryDirectory() as tmp:
         opts = TritonOptions(max_batch=args.max_batch, instances=args.instances, with_tokens=True)
