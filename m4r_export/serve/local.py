@@ -53,6 +53,13 @@ def unavailable_reason() -> str | None:
         _dist()
     except M4RError as exc:
         return str(exc)
+    import numpy
+
+    if int(numpy.__version__.split(".")[0]) >= 2:
+        return (
+            f"the Python-backend stub bundled in nvidia-pytriton 0.7.0 embeds this Python and returns empty "
+            f"tensors with numpy {numpy.__version__}; install numpy<2 to run the bundled server"
+        )
     return None
 
 
@@ -89,6 +96,9 @@ class LocalTritonServer:
         return self.log_path.read_text(errors="replace") if self._workdir else ""
 
     def start(self) -> LocalTritonServer:
+        reason = unavailable_reason()
+        if reason:
+            raise M4RError(f"cannot start the bundled tritonserver: {reason}")
         server, libs, stub = _dist()
         self._workdir = Path(tempfile.mkdtemp(prefix="m4r-triton-"))
         backends = self._workdir / "backends"
