@@ -20,6 +20,8 @@ COMMANDS: dict[str, str] = {
     "data": "m4r_export.data.cli:data",
     "export": "m4r_export.onnx.cli:export",
     "build-plugin": "m4r_export.trt.cli:build_plugin",
+    "build-native": "m4r_export.trt.cli:build_native_cmd",
+    "build-ort-ops": "m4r_export.onnx.cli:build_ort_ops",
     "build-engine": "m4r_export.trt.cli:build_engine",
     "verify": "m4r_export.verify.cli:verify",
     "bench": "m4r_export.verify.cli:bench",

@@ -1,19 +1,30 @@
-"""Atomic file writes and checksums.
+"""Atomic file writes, atomic directory publication, and checksums.
 
-Every artifact m4r writes (checkpoints, ONNX files, manifests, engines, reports) goes through
+Every file m4r writes (checkpoints, ONNX files, manifests, engines, reports) goes through
 :func:`atomic_write`: the bytes land in a temporary file in the target directory and are renamed
 over the target only when complete, so a crash or error never leaves a half-written file that
-looks valid.
+looks valid. Written files get the mode a plain ``open()`` would give them (``0666 & ~umask``),
+not ``mkstemp``'s 0600, so a server running as another user can read a model.
+
+A set of files that only makes sense together (an export directory) goes through
+:func:`publish_directory`: staged in a fresh sibling directory, then swapped in with one rename,
+so a reader sees the old set or the new set, never a mix.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import secrets
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -43,6 +54,7 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[
     ensure_writable_dir(target.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        os.fchmod(fd, default_file_mode())
         with os.fdopen(fd, mode) as fh:
             yield fh
             fh.flush()
@@ -52,6 +64,13 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def default_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: ``0o666`` minus the process umask."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
@@ -74,3 +93,126 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------- whole directories
+
+#: sibling directories that belong to :func:`publish_directory` (``.<name>.<tag>.<pid>.<random>``)
+_STAGING_TAG, _RETIRED_TAG = "m4r-staging", "m4r-retired"
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return False
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
+def _remove_stale_siblings(parent: Path, name: str) -> None:
+    """Remove staging/retired siblings of ``name`` left by a killed process (their pid is gone)."""
+    for entry in parent.iterdir():
+        parts = entry.name.split(".")
+        # "", name parts..., tag, pid, random
+        if (
+            not entry.name.startswith(f".{name}.")
+            or len(parts) < 5
+            or parts[-3] not in (_STAGING_TAG, _RETIRED_TAG)
+        ):
+            continue
+        try:
+            os.kill(int(parts[-2]), 0)
+            alive = True
+        except (ValueError, ProcessLookupError):
+            alive = False
+        except PermissionError:  # another user's live process
+            alive = True
+        if not alive:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _exclusive_lock(directory: Path) -> Iterator[None]:
+    """flock on ``directory`` itself (no lock file is left behind)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def publish_directory(
+    out_dir: str | os.PathLike[str],
+    files: dict[str, bytes],
+    *,
+    replaceable: Callable[[Path], bool] | None = None,
+) -> Path:
+    """Make ``out_dir`` hold exactly ``files`` (name -> bytes), all at once.
+
+    The files are written (and fsynced) into a fresh sibling directory, which then replaces
+    ``out_dir`` with one rename under an exclusive lock on the parent: a reader sees the old set
+    or the new set, never a mix, and files of a previous set that are not in ``files`` are gone.
+    Where the kernel offers ``renameat2(RENAME_EXCHANGE)`` the swap is a single atomic step;
+    elsewhere the old directory is renamed aside first (for that instant the path is absent, never
+    mixed). Temporaries are removed on every exit path; those of a killed process are removed by
+    the next publication.
+
+    ``replaceable(existing_dir)`` says whether an existing non-empty ``out_dir`` may be replaced
+    (callers refuse to delete files they did not write); the default refuses any non-empty one.
+    """
+    out = Path(out_dir)
+    if out.is_symlink():  # replace what the link points to; the link keeps pointing there
+        out = out.resolve()
+    for name in files:
+        if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+            raise ValueError(f"publish_directory: {name!r} is not a plain file name")
+    parent = ensure_writable_dir(out.absolute().parent)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} exists and is not a directory; choose a directory path")
+    stem = f".{out.name}"
+    staging = parent / f"{stem}.{_STAGING_TAG}.{os.getpid()}.{secrets.token_hex(4)}"
+    retired = parent / f"{stem}.{_RETIRED_TAG}.{os.getpid()}.{secrets.token_hex(4)}"
+    mode = default_file_mode()
+    try:
+        os.mkdir(staging)  # 0777 & ~umask, like any directory the user creates
+        for name, data in files.items():
+            fd = os.open(staging / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        with _exclusive_lock(parent):
+            _remove_stale_siblings(parent, out.name)
+            may_replace = replaceable or (lambda _d: False)
+            if out.is_dir() and any(out.iterdir()) and not may_replace(out):
+                raise UsageError(
+                    f"{out} holds files that m4r did not write; choose an empty directory or one "
+                    "written by `m4r export` (a new export replaces the whole directory)"
+                )
+            if out.is_dir() and _rename_exchange(staging, out):
+                staging, retired = retired, staging  # the old set now sits at the staging path
+            else:
+                if out.is_dir():
+                    os.rename(out, retired)
+                os.rename(staging, out)
+            dir_fd = os.open(parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+    finally:
+        for leftover in (staging, retired):
+            if leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
+    return out

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .errors import UsageError
 from .model import Mamba4Rec
 
 HEADS = ("scores", "topk", "embedding")
@@ -53,6 +54,20 @@ def _mask_items(mask: Tensor, ids: Tensor) -> Tensor:
     return mask.scatter(1, ids, torch.ones_like(ids, dtype=torch.bool))
 
 
+def check_k(k: int, n_items: int, option: str = "--k") -> None:
+    """The one rule for K in every command (evaluate, export, verify) and head: 1 <= K <= rankable items.
+
+    ``n_items`` counts padding (index 0), which is never ranked, so a model ranks ``n_items - 1``
+    items. A larger K would report trivially perfect hit@K (evaluate) or pad the top-K with -inf.
+    """
+    rankable = n_items - 1
+    if not 1 <= k <= rankable:
+        raise UsageError(
+            f"{option} {k}: the model ranks {rankable} items (index 0 is padding); "
+            f"choose K between 1 and {rankable}"
+        )
+
+
 class ServingModel(nn.Module):
     def __init__(
         self,
@@ -65,8 +80,8 @@ class ServingModel(nn.Module):
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-        if head == "topk" and not 1 <= k <= model.n_items - 1:
-            raise ValueError(f"k={k} must be between 1 and the number of items ({model.n_items - 1})")
+        if head == "topk":
+            check_k(k, model.n_items, "k")
         self.model = model
         self.head = head
         self.k = k

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from m4r_export.checkpoint import save_checkpoint
 from m4r_export.cli import main
 from m4r_export.verify import bench_markdown, run_bench
-from m4r_export.verify.bench import MIN_RUNS, fit_linear
+from m4r_export.verify.bench import MIN_RUNS, fit_linear, percentile, runs_needed
 from m4r_export.verify.testing import tiny_model, trace_onnx
 
 
@@ -45,7 +45,8 @@ def test_run_bench_grid_side_by_side(art: Path) -> None:
     assert len(res.points) == 2 * 2 * 3
     for p in res.points:
         assert MIN_RUNS <= p.runs <= 4
-        assert 0 < p.min_ms <= p.p50_ms <= p.p90_ms <= p.p99_ms
+        assert 0 < p.min_ms <= p.p50_ms
+        assert p.p90_ms is None and p.p99_ms is None  # 4 runs cannot tell p90/p99 from noise
         assert p.throughput == pytest.approx(p.batch / (p.p50_ms / 1000))
         assert p.mem_kind in ("rss-growth", "n/a")
     assert res.threads == 1
@@ -54,9 +55,11 @@ def test_run_bench_grid_side_by_side(art: Path) -> None:
     fits = {(f.backend, f.batch) for f in res.fits}
     assert fits == {("ort-cpu", 1), ("ort-cpu", 4), ("pytorch", 1), ("pytorch", 4)}
     assert "random weights" in res.reference_weights  # no --ckpt: manifest config
+    assert any("p99 is n/a where a point has fewer than 500 runs" in n for n in res.notes)
     md = bench_markdown(res)
     latency, sweep = md.split("\n\n")
     assert latency.count("\n") == 1 + 12 and "| ort-cpu | 4 | 16 |" in latency
+    assert "| n/a | n/a |" in latency
     assert sweep.count("\n") == 2 + 4 and "| pytorch | 1 | 4, 8, 16 |" in sweep
 
 
@@ -81,9 +84,12 @@ def test_cli_bench_json_and_markdown(art: Path, tmp_path: Path) -> None:
     data = json.loads((tmp_path / "b.json").read_text())
     assert len(data["points"]) == 8 and data["threads"] == 1
     assert data["reference_weights"].startswith("checkpoint")
-    assert {f["backend"] for f in data["linearity"]} == {"ort-cpu", "pytorch"}
+    # two lengths: a line through two points always has R^2 = 1, so there is no fit, and a note says why
+    assert data["linearity"] == []
+    assert any("needs >= 3 lengths, got 2" in n for n in data["notes"])
+    assert "needs >= 3 lengths" in " ".join(res.output.split())
+    assert "sequence-length sweep" not in res.output
     assert "speed-up vs PyTorch" in (tmp_path / "b.md").read_text()
-    assert "sequence-length sweep" in res.output
 
 
 def test_bench_usage_errors(art: Path, tmp_path: Path) -> None:
@@ -97,11 +103,41 @@ def test_bench_usage_errors(art: Path, tmp_path: Path) -> None:
     assert res.exit_code == 2 and "does not exist" in res.output
 
 
-def test_bench_plot(art: Path, tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
-    from m4r_export.verify.report import plot_bench
+def test_percentiles_need_enough_runs() -> None:
+    assert (runs_needed(50), runs_needed(90), runs_needed(99)) == (10, 50, 500)
+    assert percentile(np.arange(49.0), 90) is None
+    assert percentile(np.arange(50.0), 90) == pytest.approx(np.percentile(np.arange(50.0), 90))
+    assert percentile(np.arange(499.0), 99) is None and percentile(np.arange(500.0), 99) is not None
 
-    res = run_bench(art, batches=[1], seqs=[4, 8], warmup=0, repeats=3, max_seconds=5)
+
+def test_cheap_points_run_enough_calls_for_p99_by_default(art: Path) -> None:
+    res = run_bench(
+        art, batches=[1], seqs=[4], warmup=0, max_seconds=60, backends=["ort-cpu"], reference=False
+    )
+    (point,) = res.points
+    assert point.runs == 500  # the default repeats: p99 has 5 calls beyond it
+    assert point.p50_ms <= point.p90_ms <= point.p99_ms  # type: ignore[operator]
+
+
+def test_bench_plot_lines_need_three_lengths(art: Path, tmp_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from m4r_export.verify.report import plot_bench, plot_bench_figure
+
+    res = run_bench(art, batches=[1, 2], seqs=[4, 8, 16], warmup=0, repeats=3, max_seconds=5)
+    fig = plot_bench_figure(res)
+    assert len(fig.axes) == 2  # one panel per batch
+    for ax in fig.axes:
+        assert ax.get_xlabel() == "sequence length (items)"
+        assert sorted(len(line.get_xdata()) for line in ax.get_lines()) == [3, 3]  # one line per backend
     out = plot_bench(res, tmp_path / "lat.png")
     assert out.read_bytes()[:4] == b"\x89PNG"
-    assert np.isfinite([p.p50_ms for p in res.points]).all()
+
+    two = run_bench(art, batches=[1, 2], seqs=[4, 8], warmup=0, repeats=3, max_seconds=5)
+    fig = plot_bench_figure(two)
+    (ax,) = fig.axes
+    assert ax.get_lines() == []  # no line through two lengths: one bar per backend and grid point
+    assert len(ax.patches) == 2 * 2 * 2
+    assert "needs >= 3 lengths" in ax.get_title()
+    assert plot_bench(two, tmp_path / "bars.png").read_bytes()[:4] == b"\x89PNG"

@@ -95,7 +95,7 @@ def test_fp32_and_fp16_inputs_keep_dtype() -> None:
 
 
 def test_backend_choice() -> None:
-    assert {"auto", "reference", "fast", "cuda"} <= set(scan_backends())
+    assert {"auto", "reference", "fast", "cuda", "native"} <= set(scan_backends())
     args = [a.float() for a in make_inputs(1, 2, 2, 3)]
     with pytest.raises(ValueError, match="unknown scan backend"):
         selective_scan(*args, backend="nope")

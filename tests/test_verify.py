@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from m4r_export.errors import UsageError
 from m4r_export.verify import BACKENDS, Runner, make_runner, run_verify
 from m4r_export.verify.artifact import load_artifact
 from m4r_export.verify.runners import ArtifactRunner, OrtCpuRunner, TensorrtEngineRunner
-from m4r_export.verify.testing import perturb_onnx_weight, tiny_model, trace_onnx
+from m4r_export.verify.testing import perturb_onnx_weight, rehash_manifest, tiny_model, trace_onnx
 from m4r_export.verify.verify import Thresholds
 
 N_ITEMS = 40
@@ -31,6 +32,14 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         paths[head] = trace_onnx(model, root / head, head=head, k=10)
     paths["exclude"] = trace_onnx(model, root / "exclude", head="topk", k=10, exclude_history=True)
     return paths
+
+
+def perturbed_copy(src: Path, dst_dir: Path, scale: float) -> Path:
+    """Copy ``src``'s export directory, perturb one weight, re-hash the manifest (so parity is judged)."""
+    shutil.copytree(src.parent, dst_dir, dirs_exist_ok=True)
+    perturb_onnx_weight(src, dst_dir / src.name, scale=scale)
+    rehash_manifest(dst_dir)
+    return dst_dir / src.name
 
 
 def _cli(*args: object) -> tuple[int, str]:
@@ -59,9 +68,7 @@ def test_verify_passes_on_a_faithful_artifact(tiny: dict[str, Path], head: str, 
 
 
 def test_perturbed_weight_fails_with_exit_1_naming_the_metric(tiny: dict[str, Path], tmp_path: Path) -> None:
-    bad = tmp_path / "model.onnx"
-    (tmp_path / "manifest.json").write_text((tiny["scores"].parent / "manifest.json").read_text())
-    perturb_onnx_weight(tiny["scores"], bad, scale=0.5)
+    bad = perturbed_copy(tiny["scores"], tmp_path, scale=0.5)
     code, out = _cli(
         "verify", "--ckpt", tiny["ckpt"], "--artifact", bad, "--users", 64, "--json", tmp_path / "r.json"
     )
@@ -80,9 +87,7 @@ def test_perturbed_weight_fails_with_exit_1_naming_the_metric(tiny: dict[str, Pa
 
 
 def test_nan_output_is_reported_as_non_finite(tiny: dict[str, Path], tmp_path: Path) -> None:
-    bad = tmp_path / "model.onnx"
-    (tmp_path / "manifest.json").write_text((tiny["scores"].parent / "manifest.json").read_text())
-    perturb_onnx_weight(tiny["scores"], bad, scale=float("nan"))
+    bad = perturbed_copy(tiny["scores"], tmp_path, scale=float("nan"))
     report = run_verify(tiny["ckpt"], bad, users=16)
     assert not report.passed
     assert report.results[0].metrics["nan"] > 0
@@ -211,8 +216,7 @@ def test_unavailable_backends_say_why(tiny: dict[str, Path]) -> None:
 
 
 def test_engine_artifact_reads_its_onnx_manifest(tiny: dict[str, Path], tmp_path: Path) -> None:
-    for name in ("model.onnx", "manifest.json"):
-        (tmp_path / name).write_bytes((tiny["topk"].parent / name).read_bytes())
+    shutil.copytree(tiny["topk"].parent, tmp_path, dirs_exist_ok=True)
     (tmp_path / "model.plan").write_bytes(b"not a real engine")
     (tmp_path / "model.plan.json").write_text(
         json.dumps({"format": "m4r-trt-engine/1", "onnx": {"file": "model.onnx"}, "profile": {}})
@@ -229,17 +233,41 @@ def test_engine_artifact_reads_its_onnx_manifest(tiny: dict[str, Path], tmp_path
         load_artifact(tmp_path / "model.plan")
 
 
-def test_precision_comes_from_the_manifest_and_picks_the_thresholds(
-    tiny: dict[str, Path], tmp_path: Path
-) -> None:
-    manifest = json.loads((tiny["scores"].parent / "manifest.json").read_text())
-    manifest["files"] = {"model.fp16.onnx": {"precision": "fp16"}}
+def test_manifest_precision_cannot_loosen_the_verdict(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """Issue 8 item 6: "precision": "fp16" in an fp32 artifact's manifest must not pick fp16 thresholds."""
+    bad = perturbed_copy(tiny["scores"], tmp_path, scale=0.05)  # fails fp32 limits, passes fp16 ones
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["precision"] = "fp16"
+    manifest["files"]["model.onnx"]["precision"] = "fp16"
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    (tmp_path / "model.fp16.onnx").write_bytes(tiny["scores"].read_bytes())
-    assert load_artifact(tmp_path / "model.fp16.onnx").precision == "fp16"
-    report = run_verify(tiny["ckpt"], tmp_path / "model.fp16.onnx", users=8)
-    assert report.thresholds == Thresholds.defaults("fp16")
-    assert report.threshold_source == "defaults for fp16 artifacts"
+    assert load_artifact(bad).precision == "fp32"  # the graph's tensor types decide
+    report = run_verify(tiny["ckpt"], bad, users=32)
+    assert report.thresholds == Thresholds.defaults("fp32")
+    assert not report.passed, report.results[0].metrics
+    # ... while fp16 limits (what the edited manifest asked for) would have passed it
+    assert run_verify(tiny["ckpt"], bad, users=32, thresholds=Thresholds.defaults("fp16")).passed
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("k", "abc", "k is 'abc'"),
+        ("max_seq_len", 1e9, "max_seq_len is 1000000000.0"),
+        ("exclude_history", "yes", "exclude_history is 'yes'"),
+        ("head", "all", "head is 'all'"),
+        ("model", {"n_items": "40"}, "n_items is '40'"),
+    ],
+)
+def test_bad_manifest_values_are_a_clear_error(
+    tiny: dict[str, Path], tmp_path: Path, field: str, value: object, message: str
+) -> None:
+    shutil.copytree(tiny["topk"].parent, tmp_path, dirs_exist_ok=True)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest[field] = value
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    code, out = _cli("verify", "--ckpt", tiny["ckpt"], "--artifact", tmp_path / "model.onnx", "--users", 8)
+    assert code == 3, out
+    assert out.startswith("Error: ") and message in out and "Traceback" not in out, out
 
 
 @pytest.fixture(scope="module")
@@ -260,15 +288,10 @@ def test_exporter_artifact_passes_and_one_perturbed_weight_fails(
 ) -> None:
     code, out = _cli("verify", "--ckpt", exported["ckpt"], "--artifact", exported["onnx"], "--users", 64)
     assert code == 0, out
-    bad_dir = tmp_path / "bad"
-    bad_dir.mkdir()
-    (bad_dir / "manifest.json").write_text((exported["onnx"].parent / "manifest.json").read_text())
-    name = perturb_onnx_weight(exported["onnx"], bad_dir / "model.onnx", scale=0.5)
-    code, out = _cli(
-        "verify", "--ckpt", exported["ckpt"], "--artifact", bad_dir / "model.onnx", "--users", 64
-    )
+    bad = perturbed_copy(exported["onnx"], tmp_path / "bad", scale=0.5)
+    code, out = _cli("verify", "--ckpt", exported["ckpt"], "--artifact", bad, "--users", 64)
     assert code == 1, out
-    assert "max_abs_error = " in out, (name, out)
+    assert "max_abs_error = " in out, out
 
 
 ML100K = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ml-100k" / "ml-100k.inter"

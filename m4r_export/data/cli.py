@@ -56,8 +56,8 @@ def stats(path: Path, max_seq_len: int, min_user_inter: int, min_item_inter: int
     """Print users, items, interactions and split sizes of PATH after filtering."""
     import numpy as np
     from rich.console import Console
-    from rich.table import Table
 
+    from ..console import titled_table
     from .protocol import load_dataset
 
     ds = load_dataset(
@@ -66,7 +66,7 @@ def stats(path: Path, max_seq_len: int, min_user_inter: int, min_item_inter: int
     users, items, n = ds.n_users - 1, ds.n_items - 1, ds.n_interactions
     all_users = np.concatenate([ds.train.user, ds.valid.user, ds.test.user])
     per_user = np.bincount(all_users, minlength=ds.n_users)[1:] + 1  # samples + the first interaction
-    table = Table(title=f"{ds.source} ({min_user_inter}/{min_item_inter}-core, max_seq_len {max_seq_len})")
+    table = titled_table(f"{ds.source} ({min_user_inter}/{min_item_inter}-core, max_seq_len {max_seq_len})")
     table.add_column("quantity")
     table.add_column("value", justify="right")
     table.add_row("users", f"{users:,}")

@@ -345,13 +345,14 @@ def load_dataset(
     max_seq_len: int = 50,
     min_user_inter: int = 5,
     min_item_inter: int = 5,
+    encoding: str = "utf-8",
 ) -> SequenceDataset:
     """Read an interaction file (RecBole ``.inter``, MovieLens ``u.data``/``ratings.dat``, or a directory
-    holding one) and apply the reference protocol (see the module docstring)."""
+    holding one; text in ``encoding``, strictly) and apply the reference protocol (module docstring)."""
     from .readers import read_interactions
 
     t0 = time.perf_counter()
-    inter = read_interactions(path)
+    inter = read_interactions(path, encoding)
     ds = build_dataset(
         inter.users,
         inter.items,

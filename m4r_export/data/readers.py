@@ -100,15 +100,25 @@ def detect_format(path: str | os.PathLike[str]) -> tuple[Path, str]:
     )
 
 
-def _read_lines(path: Path) -> list[str]:
+def _read_lines(path: Path, encoding: str = "utf-8") -> list[str]:
+    """The file's lines, decoded strictly (a bad byte is an error naming its line, never mojibake)."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise UsageError(f"cannot read data file {path}: {exc.strerror}") from exc
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        text = data.decode("latin-1")
+        text = data.decode(encoding)
+    except LookupError as exc:
+        raise UsageError(f"unknown text encoding {encoding!r} for {path}") from exc
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise UsageError(
+            f"data file {path}: line {line}, byte {column} (0x{data[exc.start]:02x}) is not valid "
+            f"{encoding}; "
+            f"convert the file to UTF-8 (e.g. `iconv -f latin1 -t utf-8 {path.name} > fixed.inter`) or "
+            "read it with an explicit encoding (read_interactions(path, encoding=...))"
+        ) from None
     if text.startswith("\ufeff"):
         text = text[1:]
     lines = text.split("\n")
@@ -195,10 +205,10 @@ def _parse_rows(
     return Interactions(users, items, timestamps, source=str(path), n_skipped=n_skipped)
 
 
-def read_recbole_inter(path: str | os.PathLike[str]) -> Interactions:
+def read_recbole_inter(path: str | os.PathLike[str], encoding: str = "utf-8") -> Interactions:
     """Read a RecBole atomic ``.inter`` file (tab-separated, typed header)."""
     p = Path(path)
-    lines = _read_lines(p)
+    lines = _read_lines(p, encoding)
     first = next((n for n, ln in enumerate(lines) if ln.strip()), None)
     if first is None:
         raise UsageError(
@@ -219,10 +229,10 @@ def read_recbole_inter(path: str | os.PathLike[str]) -> Interactions:
     return inter
 
 
-def read_movielens_raw(path: str | os.PathLike[str], fmt: str) -> Interactions:
+def read_movielens_raw(path: str | os.PathLike[str], fmt: str, encoding: str = "utf-8") -> Interactions:
     """Read MovieLens ``u.data`` (fmt ``ml-100k``) or ``ratings.dat`` (fmt ``ml-1m``)."""
     p = Path(path)
-    lines = _read_lines(p)
+    lines = _read_lines(p, encoding)
     if not any(ln.strip() for ln in lines):
         raise UsageError(f"data file {p} is empty; expected {FORMATS[fmt]}")
     return _parse_rows(lines, 0, RAW_SEPARATORS[fmt], 4, (0, 1, 3), p)
@@ -244,9 +254,13 @@ def movielens_to_inter_rows(data: bytes, fmt: str, name: str) -> list[str]:
     return lines
 
 
-def read_interactions(path: str | os.PathLike[str]) -> Interactions:
-    """Read any supported interaction file (format detected from ``path``)."""
+def read_interactions(path: str | os.PathLike[str], encoding: str = "utf-8") -> Interactions:
+    """Read any supported interaction file (format detected from ``path``).
+
+    Text is decoded strictly as ``encoding`` (UTF-8 by default): an undecodable byte is an error
+    naming its line, not a silent fallback that would turn every token into mojibake.
+    """
     file, fmt = detect_format(path)
     if fmt == "recbole":
-        return read_recbole_inter(file)
-    return read_movielens_raw(file, fmt)
+        return read_recbole_inter(file, encoding)
+    return read_movielens_raw(file, fmt, encoding)

@@ -27,7 +27,10 @@ Backends:
         recording a graph per step, and a hand-written backward (reverse recurrence).
   * ``cuda``      -- mamba-ssm's fused kernel (only when mamba_ssm is installed and inputs are on
     CUDA).
-``auto`` picks ``cuda`` when possible, else ``fast``. Other modules may add backends with
+  * ``native``    -- the optimised C++ CPU kernel (forward and backward) through its C ABI, when
+    ``libm4r_scan_native.so`` is built (``m4r build-native``); see :mod:`.scan_native`.
+``auto`` picks ``cuda`` when possible, else ``native`` on CPU when its library is found, else
+``fast``. Other modules may add backends with
 :func:`register_scan_backend` (the ONNX exporter registers one that emits the custom op).
 """
 
@@ -39,6 +42,8 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .scan_native import native_available, selective_scan_native
 
 SCAN_MODES = ("all", "last")
 
@@ -325,6 +330,7 @@ _BACKENDS: dict[str, ScanFn] = {
     "reference": selective_scan_ref,
     "fast": selective_scan_fast,
     "cuda": selective_scan_cuda,
+    "native": selective_scan_native,
 }
 
 
@@ -339,7 +345,9 @@ def scan_backends() -> list[str]:
 
 def resolve_backend(name: str, device: torch.device) -> str:
     if name == "auto":
-        return "cuda" if device.type == "cuda" and _mamba_ssm_fn() is not None else "fast"
+        if device.type == "cuda" and _mamba_ssm_fn() is not None:
+            return "cuda"
+        return "native" if device.type == "cpu" and native_available() else "fast"
     if name not in _BACKENDS:
         raise ValueError(f"unknown scan backend {name!r}; choose one of {scan_backends()}")
     return name
@@ -359,6 +367,6 @@ def selective_scan(
     mode: str = "all",
     backend: str = "auto",
 ) -> Tensor:
-    """Dispatch to a scan backend (``auto``: mamba-ssm's kernel on CUDA if installed, else ``fast``)."""
+    """Dispatch to a scan backend (``auto``: see :func:`resolve_backend`)."""
     fn = _BACKENDS[resolve_backend(backend, u.device)]
     return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, lengths, mode)

@@ -133,3 +133,37 @@ def export(
         )
     else:
         click.echo(f"TensorRT: skipped: {trt['reason']}")
+
+
+@click.command("build-ort-ops")
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Build directory (default: ~/.cache/m4r/native-cpu/<sources hash>, where m4r finds the library).",
+)
+@click.option(
+    "--onnxruntime-root",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    envvar="ONNXRUNTIME_ROOT",
+    help="Folder with ONNX Runtime's include/onnxruntime_cxx_api.h: an ONNX Runtime release, or the "
+    "output of scripts/fetch_ort_headers.sh (env: ONNXRUNTIME_ROOT).",
+)
+@click.option("--jobs", "-j", type=int, default=None, help="Parallel compile jobs (default: CPU count).")
+@click.option("--verbose", "-v", is_flag=True, help="Echo CMake and compiler output.")
+def build_ort_ops(out: Path | None, onnxruntime_root: Path | None, jobs: int | None, verbose: bool) -> None:
+    """Build libm4r_ort_ops.so, the ONNX Runtime custom-op library (needs cmake, a C++17 compiler and
+    ONNX Runtime's C/C++ headers; no CUDA)."""
+    from .ort_ops import ORT_OPS_ENV
+    from .ort_ops import build_ort_ops as build
+
+    click.echo("building libm4r_ort_ops.so with CMake ...")
+    lib = build(out, onnxruntime_root_dir=onnxruntime_root, jobs=jobs, echo=click.echo if verbose else None)
+    click.echo(f"  libm4r_ort_ops.so: {lib}")
+    found = "m4r finds it there" if out is None else f"set {ORT_OPS_ENV}={lib} or pass --ort-ops {lib}"
+    click.echo(
+        f"ONNX Runtime: SessionOptions.register_custom_ops_library({str(lib)!r}) ({found}); "
+        'Triton: model_operations { op_library_filename: "' + str(lib) + '" }'
+    )

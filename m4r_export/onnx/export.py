@@ -11,8 +11,10 @@ Pipeline (:func:`export_artifacts`, used by ``m4r export``):
 3. ``onnx.checker.check_model(full_check=True)``.
 4. Parity against the PyTorch module on generated inputs (fixed seed); the export fails when the
    stated tolerance is violated (like HuggingFace Optimum's export validation).
-5. Write every file atomically, ``manifest.json`` last (an older manifest is removed first, so a
-   directory without one is visibly incomplete).
+5. Publish the directory as one unit (:func:`m4r_export.fileio.publish_directory`): every file,
+   ``manifest.json`` included, is staged in a fresh sibling directory that replaces ``--out-dir``
+   with one rename, so a reader sees the previous export or this one, never a mix, and files of a
+   previous export that this one does not list are gone.
 
 ``--fp16``: a second trace of a half-precision copy: weights and activations fp16, LayerNorm
 computed in fp32, the scan's A/D/delta_bias fp32 and its state fp32 inside the op. Its outputs are
@@ -24,9 +26,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as _dt
+import hashlib
 import io
+import json
 import logging
 import os
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -40,18 +45,16 @@ from torch import Tensor, nn
 
 from .. import __version__
 from ..errors import M4RError, UsageError
+from ..integrity import ITEM_TABLE, ITEMS_FILE, ITEMS_FORMAT, MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION
 from ..model import Mamba4Rec, register_scan_backend
 from ..model.scan import selective_scan_fast
-from ..serving import EXCLUDE_INPUT, HEAD_OUTPUTS, HEADS, ServingModel, input_names
+from ..serving import EXCLUDE_INPUT, HEAD_OUTPUTS, HEADS, ServingModel, check_k, input_names
 from . import bodies
 
 SCAN_BACKEND = "onnx-export"
 DEFAULT_OPSET = 20
 #: opsets we export and test: >= 19 for the function body's string Equal; <= what onnx/ORT know
 SUPPORTED_OPSETS = tuple(range(19, 24))
-MANIFEST_FORMAT = "m4r-export-manifest"
-MANIFEST_VERSION = 1
-ITEM_TABLE = "item_embedding.npy"
 
 
 # ----------------------------------------------------------------------------- scan as one node
@@ -163,19 +166,18 @@ class ExportOptions:
     def validate(self, n_items: int) -> None:
         if self.head not in HEADS:
             raise UsageError(f"--head {self.head!r}: choose one of {', '.join(HEADS)}")
-        if self.head == "topk" and not 1 <= self.k <= n_items - 1:
-            raise UsageError(
-                f"--k {self.k}: the model has {n_items - 1} items (plus padding); choose K between 1 and "
-                f"{n_items - 1}"
-            )
+        if self.head == "topk":
+            check_k(self.k, n_items)
         if self.opset not in SUPPORTED_OPSETS:
             raise UsageError(
                 f"--opset {self.opset} is not supported: m4r exports opsets {SUPPORTED_OPSETS[0]}.."
                 f"{SUPPORTED_OPSETS[-1]} (the SelectiveScan function body needs opset >= 19); "
                 f"the default is {DEFAULT_OPSET}"
             )
-        if self.max_seq_len < 1:
-            raise UsageError(f"--max-seq-len {self.max_seq_len}: must be >= 1")
+        from ..checkpoint import MAX_SEQ_LEN_LIMIT
+
+        if not 1 <= self.max_seq_len <= MAX_SEQ_LEN_LIMIT:
+            raise UsageError(f"--max-seq-len {self.max_seq_len}: must be in [1, {MAX_SEQ_LEN_LIMIT}]")
         if self.body not in bodies.BODIES:
             raise UsageError(f"--body {self.body!r}: choose one of {', '.join(bodies.BODIES)}")
 
@@ -428,16 +430,22 @@ def flush_denormal_enabled() -> bool:
     return bool((torch.tensor([1e-39]) * 1.0).item() == 0.0)
 
 
-def ort_session(model_bytes: bytes, threads: int | None = None) -> Any:
+def ort_session(model_bytes: bytes, threads: int | None = None, ort_ops: Path | None = None) -> Any:
     """A CPU InferenceSession; keeps the calling thread's flush-to-zero setting.
 
     ONNX Runtime's first session in a process clears the thread's FTZ/DAZ flags, which would make
     PyTorch's CPU scan 3-4x slower for the rest of the process (denormals); they are restored.
+    ``ort_ops``: libm4r_ort_ops.so to load (SelectiveScan then runs the native kernel, not the
+    function body); see :func:`m4r_export.onnx.ort_ops.find_ort_ops_library`.
     """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if ort_ops is not None:
+        from .ort_ops import register_ort_ops
+
+        register_ort_ops(so, ort_ops)
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
@@ -519,16 +527,62 @@ def _io_spec(proto: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return [spec(v) for v in proto.graph.input], [spec(v) for v in proto.graph.output]
 
 
+#: every character ``str.splitlines()`` splits on (readers disagree on all but \n; refuse them all)
+LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+
+
 def _items_text(model: Mamba4Rec) -> str:
+    """items.txt (format: :data:`m4r_export.integrity.ITEMS_FORMAT`)."""
     tokens = model.item_tokens or ["[PAD]", *(str(i) for i in range(1, model.n_items))]
     if len(tokens) != model.n_items:
         raise UsageError(
             f"checkpoint vocabulary has {len(tokens)} tokens but the model has {model.n_items} items"
         )
-    for t in tokens:
-        if "\n" in t or "\r" in t:
-            raise UsageError(f"item token {t!r} contains a line break; items.txt holds one token per line")
-    return "".join(f"{t}\n" for t in tokens)
+    for index, t in enumerate(tokens):
+        bad = [c for c in t if c in LINE_BREAKS]
+        if bad:
+            raise UsageError(
+                f"item token {t!r} (index {index}) contains the line-break character {bad[0]!r} "
+                f"(U+{ord(bad[0]):04X}); items.txt holds one token per line, so tokens may not contain "
+                "any character that str.splitlines() splits on: rename the item in the dataset"
+            )
+    text = "".join(f"{t}\n" for t in tokens)
+    assert len(text.splitlines()) == len(tokens)
+    return text
+
+
+def check_finite_weights(model: Mamba4Rec) -> None:
+    """Refuse a model with NaN/Inf weights (a diverged training run), naming the tensors."""
+    bad = [
+        n
+        for n, t in model.state_dict().items()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    if bad:
+        raise UsageError(
+            f"the checkpoint has non-finite weights (NaN or Inf) in {len(bad)} tensor(s), "
+            f"e.g. {', '.join(bad[:3])}: "
+            "its training run diverged. Export an earlier checkpoint, or re-train with a lower learning_rate"
+        )
+
+
+def _previous_export(directory: Path) -> bool:
+    """True when every entry of ``directory`` was written by ``m4r export`` (safe to replace)."""
+    manifest_path = directory / MANIFEST_NAME
+    listed: set[str] = set()
+    try:
+        old = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if isinstance(old, dict) and isinstance(old.get("files"), dict):
+            listed = {str(k) for k in old["files"]}
+    except (OSError, ValueError):
+        pass
+    known = {MANIFEST_NAME, "model.onnx", "model.fp16.onnx", ITEMS_FILE, ITEM_TABLE, *listed}
+    return all(
+        e.name in known
+        or e.name.endswith((".plan", ".plan.json"))
+        or (e.name.startswith(".") and e.name.endswith(".tmp"))
+        for e in directory.iterdir()
+    )
 
 
 def export_artifacts(
@@ -541,18 +595,14 @@ def export_artifacts(
     echo: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export, check, measure parity, then write everything (see the module docstring)."""
-    from ..fileio import (
-        ensure_writable_dir,
-        sha256_file,
-        write_bytes_atomic,
-        write_json_atomic,
-        write_text_atomic,
-    )
+    from ..fileio import ensure_writable_dir, publish_directory, sha256_file
 
     say = echo or (lambda _msg: None)
     opts.validate(model.n_items)
-    out = ensure_writable_dir(out_dir)
+    out = Path(out_dir)
+    ensure_writable_dir(out.absolute().parent)
     items_txt = _items_text(model)
+    check_finite_weights(model)
 
     precisions = ["fp32", "fp16"] if opts.fp16 else ["fp32"]
     protos: dict[str, Any] = {}
@@ -573,46 +623,41 @@ def export_artifacts(
                 "This is a bug in m4r export: please report it with the checkpoint's config"
             )
 
-    # everything validated: write (manifest last; remove a stale one first)
-    manifest_path = out / "manifest.json"
-    with contextlib.suppress(FileNotFoundError):
-        manifest_path.unlink()
+    # everything validated: collect every file (name -> bytes), then publish them as one unit
     names = {"fp32": "model.onnx", "fp16": "model.fp16.onnx"}
-    files: dict[str, dict[str, Any]] = {}
-    written: list[Path] = []
-    for precision in precisions:
-        path = out / names[precision]
-        write_bytes_atomic(path, blobs[precision])
-        files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size, "precision": precision}
-        written.append(path)
-    write_text_atomic(out / "items.txt", items_txt)
-    files["items.txt"] = {
-        "sha256": sha256_file(out / "items.txt"),
-        "bytes": (out / "items.txt").stat().st_size,
-    }
-    written.append(out / "items.txt")
+    contents: dict[str, bytes] = {names[p]: blobs[p] for p in precisions}
+    notes: dict[str, dict[str, Any]] = {names[p]: {"precision": p} for p in precisions}
+    contents[ITEMS_FILE] = items_txt.encode("utf-8")
+    notes[ITEMS_FILE] = {"format": ITEMS_FORMAT}
     if opts.head == "embedding":
         buf = io.BytesIO()
         np.save(buf, model.item_embedding.weight.detach().float().numpy())
-        write_bytes_atomic(out / ITEM_TABLE, buf.getvalue())
-        files[ITEM_TABLE] = {
-            "sha256": sha256_file(out / ITEM_TABLE),
-            "bytes": (out / ITEM_TABLE).stat().st_size,
+        contents[ITEM_TABLE] = buf.getvalue()
+        notes[ITEM_TABLE] = {
             "precision": "fp32",
             "shape": [model.n_items, model.config.hidden_size],
             "note": "row i = item index i; row 0 is padding and must never be returned; "
             "score = user_embedding @ table.T",
         }
-        written.append(out / ITEM_TABLE)
 
     trt = {"status": "skipped", "reason": "no --fp16 file (TensorRT engines are built from model.fp16.onnx)"}
     if opts.fp16 and build_trt:
-        trt = _try_trt(out / names["fp16"], out, opts)
+        with tempfile.TemporaryDirectory(prefix=".m4r-trt-", dir=out.absolute().parent) as tmp:
+            (Path(tmp) / names["fp16"]).write_bytes(blobs["fp16"])
+            trt = _try_trt(Path(tmp) / names["fp16"], Path(tmp), opts)
+            for produced in sorted(Path(tmp).iterdir()):
+                if produced.name != names["fp16"]:
+                    contents[produced.name] = produced.read_bytes()
 
+    files = {
+        name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), **notes.get(name, {})}
+        for name, data in contents.items()
+    }
     inputs, outputs = _io_spec(protos["fp32"])
     ckpt: dict[str, Any] = {"path": None, "sha256": None}
     if checkpoint_path is not None:
         ckpt = {"path": str(Path(checkpoint_path).resolve()), "sha256": sha256_file(checkpoint_path)}
+
     manifest = {
         "format": MANIFEST_FORMAT,
         "format_version": MANIFEST_VERSION,
@@ -653,13 +698,14 @@ def export_artifacts(
                 else {}
             ),
         },
+        "items_format": ITEMS_FORMAT,
         "files": files,
         "parity": parity,
         "tensorrt": trt,
     }
-    write_json_atomic(manifest_path, manifest)
-    written.append(manifest_path)
-    return ExportResult(out, manifest, written)
+    contents[MANIFEST_NAME] = (json.dumps(manifest, indent=2) + "\n").encode("utf-8")
+    publish_directory(out, contents, replaceable=_previous_export)
+    return ExportResult(out, manifest, [out / name for name in contents])
 
 
 def _try_trt(fp16_path: Path, out: Path, opts: ExportOptions) -> dict[str, Any]:

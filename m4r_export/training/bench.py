@@ -9,6 +9,9 @@ every sequence full length (L = 50 and L = 200 by default). Variants, measured s
 * ``reference+ftz``   -- the same loop with ``torch.set_flush_denormal(True)``;
 * ``fast+ftz``        -- the fast scan with flush-denormal: what ``m4r train`` runs on CPU;
 * ``fast``            -- the fast scan without flush-denormal (``--all-variants``);
+* ``native+ftz``      -- the C++ CPU kernel (``native`` backend, ``m4r build-native``) with
+  flush-denormal: what ``m4r train`` runs on CPU once the library is built;
+* ``native``          -- the same without flush-denormal (``--all-variants``);
 * ``reference-code``  -- the loop without flush-denormal AND without serving-style pruning: every
   layer runs on every position and the last position is gathered afterwards, which is the
   computation of the reference Mamba4Rec code's training step (``--all-variants``).
@@ -26,13 +29,12 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import torch
-import torch.nn.functional as F
 
-from ..model import Mamba4Rec
+if TYPE_CHECKING:  # torch is imported where the benchmark runs: `m4r --help` lists this command
+    import torch
 
 #: variant -> (scan backend, flush denormals, last layer pruned to the last position)
 VARIANTS = {
@@ -40,6 +42,8 @@ VARIANTS = {
     "reference+ftz": ("reference", True, True),
     "fast+ftz": ("fast", True, True),
     "fast": ("fast", False, True),
+    "native+ftz": ("native", True, True),
+    "native": ("native", False, True),
     "reference-code": ("reference", False, False),
 }
 
@@ -61,6 +65,11 @@ class Cell:
 def _setup(
     variant: str, seq_len: int, batch: int, n_items: int, seed: int, state: dict[str, torch.Tensor] | None
 ) -> Any:
+    import torch
+    import torch.nn.functional as F
+
+    from ..model import Mamba4Rec
+
     backend, _, pruned = VARIANTS[variant]
     torch.manual_seed(seed)
     model = Mamba4Rec(n_items)
@@ -105,6 +114,8 @@ def run_benchmark(
     ckpt: str | None = None,
     log: Any = None,
 ) -> dict[str, Any]:
+    import torch
+
     torch.set_num_threads(threads)
     state = None
     if ckpt is not None:
@@ -158,6 +169,9 @@ def run_benchmark(
             ftz = cells.get(("reference+ftz", L))
             if ftz is not None:
                 row["speedup_vs_reference_ftz_cpu"] = ftz.median_cpu() / cell.median_cpu()
+            code = cells.get(("reference-code", L))
+            if code is not None:
+                row["speedup_vs_reference_code_cpu"] = code.median_cpu() / cell.median_cpu()
             rows.append(row)
     return {
         "benchmark": "training step (forward logits + CE over all items + backward + Adam)",
@@ -177,12 +191,13 @@ def run_benchmark(
 
 def print_table(report: dict[str, Any]) -> None:
     from rich.console import Console
-    from rich.table import Table
+
+    from ..console import titled_table
 
     title = (
         f"training step, batch {report['batch']}, {report['n_items']} items, {report['threads']} thread(s)"
     )
-    t = Table(title=title)
+    t = titled_table(title)
     for col in (
         "L",
         "variant",
@@ -192,6 +207,7 @@ def print_table(report: dict[str, Any]) -> None:
         "samples/s",
         "x vs reference",
         "x vs ref+ftz",
+        "x vs ref-code",
     ):
         t.add_column(col, justify="left" if col == "variant" else "right")
     for r in report["results"]:
@@ -204,6 +220,7 @@ def print_table(report: dict[str, Any]) -> None:
             f"{r['samples_per_s_wall']:.0f}",
             f"{r.get('speedup_vs_reference_cpu', float('nan')):.1f}",
             f"{r.get('speedup_vs_reference_ftz_cpu', float('nan')):.1f}",
+            f"{r.get('speedup_vs_reference_code_cpu', float('nan')):.1f}",
         )
     console = Console(width=max(Console().width, 100))
     console.print(t)
@@ -258,7 +275,10 @@ def bench_train(
         raise UsageError("--batch, --repeats, --threads and --seq-len must be >= 1")
     chosen = list(dict.fromkeys(variants))
     if all_variants:
-        chosen = list(VARIANTS)
+        from ..model.scan_native import native_available
+
+        # the native variants only where their library is built (m4r build-native)
+        chosen = [v for v in VARIANTS if VARIANTS[v][0] != "native" or native_available()]
     report = run_benchmark(
         lengths=list(lengths),
         variants=chosen,

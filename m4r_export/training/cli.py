@@ -9,7 +9,7 @@ import click
 
 from ..errors import UsageError
 
-BACKENDS = ["auto", "fast", "reference", "cuda"]
+BACKENDS = ["auto", "fast", "native", "reference", "cuda"]
 
 
 @click.command("train")
@@ -20,15 +20,24 @@ BACKENDS = ["auto", "fast", "reference", "cuda"]
 @click.option(
     "--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Checkpoint to write."
 )
-@click.option("--epochs", type=int, default=None, help="Override the recipe's epochs.")
-@click.option("--max-minutes", type=float, default=None, help="Stop after this much training time.")
+@click.option("--epochs", type=click.IntRange(min=0), default=None, help="Override the recipe's epochs.")
+@click.option(
+    "--max-minutes",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Stop after this much training time.",
+)
 @click.option(
     "--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: the recipe's (cpu)."
 )
 @click.option("--seed", type=int, default=None, help="Override the recipe's seed.")
 @click.option("--scan-backend", type=click.Choice(BACKENDS), default=None, help="Default: auto.")
-@click.option("--batch-size", type=int, default=None, help="Override train_batch_size (global).")
-@click.option("--lr", type=float, default=None, help="Override learning_rate.")
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=None, help="Override train_batch_size (global)."
+)
+@click.option(
+    "--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Override learning_rate."
+)
 @click.option(
     "--loss", "loss_type", type=click.Choice(["CE", "BPR"]), default=None, help="Override loss_type."
 )
@@ -40,7 +49,11 @@ BACKENDS = ["auto", "fast", "reference", "cuda"]
     default=None,
     help="Training state file (default: OUT.state), written after every epoch.",
 )
-@click.option("--no-progress", is_flag=True, help="No progress bar (per-epoch lines only).")
+@click.option(
+    "--no-progress",
+    is_flag=True,
+    help="No progress bar on a terminal and no periodic lines elsewhere (per-epoch lines only).",
+)
 @click.option(
     "--threads", type=int, default=None, help="CPU threads per process (default: torch's, the core count)."
 )
@@ -123,9 +136,10 @@ def train(
 
 def _print_train_result(result: Any, out: Path, valid_metric: str) -> None:
     from rich.console import Console
-    from rich.table import Table
 
-    t = Table(title=f"best epoch {result.best_epoch} (by valid {valid_metric}) -> {out}")
+    from ..console import titled_table
+
+    t = titled_table(f"best epoch {result.best_epoch} (by valid {valid_metric}) -> {out}")
     t.add_column("metric")
     t.add_column("valid", justify="right")
     t.add_column("test", justify="right")
@@ -198,8 +212,8 @@ def evaluate(
     sequential models) unless --exclude-history.
     """
     from rich.console import Console
-    from rich.table import Table
 
+    from ..console import titled_table
     from ..fileio import write_json_atomic
     from .evaluation import evaluate_checkpoint
 
@@ -220,9 +234,8 @@ def evaluate(
         exclude_history=exclude_history,
     )
     masked = ", known history excluded" if exclude_history else ""
-    t = Table(
-        title=f"{report.split} split, {report.rows} users, full ranking{masked} ({report.seconds:.1f} s)"
-    )
+    title = f"{report.split} split, {report.rows} users, full ranking{masked} ({report.seconds:.1f} s)"
+    t = titled_table(title)
     t.add_column("metric")
     t.add_column("model", justify="right")
     if report.baseline is not None:

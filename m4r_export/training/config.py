@@ -10,6 +10,7 @@ a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -67,6 +68,9 @@ class TrainConfig:
             if not cond:
                 raise UsageError(f"{source}: {msg}")
 
+        for name in ("dropout_prob", "learning_rate", "weight_decay", "max_minutes"):
+            value = getattr(self, name)
+            need(value is None or math.isfinite(value), f"{name} must be a finite number, got {value}")
         for name in ("hidden_size", "num_layers", "d_state", "d_conv", "expand", "max_seq_len"):
             need(int(getattr(self, name)) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(0.0 <= self.dropout_prob < 1.0, f"dropout_prob must be in [0, 1), got {self.dropout_prob}")
@@ -222,7 +226,14 @@ def load_config(path: str | Path | None, **overrides: Any) -> TrainConfig:
         except yaml.YAMLError as exc:
             raise UsageError(f"config {p} is not valid YAML: {exc}") from None
         raw = loaded if loaded is not None else {}
-    for k, v in overrides.items():
-        if v is not None:
-            raw[k] = v
-    return config_from_dict(raw, source)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return config_from_dict({**raw, **given}, source)
+    except UsageError:
+        if not given:
+            raise
+    # Whose value is wrong? The recipe's when it fails on its own (this raises) ...
+    config_from_dict(raw, source)
+    # ... else an override's: name the option(s), not the recipe file
+    named = ", ".join(f"{k}={v!r}" for k, v in given.items())
+    return config_from_dict({**raw, **given}, f"option(s) {named}")

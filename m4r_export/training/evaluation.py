@@ -15,6 +15,7 @@ from ..data import SequenceDataset, load_dataset
 from ..errors import UsageError
 from ..model import Mamba4Rec
 from ..model.scan import resolve_backend
+from ..serving import check_k
 from .metrics import evaluate, model_scorer, popularity_scorer
 from .trainer import set_cpu_flush_denormal
 
@@ -103,6 +104,8 @@ def evaluate_checkpoint(
         raise UsageError("--device cuda was requested but CUDA is not available; use --device cpu")
     t0 = time.perf_counter()
     ckpt = read_checkpoint(ckpt_path)
+    for k in ks:
+        check_k(k, ckpt.config.n_items)
     meta = ckpt.meta
     ds = load_dataset(
         data_path,

@@ -22,12 +22,22 @@ current weights, the optimizer, the epoch and batch position, the early-stopping
 rank's RNG state. ``resume=True`` continues from it. Shuffling depends only on ``(seed, epoch)`` and
 each epoch's dropout RNG is seeded from ``(seed, epoch, rank)``, so a resumed run makes the same
 updates as an uninterrupted one.
+
+Stopping early, safely:
+  * SIGINT (Ctrl-C) / SIGTERM are treated like the time budget: the current batch finishes, the
+    state file is written, the log says how to ``--resume``, and :class:`TrainingInterrupted`
+    carries exit code 130 / 143 (128 + the signal number, as shells report).
+  * A non-finite loss or weight (a diverging run, e.g. a learning rate of 10) stops training at
+    that batch with :class:`TrainingDiverged` (exit code 1) naming the epoch and batch. The bad
+    step is never saved: the checkpoint on disk stays the last finite one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,7 +51,7 @@ from torch import Tensor, nn
 
 from ..checkpoint import save_checkpoint
 from ..data import SequenceDataset
-from ..errors import UsageError
+from ..errors import M4RError, UsageError
 from ..fileio import atomic_write
 from ..model import Mamba4Rec
 from ..model.scan import resolve_backend
@@ -137,6 +147,14 @@ _FIXED_ON_RESUME = (
     "train_batch_size",
     "seed",
 )
+
+
+class TrainingDiverged(M4RError):
+    """The loss or the weights became NaN/Inf; nothing non-finite was saved."""
+
+
+class TrainingInterrupted(M4RError):
+    """SIGINT/SIGTERM: the state file was written; ``--resume`` continues. Exit code 128 + signal."""
 
 
 class Trainer:
@@ -319,6 +337,45 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def run(self, resume: bool = False) -> TrainResult:
+        """Train (see the module docstring); SIGINT/SIGTERM stop after the current batch."""
+        self._signal: int | None = None
+        previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                previous[int(signum)] = signal.signal(signum, self._on_signal)
+        try:
+            return self._run(resume)
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        if self._signal is not None:  # a second Ctrl-C: stop now, as Python would
+            raise KeyboardInterrupt
+        self._signal = signum
+        self.log(
+            f"{signal.Signals(signum).name} received: finishing the current batch, then saving the state"
+        )
+
+    def _check_finite(self, loss: Tensor, bi: int) -> None:
+        """Stop (on every rank) when the loss or any weight is NaN/Inf, before anything is saved."""
+        bad = not bool(torch.isfinite(loss.detach()))
+        if not bad:
+            bad = not all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        if not D.any_rank(bad, self.info, self.device):
+            return
+        what = "loss" if not bool(torch.isfinite(loss.detach())) else "weights after the optimizer step"
+        kept = (
+            f"{self.out} keeps the last finite checkpoint (epoch {self.best_epoch})"
+            if self.out.exists()
+            else "no checkpoint was written"
+        )
+        raise TrainingDiverged(
+            f"training diverged: non-finite {what} ({float(loss.detach()):g}) at epoch {self.epoch + 1}, "
+            f"batch {bi + 1}; {kept}. Lower learning_rate (now {self.cfg.learning_rate:g}) and train again"
+        )
+
+    def _run(self, resume: bool) -> TrainResult:
         self._t0 = time.perf_counter()
         if resume:
             self.load_state()
@@ -355,8 +412,11 @@ class Trainer:
                     seq, lens, tgt = _batch_tensors(self.ds.train, rows, self.device)
                     self.optimizer.zero_grad(set_to_none=True)
                     loss = self.objective(seq, lens, tgt)
+                    if not bool(torch.isfinite(loss.detach())):
+                        self._check_finite(loss, bi)  # before the step: the weights are still finite
                     loss.backward()
                     self.optimizer.step()
+                    self._check_finite(loss, bi)
                     loss_sum += float(loss.detach()) * len(rows)
                     loss_n += len(rows)
                     bar(
@@ -364,8 +424,11 @@ class Trainer:
                         loss_sum / loss_n,
                         (loss_n * self.info.world_size) / (time.perf_counter() - t_epoch),
                     )
-                    if deadline is not None and D.any_rank(
-                        time.perf_counter() >= deadline, self.info, self.device
+                    if D.any_rank(
+                        (deadline is not None and time.perf_counter() >= deadline)
+                        or self._signal is not None,
+                        self.info,
+                        self.device,
                     ):
                         if bi + 1 < len(batches):
                             partial = True
@@ -386,6 +449,7 @@ class Trainer:
                 self.epoch += 1
                 self.next_batch = 0
             evaluate_now = partial or (self.epoch % cfg.eval_step == 0) or self.epoch >= cfg.epochs
+            evaluate_now = evaluate_now and self._signal is None  # interrupted: save the state promptly
             stop = False
             if evaluate_now:
                 valid = self.evaluate_split("valid")
@@ -405,6 +469,16 @@ class Trainer:
             self.history.append(record)
             self._log_epoch(record, len(batches))
             self.save_state()
+            if self._signal is not None:
+                name = signal.Signals(self._signal).name
+                raise TrainingInterrupted(
+                    f"interrupted by {name} at epoch {record['epoch']}, "
+                    f"after batch {record['batches'] + start}: "
+                    f"the training state is saved in {self.state_path}; continue with the same command plus "
+                    "--resume (the best checkpoint so far is "
+                    f"{self.out if self.out.exists() else 'not written yet'})",
+                    exit_code=128 + self._signal,
+                )
             if stop:
                 stopped = "early-stopping"
                 self.log(
@@ -448,7 +522,9 @@ class Trainer:
         self.log(msg)
 
     def _progress(self, total: int, start: int) -> Any:
-        return _ProgressBar(total, start, enabled=self.progress and self.info.is_main, epoch=self.epoch + 1)
+        return _ProgressBar(
+            total, start, enabled=self.progress and self.info.is_main, epoch=self.epoch + 1, log=self.log
+        )
 
     def _dump_debug(self) -> None:
         import json
@@ -472,16 +548,41 @@ class Trainer:
 
 
 class _ProgressBar:
-    """Rich progress bar with loss and samples/s (a no-op when disabled)."""
+    """Per-batch progress of one epoch (a no-op when disabled).
 
-    def __init__(self, total: int, start: int, *, enabled: bool, epoch: int) -> None:
+    On a terminal: a transient rich bar with loss and samples/s. Elsewhere (a log file, CI, nohup,
+    a pipe), where a bar would print nothing until the epoch ends, a plain line through ``log``
+    every ``every`` batches (default: a tenth of the epoch) or every ``interval_s`` seconds,
+    whichever comes first, so a long epoch is never silent.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        start: int,
+        *,
+        enabled: bool,
+        epoch: int,
+        log: Callable[[str], None] = print,
+        interactive: bool | None = None,
+        every: int | None = None,
+        interval_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.enabled = enabled
         self.total, self.start, self.epoch = total, start, epoch
+        self.log, self.interactive = log, interactive
+        self.every = every if every is not None else max(1, math.ceil(total / 10))
+        self.interval_s, self.clock = interval_s, clock
 
     def __enter__(self) -> Callable[[int, float, float], None]:
         if not self.enabled:
             return lambda n, loss, rate: None
         from rich.console import Console
+
+        console = Console(stderr=True)
+        if not (console.is_terminal if self.interactive is None else self.interactive):
+            return self._lines()
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self._p = Progress(
@@ -492,7 +593,7 @@ class _ProgressBar:
             TextColumn("{task.fields[rate]:,.0f} samples/s"),
             TimeElapsedColumn(),
             transient=True,
-            console=Console(stderr=True),
+            console=console,
         )
         self._p.start()
         task = self._p.add_task(
@@ -504,8 +605,25 @@ class _ProgressBar:
 
         return update
 
+    def _lines(self) -> Callable[[int, float, float], None]:
+        t0 = last = self.clock()
+        done = self.start
+
+        def update(n: int, loss: float, rate: float) -> None:
+            nonlocal done, last
+            done += 1
+            now = self.clock()
+            if done < self.total and (done % self.every == 0 or now - last >= self.interval_s):
+                last = now
+                self.log(
+                    f"epoch {self.epoch}: batch {done}/{self.total}, loss {loss:.4f}, {rate:,.0f} samples/s, "
+                    f"{now - t0:.0f} s"
+                )
+
+        return update
+
     def __exit__(self, *exc: object) -> None:
-        if self.enabled:
+        if self.enabled and hasattr(self, "_p"):
             self._p.stop()
 
 

@@ -1,4 +1,4 @@
-"""``m4r build-plugin`` and ``m4r build-engine``."""
+"""``m4r build-plugin``, ``m4r build-native`` and ``m4r build-engine``."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from .manifest import ShapeProfile
     "out",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Build directory (default: ~/.cache/m4r/native/<sources hash>, where m4r finds the plugin).",
+    help="Build directory (default: $M4R_CACHE_DIR/native/<key>, where M4R_CACHE_DIR defaults to "
+    "$XDG_CACHE_HOME/m4r or ~/.cache/m4r; m4r finds the plugin there).",
 )
 @click.option(
     "--tensorrt-root",
@@ -35,9 +36,12 @@ def build_plugin(
     out: Path | None, tensorrt_root: Path | None, cuda_archs: str | None, jobs: int | None, verbose: bool
 ) -> None:
     """Build the SelectiveScan TensorRT plugin (needs cmake, nvcc and the TensorRT headers)."""
-    from .native import PLUGIN_ENV, PLUGIN_LIBRARY, PLUGIN_STATIC_LIBRARY, build_native
+    from .native import PLUGIN_ENV, PLUGIN_LIBRARY, PLUGIN_STATIC_LIBRARY, build_native, default_build_dir
 
-    click.echo("building the m4r native libraries with CMake ...")
+    where = (
+        out if out is not None else f"{default_build_dir()} (set M4R_CACHE_DIR or pass --out to change it)"
+    )
+    click.echo(f"building the m4r native libraries with CMake into {where} ...")
     build = build_native(
         out,
         tensorrt_root=tensorrt_root,
@@ -54,6 +58,34 @@ def build_plugin(
         f"TensorRT: load {plugin} with IPluginRegistry::loadLibrary or trtexec --dynamicPlugins ({found}); "
         f"use {PLUGIN_STATIC_LIBRARY} for LD_PRELOAD (Triton) or trtexec --staticPlugins."
     )
+
+
+@click.command("build-native")
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Build directory (default: ~/.cache/m4r/native-cpu/<sources hash>, where m4r finds the library).",
+)
+@click.option("--jobs", "-j", type=int, default=None, help="Parallel compile jobs (default: CPU count).")
+@click.option("--verbose", "-v", is_flag=True, help="Echo CMake and compiler output.")
+def build_native_cmd(out: Path | None, jobs: int | None, verbose: bool) -> None:
+    """Build the optimised CPU scan kernel (the `native` scan backend; needs cmake and a C++ compiler)."""
+    from ..model.scan_native import SCAN_LIB_ENV
+    from .native import SCAN_NATIVE_LIBRARY, build_native, default_build_dir
+
+    click.echo("building the m4r CPU scan kernel with CMake ...")
+    build = build_native(
+        out or default_build_dir(cpu_only=True),
+        with_cuda=False,
+        targets=["m4r_scan_native"],
+        jobs=jobs,
+        echo=click.echo if verbose else None,
+    )
+    lib = build.libraries[SCAN_NATIVE_LIBRARY]
+    found = "m4r finds it there" if out is None else f"set {SCAN_LIB_ENV}={lib} so that m4r finds it"
+    click.echo(f"  {SCAN_NATIVE_LIBRARY}: {lib} ({found}; scan backend `auto` now uses it on CPU)")
 
 
 @click.command("build-engine")

@@ -9,10 +9,16 @@ Libraries (all in ``<build>/lib``):
   * ``libm4r_trt_plugin_static.so`` TensorRT plugin, registers itself at load (LD_PRELOAD, --staticPlugins)
   * ``libm4r_scan_cuda.so``         CUDA kernels with a C entry point (self-check)
   * ``libm4r_scan_cpu.so``          CPU reference with a C entry point (tests)
+  * ``libm4r_ort_ops.so``           ONNX Runtime custom-op library (m4r_export.onnx.ort_ops)
+  * ``libm4r_scan_native.so``       optimised CPU kernel, C ABI (the ``native`` scan backend)
+
+``m4r build-native`` builds only the CPU libraries (no CUDA, seconds) into a cache directory of its
+own, so that it never reconfigures the directory ``m4r build-plugin`` uses.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -27,6 +33,8 @@ PLUGIN_LIBRARY = "libm4r_trt_plugin.so"
 PLUGIN_STATIC_LIBRARY = "libm4r_trt_plugin_static.so"
 SCAN_CUDA_LIBRARY = "libm4r_scan_cuda.so"
 SCAN_CPU_LIBRARY = "libm4r_scan_cpu.so"
+SCAN_NATIVE_LIBRARY = "libm4r_scan_native.so"
+ORT_OPS_LIBRARY = "libm4r_ort_ops.so"
 PLUGIN_ENV = "M4R_TRT_PLUGIN"
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
@@ -52,12 +60,12 @@ def _sources_digest(src: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def default_build_dir() -> Path:
-    """``$M4R_CACHE_DIR`` (or ``~/.cache/m4r``) ``/native/<sources hash>``."""
+def default_build_dir(*, cpu_only: bool = False) -> Path:
+    """``$M4R_CACHE_DIR`` (or ``~/.cache/m4r``) ``/native/<sources hash>`` (``native-cpu/`` if cpu_only)."""
     root = os.environ.get("M4R_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "m4r"
     )
-    return Path(root) / "native" / _sources_digest(source_dir())
+    return Path(root) / ("native-cpu" if cpu_only else "native") / _sources_digest(source_dir())
 
 
 @dataclass
@@ -99,14 +107,40 @@ def _run(cmd: list[str], log_file: Path, echo: Callable[[str], None] | None) -> 
         )
 
 
+def _check_configured_for_plugin(out: Path, log_path: Path) -> None:
+    """Raise, naming the missing piece, when CMake's configure step found no nvcc or TensorRT headers."""
+    cache: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in (out / "CMakeCache.txt").read_text(encoding="utf-8", errors="replace").splitlines():
+            key, sep, value = line.partition("=")
+            if sep and not line.startswith(("#", "//")):
+                cache[key.split(":")[0]] = value
+
+    def missing(key: str) -> bool:
+        return not cache.get(key) or cache[key].endswith("NOTFOUND")
+
+    if missing("CMAKE_CUDA_COMPILER"):
+        why = "nvcc was not found (put the CUDA toolkit's bin/ on PATH or set CUDACXX)"
+    elif missing("TensorRT_INCLUDE_DIR"):
+        why = (
+            "the TensorRT headers (NvInferRuntime.h) were not found (pass --tensorrt-root or set "
+            "TensorRT_ROOT to the folder holding include/)"
+        )
+    else:
+        return
+    raise M4RError(f"the TensorRT plugin cannot be built: {why}; nothing was compiled. CMake log: {log_path}")
+
+
 def build_native(
     build_dir: Path | None = None,
     *,
     tensorrt_root: Path | None = None,
+    onnxruntime_root: Path | None = None,
     cuda_archs: str | None = None,
     with_cuda: bool = True,
     build_tests: bool = False,
     require_plugin: bool = False,
+    targets: list[str] | None = None,
     jobs: int | None = None,
     echo: Callable[[str], None] | None = None,
 ) -> NativeBuild:
@@ -114,6 +148,7 @@ def build_native(
 
     cuda_archs: CMAKE_CUDA_ARCHITECTURES, e.g. "89" or "80;86" (default: 75;80;86;87;89;90).
     require_plugin: raise, naming the missing piece, unless the TensorRT plugin was built.
+    targets: CMake targets to build (default: all).
     """
     cmake = shutil.which("cmake")
     if cmake is None:
@@ -130,13 +165,27 @@ def build_native(
     cfg.append(f"-DM4R_BUILD_TESTS={'ON' if build_tests else 'OFF'}")
     if tensorrt_root is not None:
         cfg.append(f"-DTensorRT_ROOT={tensorrt_root.resolve()}")
+    if onnxruntime_root is not None:
+        cfg.append(f"-DONNXRUNTIME_ROOT={onnxruntime_root.resolve()}")
     if cuda_archs:
         cfg.append(f"-DCMAKE_CUDA_ARCHITECTURES={cuda_archs}")
     _run(cfg, log_path, echo)
-    _run([cmake, "--build", str(out), "-j", str(jobs or os.cpu_count() or 2)], log_path, echo)
+    if require_plugin:  # configure already knows: fail now, not after minutes of CUDA compilation
+        _check_configured_for_plugin(out, log_path)
+    build_cmd = [cmake, "--build", str(out), "-j", str(jobs or os.cpu_count() or 2)]
+    for target in targets or []:
+        build_cmd += ["--target", target]
+    _run(build_cmd, log_path, echo)
 
     result = NativeBuild(out, log_path=log_path)
-    for name in (PLUGIN_LIBRARY, PLUGIN_STATIC_LIBRARY, SCAN_CUDA_LIBRARY, SCAN_CPU_LIBRARY):
+    for name in (
+        PLUGIN_LIBRARY,
+        PLUGIN_STATIC_LIBRARY,
+        SCAN_CUDA_LIBRARY,
+        SCAN_CPU_LIBRARY,
+        SCAN_NATIVE_LIBRARY,
+        ORT_OPS_LIBRARY,
+    ):
         path = out / "lib" / name
         if path.is_file():
             result.libraries[name] = path

@@ -2,18 +2,23 @@
 
 The facts come from ``manifest.json`` written by ``m4r export`` beside the ONNX files (for an
 engine: ``<engine>.json`` names the ONNX file it was built from, whose directory holds
-``manifest.json``). Without a manifest the head is inferred from the graph's output names and the
-report says so.
+``manifest.json``). Before anything else, :func:`m4r_export.integrity.check_artifact_files`
+checks every file the manifest lists (sha256, size, required files, value types): a mismatch
+raises :class:`~m4r_export.integrity.ArtifactIntegrityError` (exit code 3). Without a manifest
+the head is inferred from the graph's output names and the report says so.
+
+The precision (which picks verify's default thresholds) always comes from the graph's own tensor
+types, never from the manifest: editable metadata must not loosen a verdict.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import M4RError, UsageError
+from ..integrity import MANIFEST_NAME, ArtifactIntegrityError, check_artifact_files
 from ..serving import EXCLUDE_INPUT, HEAD_OUTPUTS
 
 ONNX_SUFFIXES = (".onnx",)
@@ -52,24 +57,21 @@ class ArtifactInfo:
         }
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{path} is unreadable ({exc}); re-export the artifact with `m4r export`") from exc
-    if not isinstance(data, dict):
-        raise UsageError(f"{path} is not a JSON object; re-export the artifact with `m4r export`")
-    return data
-
-
 def _onnx_facts(onnx_path: Path) -> tuple[list[str], dict[str, list[int | str]], bool, list[str]]:
     """Output names, their shapes (dims as int or symbolic name), whether the graph is fp16, inputs."""
     import onnx
 
+    if onnx_path.stat().st_size == 0:
+        raise M4RError(f"{onnx_path} is empty (0 bytes): the file is truncated or corrupt; re-export it")
     try:
         model = onnx.load(str(onnx_path), load_external_data=False)
     except Exception as exc:
         raise M4RError(f"{onnx_path} is not a readable ONNX model ({exc}); re-export it") from exc
+    if not model.graph.output or not model.graph.node:  # protobuf parses many byte strings as "empty"
+        raise M4RError(
+            f"{onnx_path} is not a valid ONNX model (its graph has no nodes or outputs): the file is "
+            "corrupt or not an ONNX model; re-export it"
+        )
     fp16 = onnx.TensorProto.FLOAT16
     shapes: dict[str, list[int | str]] = {}
     is_fp16 = False
@@ -106,18 +108,13 @@ def _find_item_table(directory: Path, manifest: dict[str, Any] | None) -> Path |
     return None
 
 
-def _precision(manifest: dict[str, Any] | None, onnx_path: Path, graph_is_fp16: bool) -> str:
-    """The manifest's word for this file ("files": {name: {"precision": ...}}), else the graph's types."""
-    files = (manifest or {}).get("files")
-    entry = files.get(onnx_path.name) if isinstance(files, dict) else None
-    if isinstance(entry, dict) and entry.get("precision") in ("fp32", "fp16"):
-        return str(entry["precision"])
-    return "fp16" if graph_is_fp16 else "fp32"
-
-
 def load_artifact(path: str | Path) -> ArtifactInfo:
     """Read what ``verify``/``bench`` need to know about ``path`` (.onnx, or .plan/.engine)."""
     p = Path(path)
+    if p.is_dir():
+        found = sorted(f.name for f in p.iterdir() if f.suffix in (*ONNX_SUFFIXES, *ENGINE_SUFFIXES))
+        hint = f"one of the files in it: {', '.join(found)}" if found else "DIR/model.onnx (m4r export)"
+        raise UsageError(f"artifact {p} is a directory; --artifact takes a model file: pass {hint}")
     if not p.is_file():
         raise UsageError(f"artifact {p} does not exist; pass DIR/model.onnx (m4r export) or DIR/model.plan")
     notes: list[str] = []
@@ -141,9 +138,14 @@ def load_artifact(path: str | Path) -> ArtifactInfo:
             f"({', '.join(ENGINE_SUFFIXES)})"
         )
 
+    manifest_path = onnx_path.parent / MANIFEST_NAME
+    manifest = check_artifact_files(onnx_path.parent) if manifest_path.exists() else None
+    if manifest is not None and onnx_path.name not in manifest["files"]:
+        raise ArtifactIntegrityError(
+            f"{onnx_path} is not listed in {manifest_path}: it is not part of that export; "
+            "pass a model the manifest lists, or re-export"
+        )
     out_names, out_shapes, is_fp16, in_names = _onnx_facts(onnx_path)
-    manifest_path = onnx_path.parent / "manifest.json"
-    manifest = _read_json(manifest_path) if manifest_path.is_file() else None
     if manifest is None:
         notes.append(f"no manifest.json beside {onnx_path.name}: head inferred from the output names")
         head = _head_from_outputs(out_names, onnx_path)
@@ -153,11 +155,12 @@ def load_artifact(path: str | Path) -> ArtifactInfo:
             k = dim if isinstance(dim, int) and dim > 0 else None
         exclude_history, max_seq_len, config = False, None, None
     else:
-        head = str(manifest.get("head") or _head_from_outputs(out_names, onnx_path))
-        k = int(manifest["k"]) if manifest.get("k") is not None else None
-        exclude_history = bool(manifest.get("exclude_history", False))
-        max_seq_len = int(manifest["max_seq_len"]) if manifest.get("max_seq_len") is not None else None
-        config = manifest.get("model") if isinstance(manifest.get("model"), dict) else None
+        # types and ranges were checked by check_artifact_files
+        head = str(manifest["head"])
+        k = manifest.get("k")
+        exclude_history = manifest["exclude_history"]
+        max_seq_len = manifest["max_seq_len"]
+        config = manifest["model"]
     missing = [n for n in HEAD_OUTPUTS.get(head, ()) if n not in out_names]
     if head not in HEAD_OUTPUTS or missing:
         raise UsageError(
@@ -172,7 +175,7 @@ def load_artifact(path: str | Path) -> ArtifactInfo:
         k=k,
         exclude_history=exclude_history,
         max_seq_len=max_seq_len,
-        precision=_precision(manifest, onnx_path, is_fp16),
+        precision="fp16" if is_fp16 else "fp32",
         model_config=config,
         manifest=manifest,
         onnx_path=onnx_path,

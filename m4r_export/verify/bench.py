@@ -13,6 +13,11 @@ CUDA, torch's peak allocated memory (CUDA events time the PyTorch CUDA reference
 backend and batch, a least-squares fit ``p50 = intercept + slope * seq`` over the sequence sweep
 with its R^2 and the log-log exponent: linear cost shows as R^2 ~ 1 and exponent <= 1.
 
+Only what the data supports is reported: a percentile needs ``TAIL_RUNS`` timed calls beyond it
+(p90: 50 runs, p99: 500; else it is ``None``, "n/a" in the table: with 20 runs, p99 is just the
+maximum), and the sweep fit needs ``MIN_FIT_LENGTHS`` distinct lengths (two points always fit a
+line exactly: R^2 = 1 says nothing).
+
 Budget: ``max_seconds`` is shared evenly by the grid points; a point stops after ``repeats``
 rounds or when its share is spent, but never before ``MIN_RUNS`` rounds (so a point whose single
 call is slower than its share overruns: the budget is soft). Extra warm-up calls are skipped once
@@ -21,6 +26,7 @@ the share is spent.
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import time
@@ -36,6 +42,11 @@ from .artifact import ArtifactInfo, load_artifact
 from .runners import Runner, TorchRunner, default_backend, default_threads, make_runner
 
 MIN_RUNS = 3
+#: timed calls that must lie beyond a percentile before it is reported (p90: 50 runs, p99: 500)
+TAIL_RUNS = 5
+#: distinct sequence lengths a linear fit (and a latency-vs-length plot) needs
+MIN_FIT_LENGTHS = 3
+DEFAULT_REPEATS = 500
 DEFAULT_BATCHES = (1, 32, 256)
 DEFAULT_SEQS = (50, 200, 1000)
 
@@ -49,8 +60,8 @@ class BenchPoint:
     runs: int
     warmup: int
     p50_ms: float
-    p90_ms: float
-    p99_ms: float
+    p90_ms: float | None  # None: too few runs for this percentile (see TAIL_RUNS)
+    p99_ms: float | None
     mean_ms: float
     min_ms: float
     throughput: float  # sequences per second at p50
@@ -169,6 +180,16 @@ def _first_call_memory(runner: Runner, seq: np.ndarray, lens: np.ndarray) -> tup
 # ------------------------------------------------------------------------------------------- fits
 
 
+def runs_needed(q: float) -> int:
+    """Timed calls needed to report the ``q``-th percentile (``TAIL_RUNS`` calls beyond it)."""
+    return int(np.ceil(TAIL_RUNS * 100.0 / (100.0 - q) - 1e-9))
+
+
+def percentile(ms: np.ndarray, q: float) -> float | None:
+    """The ``q``-th percentile of ``ms``, or None when there are too few runs to tell it from noise."""
+    return float(np.percentile(ms, q)) if len(ms) >= runs_needed(q) else None
+
+
 def fit_linear(seqs: list[int], p50s: list[float]) -> tuple[float, float, float, float]:
     """(slope per item, intercept, R^2, log-log exponent) of p50 against seq."""
     x = np.asarray(seqs, dtype=np.float64)
@@ -187,7 +208,7 @@ def _fits(points: list[BenchPoint]) -> list[LinearFit]:
     for backend, batch in keys:
         pts = sorted((p for p in points if (p.backend, p.batch) == (backend, batch)), key=lambda p: p.seq)
         seqs = [p.effective_seq for p in pts]
-        if len(set(seqs)) < 2:
+        if len(set(seqs)) < MIN_FIT_LENGTHS:
             continue
         slope, intercept, r2, exponent = fit_linear(seqs, [p.p50_ms for p in pts])
         out.append(LinearFit(backend, batch, seqs, slope * 1000.0, intercept, r2, exponent))
@@ -225,17 +246,22 @@ def run_bench(
     backends: list[str] | None = None,
     reference: bool = True,
     warmup: int = 2,
-    repeats: int = 20,
+    repeats: int = DEFAULT_REPEATS,
     max_seconds: float = 120.0,
     threads: int | None = None,
     scan_backend: str = "auto",
     reference_device: str = "cpu",
     seed: int = 0,
     progress: Any = None,
+    ort_ops: Path | None = None,
+    extra_scan_backends: tuple[str, ...] | list[str] = (),
 ) -> BenchResult:
     """Benchmark ``artifact`` (and the PyTorch reference) over the batch x seq grid.
 
     ``progress``, when given, is called with a one-line string after each grid point.
+    ``ort_ops``: custom-op library for the ``ort-cpu-ops`` backend (the default backend when given).
+    ``extra_scan_backends``: more PyTorch references timed beside ``scan_backend`` (named
+    ``pytorch-<scan backend>``; ratios stay relative to the first, ``pytorch``).
     """
     batches, seqs = sorted(set(batches)), sorted(set(seqs))
     for what, values in (("--batch", batches), ("--seq", seqs)):
@@ -246,7 +272,10 @@ def run_bench(
     art = load_artifact(artifact)
     threads = threads or default_threads()
     notes = list(art.notes)
-    runners: list[Runner] = [make_runner(b, art, threads=threads) for b in backends or [default_backend(art)]]
+    runners: list[Runner] = [
+        make_runner(b, art, threads=threads, ort_ops=ort_ops)
+        for b in backends or [default_backend(art, ort_ops)]
+    ]
     ref_weights = "none"
     model: Any = None
     if reference:
@@ -261,6 +290,18 @@ def run_bench(
             threads=threads,
         )
         runners.append(ref)
+        for extra in extra_scan_backends:
+            other = TorchRunner(
+                copy.deepcopy(model),
+                art.head,
+                art.k or 10,
+                art.exclude_history,
+                device=reference_device,
+                scan_backend=extra,
+                threads=threads,
+            )
+            other.name = f"{ref.name}-{extra}"
+            runners.append(other)
     if art.model_config is not None and art.model_config.get("n_items"):
         n_items = int(art.model_config["n_items"])
     elif reference:
@@ -311,8 +352,8 @@ def run_bench(
                         runs=len(ms),
                         warmup=warm_done,
                         p50_ms=p50,
-                        p90_ms=float(np.percentile(ms, 90)),
-                        p99_ms=float(np.percentile(ms, 99)),
+                        p90_ms=percentile(ms, 90),
+                        p99_ms=percentile(ms, 99),
                         mean_ms=float(ms.mean()),
                         min_ms=float(ms.min()),
                         throughput=batch / (p50 / 1000.0) if p50 > 0 else float("inf"),
@@ -328,6 +369,19 @@ def run_bench(
                     )
                 )
     elapsed = time.perf_counter() - start
+    lengths = len({p.effective_seq for p in points})
+    if lengths < MIN_FIT_LENGTHS:
+        notes.append(
+            f"no sequence-length fit or latency-vs-length plot: it needs >= {MIN_FIT_LENGTHS} lengths, "
+            f"got {lengths} (pass e.g. --seq 50 100 200)"
+        )
+    for q in (90, 99):
+        short = [p for p in points if p.runs < runs_needed(q)]
+        if short:
+            notes.append(
+                f"p{q} is n/a where a point has fewer than {runs_needed(q)} runs ({len(short)} of "
+                f"{len(points)}; fewest {min(p.runs for p in short)}): raise --repeats / --max-seconds"
+            )
     if any(p.effective_seq != p.seq for p in points):
         notes.append(
             "some sequence lengths exceed the backend's input width: the most recent items were kept"

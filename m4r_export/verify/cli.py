@@ -10,7 +10,7 @@ import click
 from ..errors import M4RError, UsageError
 
 #: options that take several values after one flag (``--batch 1 32 256``)
-MULTI_VALUE = ("--batch", "--seq", "--backend")
+MULTI_VALUE = ("--batch", "--seq", "--backend", "--scan-backend")
 
 
 class MultiValueCommand(click.Command):
@@ -39,6 +39,16 @@ def _threads_option(f: Any) -> Any:
         type=click.IntRange(min=1),
         default=None,
         help="CPU threads for every backend (default: the cores this process may use).",
+    )(f)
+
+
+def _ort_ops_option(f: Any) -> Any:
+    return click.option(
+        "--ort-ops",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="libm4r_ort_ops.so for the backend ort-cpu-ops (the default ONNX backend when given; "
+        "without it ort-cpu-ops uses $M4R_ORT_OPS or the `m4r build-ort-ops` output).",
     )(f)
 
 
@@ -72,8 +82,9 @@ def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
     "--backend",
     "backends",
     multiple=True,
-    help="Backend(s) to run the artifact on: ort-cpu, ort-cuda, ort-trt (ONNX), tensorrt (engine). "
-    "Several allowed. Default: ort-cpu for ONNX, tensorrt for engines.",
+    help="Backend(s) to run the artifact on: ort-cpu, ort-cpu-ops (with libm4r_ort_ops.so), ort-cuda, "
+    "ort-trt (ONNX), tensorrt (engine). Several allowed. Default: ort-cpu for ONNX (ort-cpu-ops with "
+    "--ort-ops), tensorrt for engines.",
 )
 @click.option(
     "--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the report here."
@@ -82,7 +93,7 @@ def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
     "--plot",
     type=click.Path(path_type=Path),
     default=None,
-    help="Write a PNG histogram of per-user top-K overlap (needs matplotlib).",
+    help="Write a PNG histogram of per-user top-K overlap.",
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option(
@@ -98,6 +109,7 @@ def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
     help="Scan of the PyTorch reference: auto (mamba-ssm on CUDA, else fast), fast, reference.",
 )
 @_threads_option
+@_ort_ops_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--exclude",
@@ -115,6 +127,12 @@ def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
 @click.option("--min-rbo", type=float, default=None, help="Threshold: mean rank-biased overlap.")
 @click.option("--max-ndcg-delta", type=float, default=None, help="Threshold: |ndcg@K difference|.")
 @click.option("--max-hit-delta", type=float, default=None, help="Threshold: |hit@K difference|.")
+@click.option(
+    "--allow-other-checkpoint",
+    is_flag=True,
+    help="Compare even when --ckpt is not the checkpoint the artifact was exported from (its sha256 differs "
+    "from the manifest's); the report notes it.",
+)
 def verify(
     ckpt: Path,
     artifact: Path,
@@ -128,6 +146,7 @@ def verify(
     max_seq_len: int | None,
     scan_backend: str,
     threads: int | None,
+    ort_ops: Path | None,
     seed: int,
     exclude: str,
     max_abs_error: float | None,
@@ -138,11 +157,13 @@ def verify(
     min_rbo: float | None,
     max_ndcg_delta: float | None,
     max_hit_delta: float | None,
+    allow_other_checkpoint: bool,
 ) -> None:
     """Check that an exported artifact ranks items like the PyTorch model.
 
     Exit code 0: parity holds; 1: a parity metric is out of bounds (the message names it);
-    2: usage error.
+    2: usage error; 3: the artifact's files do not match its manifest, or --ckpt is not the
+    checkpoint it was exported from.
     """
     from .report import plot_verify, render_verify, require_matplotlib
     from .verify import run_verify
@@ -174,7 +195,9 @@ def verify(
         scan_backend=scan_backend,
         max_seq_len=max_seq_len,
         seed=seed,
+        ort_ops=ort_ops,
         exclude=exclude,
+        allow_other_checkpoint=allow_other_checkpoint,
     )
     render_verify(report)
     _write_json(json_path, report.to_dict())
@@ -214,16 +237,23 @@ def verify(
 @click.option("--backend", "backends", multiple=True, help="Artifact backend(s), as for verify.")
 @click.option("--no-reference", is_flag=True, help="Do not time the PyTorch reference.")
 @click.option("--reference-device", default="cpu", show_default=True, help="cpu or cuda.")
-@click.option("--scan-backend", default="auto", show_default=True, help="Scan of the PyTorch reference.")
+@click.option(
+    "--scan-backend",
+    "scan_backends",
+    multiple=True,
+    help="Scan of the PyTorch reference (default auto); several after one flag time one reference each "
+    "(the first is `pytorch`, the others `pytorch-<name>`).",
+)
 @click.option(
     "--warmup", type=click.IntRange(min=0), default=2, show_default=True, help="Warm-up calls per point."
 )
 @click.option(
     "--repeats",
     type=click.IntRange(min=1),
-    default=20,
+    default=500,
     show_default=True,
-    help="Timed calls per point and backend (fewer when the time budget runs out; at least 3).",
+    help="Timed calls per point and backend (fewer when the time budget runs out; at least 3). "
+    "p90 is reported from 50 runs, p99 from 500.",
 )
 @click.option(
     "--max-seconds",
@@ -233,6 +263,7 @@ def verify(
     help="Soft wall-clock budget of the whole grid.",
 )
 @_threads_option
+@_ort_ops_option
 @click.option(
     "--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write results here."
 )
@@ -243,7 +274,7 @@ def verify(
     "--plot",
     type=click.Path(path_type=Path),
     default=None,
-    help="Write a PNG of latency against sequence length (needs matplotlib).",
+    help="Write a PNG of p50 latency: against sequence length with >= 3 lengths, else per grid point.",
 )
 def bench(
     artifact: Path,
@@ -253,16 +284,20 @@ def bench(
     backends: tuple[str, ...],
     no_reference: bool,
     reference_device: str,
-    scan_backend: str,
+    scan_backends: tuple[str, ...],
     warmup: int,
     repeats: int,
     max_seconds: float,
     threads: int | None,
+    ort_ops: Path | None,
     json_path: Path | None,
     markdown: Path | None,
     plot: Path | None,
 ) -> None:
-    """Latency of an artifact next to the PyTorch reference, with a sequence-length sweep."""
+    """Latency of an artifact next to the PyTorch reference, with a sequence-length sweep.
+
+    The artifact's files are checked against its manifest first (exit code 3 on a mismatch).
+    """
     from .bench import DEFAULT_BATCHES, DEFAULT_SEQS, run_bench
     from .report import bench_markdown, plot_bench, render_bench, require_matplotlib
 
@@ -279,9 +314,11 @@ def bench(
         repeats=repeats,
         max_seconds=max_seconds,
         threads=threads,
-        scan_backend=scan_backend,
+        scan_backend=(scan_backends or ("auto",))[0],
+        extra_scan_backends=scan_backends[1:],
         reference_device=reference_device,
         progress=lambda line: click.echo(line, err=True),
+        ort_ops=ort_ops,
     )
     render_bench(result)
     _write_json(json_path, result.to_dict())

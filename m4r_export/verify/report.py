@@ -6,13 +6,13 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
+from ..console import titled_table
 from ..errors import UsageError
-from .bench import BenchResult
+from .bench import MIN_FIT_LENGTHS, BenchResult
 from .verify import VerifyReport, overlap_histogram
 
-PLOT_HINT = "matplotlib is not installed: pip install 'm4r-export[plot]' (or pip install matplotlib)"
+PLOT_HINT = "matplotlib is a dependency of m4r-export: pip install matplotlib (or reinstall m4r-export)"
 
 
 def require_matplotlib() -> None:
@@ -31,6 +31,10 @@ def _console() -> Console:
 
 def _mib(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.1f}"
+
+
+def _ms(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
 
 
 def _fmt(v: Any) -> str:
@@ -53,7 +57,7 @@ def render_verify(report: VerifyReport, console: Console | None = None) -> None:
     )
     console.print(f"inputs: {report.inputs['source']}; K = {report.k}")
     for r in report.results:
-        table = Table(title=f"{r.backend}: {'PASS' if r.passed else 'FAIL'} ({r.seconds:.2f} s)")
+        table = titled_table(f"{r.backend}: {'PASS' if r.passed else 'FAIL'} ({r.seconds:.2f} s)")
         table.add_column("metric")
         table.add_column("value", justify="right")
         table.add_column("threshold", justify="right")
@@ -112,7 +116,7 @@ def render_bench(result: BenchResult, console: Console | None = None) -> None:
         f"[bold]m4r bench[/bold] {art.path} ({art.kind}, head {art.head}, {art.precision}); "
         f"{result.threads} thread(s) for every backend; PyTorch reference: {result.reference_weights}"
     )
-    table = Table(title="latency per call (ms), throughput (sequences/s), peak memory (MiB)")
+    table = titled_table("latency per call (ms), throughput (sequences/s), peak memory (MiB)")
     for col in ("backend", "batch", "seq", "runs", "p50", "p90", "p99", "seq/s", "mem", "vs pytorch"):
         table.add_column(col, justify="left" if col == "backend" else "right")
     speed = {(r["backend"], r["batch"], r["seq"]): r["speedup"] for r in result.ratios()}
@@ -125,15 +129,15 @@ def render_bench(result: BenchResult, console: Console | None = None) -> None:
             seq,
             str(p.runs),
             f"{p.p50_ms:.3f}",
-            f"{p.p90_ms:.3f}",
-            f"{p.p99_ms:.3f}",
+            _ms(p.p90_ms),
+            _ms(p.p99_ms),
             f"{p.throughput:,.0f}",
             _mib(p.peak_mem_mib),
             "" if ratio is None else f"{ratio:.2f}x",
         )
     console.print(table)
     if result.fits:
-        fit_table = Table(title="sequence-length sweep: p50 = intercept + slope * seq")
+        fit_table = titled_table("sequence-length sweep: p50 = intercept + slope * seq")
         for col in (
             "backend",
             "batch",
@@ -170,7 +174,7 @@ def bench_markdown(result: BenchResult) -> str:
     for p in sorted(result.points, key=lambda p: (p.batch, p.seq, p.backend != "pytorch", p.backend)):
         ratio = speed.get((p.backend, p.batch, p.seq))
         lines.append(
-            f"| {p.backend} | {p.batch} | {p.seq} | {p.p50_ms:.3f} | {p.p90_ms:.3f} | {p.p99_ms:.3f} | "
+            f"| {p.backend} | {p.batch} | {p.seq} | {p.p50_ms:.3f} | {_ms(p.p90_ms)} | {_ms(p.p99_ms)} | "
             f"{p.throughput:,.0f} | {_mib(p.peak_mem_mib)} | {'' if ratio is None else f'{ratio:.2f}x'} |"
         )
     if result.fits:
@@ -188,34 +192,68 @@ def bench_markdown(result: BenchResult) -> str:
 
 
 def plot_bench(result: BenchResult, path: str | Path) -> Path:
-    """PNG: p50 latency against sequence length, one panel per batch size, one line per backend."""
+    """PNG of p50 latency per call (see :func:`plot_bench_figure`)."""
     require_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    batches = sorted({p.batch for p in result.points})
-    backends = sorted({p.backend for p in result.points})
-    fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 3.8), squeeze=False)
-    for ax, batch in zip(axes[0], batches, strict=True):
-        for backend in backends:
-            pts = sorted(
-                (p for p in result.points if (p.backend, p.batch) == (backend, batch)), key=lambda p: p.seq
-            )
-            ax.plot([p.effective_seq for p in pts], [p.p50_ms for p in pts], marker="o", label=backend)
-        ax.set_title(f"batch {batch}")
-        ax.set_xlabel("sequence length (items)")
-        ax.set_ylim(bottom=0)
-        ax.grid(True, alpha=0.3)
-    axes[0][0].set_ylabel("p50 latency per call (ms)")
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"m4r bench: {result.artifact.path.name}, {result.threads} thread(s)")
-    fig.tight_layout()
+    fig = plot_bench_figure(result)
     out = Path(path)
     _save(fig, out)
     plt.close(fig)
     return out
+
+
+def plot_bench_figure(result: BenchResult) -> Any:
+    """p50 latency against sequence length (one panel per batch, one line per backend) when the sweep
+    has >= MIN_FIT_LENGTHS lengths; otherwise one bar per backend at each (batch, seq) point: a line
+    through one or two lengths would suggest a trend the data does not show."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    batches = sorted({p.batch for p in result.points})
+    backends = sorted({p.backend for p in result.points})
+    lengths = sorted({p.effective_seq for p in result.points})
+    where = f"{result.artifact.path.name}, {result.threads} thread(s)"
+    if len(lengths) >= MIN_FIT_LENGTHS:
+        fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 3.8), squeeze=False)
+        for ax, batch in zip(axes[0], batches, strict=True):
+            for backend in backends:
+                pts = sorted(
+                    (p for p in result.points if (p.backend, p.batch) == (backend, batch)),
+                    key=lambda p: p.seq,
+                )
+                ax.plot([p.effective_seq for p in pts], [p.p50_ms for p in pts], marker="o", label=backend)
+            ax.set_title(f"batch {batch}")
+            ax.set_xlabel("sequence length (items)")
+            ax.set_ylim(bottom=0)
+            ax.grid(True, alpha=0.3)
+        axes[0][0].set_ylabel("p50 latency per call (ms)")
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle(f"m4r bench: {where}")
+    else:
+        grid = sorted({(p.batch, p.seq) for p in result.points})
+        fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(grid) + 2.0), 4.2))
+        width = 0.8 / max(1, len(backends))
+        x = np.arange(len(grid))
+        for i, backend in enumerate(backends):
+            values = [getattr(result.point(backend, b, s), "p50_ms", np.nan) for b, s in grid]
+            bars = ax.bar(x + (i - (len(backends) - 1) / 2) * width, values, width=width, label=backend)
+            ax.bar_label(bars, fmt="%.3g", fontsize=7, padding=2)
+        ax.set_xticks(x, [f"batch {b}\nseq {s}" for b, s in grid])
+        ax.set_ylabel("p50 latency per call (ms)")
+        values = [p.p50_ms for p in result.points if p.p50_ms > 0]
+        if values and max(values) / min(values) > 30:
+            ax.set_yscale("log")
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title(
+            f"m4r bench: {where}\n(latency against length needs >= {MIN_FIT_LENGTHS} lengths)", fontsize=10
+        )
+    fig.tight_layout()
+    return fig
 
 
 def plot_verify(report: VerifyReport, path: str | Path) -> Path:
@@ -229,16 +267,27 @@ def plot_verify(report: VerifyReport, path: str | Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     k = report.k
-    width = 0.8 / max(1, len(report.results))
+    n = len(report.results)
+    width = 0.8 / max(1, n)
+    users = 0
     for i, r in enumerate(report.results):
         shared = np.rint(r.overlap * k).astype(int)
+        users = len(shared)
         counts = np.bincount(shared, minlength=k + 1)
-        ax.bar(np.arange(k + 1) + i * width, counts, width=width, label=r.backend)
-    ax.set_xlabel(f"items shared with the PyTorch top-{k}")
-    ax.set_ylabel("users")
-    ax.set_yscale("symlog")
-    ax.set_title(f"m4r verify: {report.artifact.path.name} ({report.artifact.precision})")
-    ax.legend()
+        bars = ax.bar(np.arange(k + 1) + (i - (n - 1) / 2) * width, counts, width=width, label=r.backend)
+        ax.bar_label(bars, labels=[str(c) if c else "" for c in counts], fontsize=8, padding=2)
+    ax.set_xticks(np.arange(k + 1) if k <= 20 else np.linspace(0, k, 11).round().astype(int))
+    ax.set_xlabel(f"items of the PyTorch top-{k} that the artifact also returns (per user)")
+    ax.set_ylabel("users (log scale)")
+    ax.set_yscale("symlog")  # a handful of users off the top bar must stay visible next to hundreds
+    ax.set_ylim(bottom=0, top=max(1, users) * 3)
+    verdict = "PASS" if report.passed else "FAIL"
+    ax.set_title(
+        f"m4r verify: {report.artifact.path.name} ({report.artifact.precision}) vs PyTorch, "
+        f"{users} users, K = {k}: {verdict}",
+        fontsize=10,
+    )
+    ax.legend(loc="upper left")
     fig.tight_layout()
     out = Path(path)
     _save(fig, out)

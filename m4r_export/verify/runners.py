@@ -124,9 +124,21 @@ class Runner:
         return (item_seq, item_seq_len) if width is None else fit_width(item_seq, item_seq_len, width)
 
     def run(self, item_seq: Any, item_seq_len: Any, exclude_items: Any = None) -> dict[str, np.ndarray]:
+        """Outputs for a batch; an empty batch gives empty outputs on every backend.
+
+        ONNX Runtime's Scan refuses zero iterations (the ``chunked`` and ``rowwise`` bodies scan
+        over rows), so an empty batch runs one padding row and returns its outputs' first 0 rows:
+        the right names, dtypes and trailing shapes, whatever the backend.
+        """
         seq, lens = self.adapt(*check_inputs(item_seq, item_seq_len))
         excl = check_exclude(exclude_items, seq.shape[0], self.takes_exclude, self.name)
-        outs = self.infer(seq, lens, excl)
+        if seq.shape[0] == 0:
+            width = max(1, seq.shape[1]) if self.fixed_width is None else self.fixed_width
+            one_excl = None if excl is None else np.zeros((1, max(1, excl.shape[1])), dtype=np.int64)
+            one = self.infer(np.zeros((1, width), dtype=np.int64), np.ones(1, dtype=np.int64), one_excl)
+            outs = {k: v[:0] for k, v in one.items()}
+        else:
+            outs = self.infer(seq, lens, excl)
         return {
             k: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v.astype(np.int64)
             for k, v in outs.items()
@@ -314,6 +326,7 @@ class OrtRunner(ArtifactRunner):
         # no busy-waiting between calls: runners take turns in bench, and a spinning ORT pool would
         # steal the cores the next backend needs
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._configure(opts)
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=[self.provider, *self.fallback])
         except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
@@ -334,6 +347,9 @@ class OrtRunner(ArtifactRunner):
         self.output_names = tuple(o.name for o in self.session.get_outputs())
         self.threads = opts.intra_op_num_threads
         self.name = self.backend
+
+    def _configure(self, opts: Any) -> None:
+        """Last changes to the session options before the session is created (subclasses)."""
 
     def infer(
         self, item_seq: np.ndarray, item_seq_len: np.ndarray, exclude_items: np.ndarray | None
@@ -362,6 +378,48 @@ class OrtCpuRunner(OrtRunner):
     backend = "ort-cpu"
     provider = "CPUExecutionProvider"
     install_hint = "pip install onnxruntime"
+
+
+class OrtCpuOpsRunner(OrtCpuRunner):
+    """ONNX Runtime CPU with the custom-op library libm4r_ort_ops.so: SelectiveScan runs the native
+    kernel instead of the function body (``ort-cpu``). The library: ``ort_ops``, else $M4R_ORT_OPS,
+    else the ``m4r build-ort-ops`` output."""
+
+    backend = "ort-cpu-ops"
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        from ..onnx.ort_ops import ORT_OPS_ENV, find_ort_ops_library
+
+        reason = super().unavailable_reason()
+        if reason is None and find_ort_ops_library() is None:
+            reason = (
+                f"libm4r_ort_ops.so not built (run `m4r build-ort-ops`, set ${ORT_OPS_ENV} or pass --ort-ops)"
+            )
+        return reason
+
+    def __init__(
+        self, artifact: ArtifactInfo, *, threads: int | None = None, ort_ops: Path | None = None
+    ) -> None:
+        from ..onnx.ort_ops import require_ort_ops_library
+
+        self.ort_ops_path = require_ort_ops_library(ort_ops)
+        self.ort_ops: dict[str, Any] = {}
+        super().__init__(artifact, threads=threads)
+
+    def _configure(self, opts: Any) -> None:
+        from ..onnx.ort_ops import register_ort_ops
+
+        self.ort_ops = register_ort_ops(opts, self.ort_ops_path)
+
+    def describe(self) -> dict[str, Any]:
+        from ..onnx.ort_ops import compute_calls
+
+        # the counter shows the library's kernel really served this process's SelectiveScan nodes
+        return {
+            **super().describe(),
+            "ort_ops": {**self.ort_ops, "compute_calls": compute_calls(self.ort_ops_path)},
+        }
 
 
 class OrtCudaRunner(OrtRunner):
@@ -418,12 +476,20 @@ class TensorrtEngineRunner(ArtifactRunner):
         return {**super().describe(), "tensorrt": tensorrt.__version__, "warnings": self._runner.warnings}
 
 
-def default_backend(artifact: ArtifactInfo) -> str:
-    return "tensorrt" if artifact.kind == "engine" else "ort-cpu"
+def default_backend(artifact: ArtifactInfo, ort_ops: Path | None = None) -> str:
+    """tensorrt for engines; for ONNX files ort-cpu, or ort-cpu-ops when a custom-op library is given."""
+    if artifact.kind == "engine":
+        return "tensorrt"
+    return "ort-cpu-ops" if ort_ops is not None else "ort-cpu"
 
 
-def make_runner(backend: str, artifact: ArtifactInfo, *, threads: int | None = None) -> ArtifactRunner:
-    """Instantiate ``backend`` for ``artifact`` with a clear error when it cannot run it or here."""
+def make_runner(
+    backend: str, artifact: ArtifactInfo, *, threads: int | None = None, ort_ops: Path | None = None
+) -> ArtifactRunner:
+    """Instantiate ``backend`` for ``artifact`` with a clear error when it cannot run it or here.
+
+    ``ort_ops``: the custom-op library for ``ort-cpu-ops`` (default: found as find_ort_ops_library does).
+    """
     cls = BACKENDS.get(backend)
     if cls is None:
         raise UsageError(f"unknown backend {backend!r}; choose one of {', '.join(sorted(BACKENDS))}")
@@ -433,6 +499,8 @@ def make_runner(backend: str, artifact: ArtifactInfo, *, threads: int | None = N
             f"backend {backend} cannot run {artifact.kind} artifacts ({artifact.path.name}); "
             f"use one of {', '.join(fit)}"
         )
+    if cls is OrtCpuOpsRunner:
+        return OrtCpuOpsRunner(artifact, threads=threads, ort_ops=ort_ops)
     return cls(artifact, threads=threads)
 
 

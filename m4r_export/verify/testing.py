@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..fileio import sha256_file
+from ..integrity import ITEM_TABLE, ITEMS_FILE, MANIFEST_FORMAT, MANIFEST_VERSION
 from ..model import Mamba4Rec, register_scan_backend
 from ..model.scan import _finish, _gather_last, _prepare_dt, last_index
 from ..serving import EXCLUDE_INPUT, HEAD_OUTPUTS, ServingModel
@@ -116,6 +118,8 @@ def trace_onnx(
         model.set_scan_backend(previous[0] if previous else "auto")
         serving.eval()
     manifest: dict[str, Any] = {
+        "format": MANIFEST_FORMAT,
+        "format_version": MANIFEST_VERSION,
         "head": head,
         "k": k if head == "topk" else None,
         "exclude_history": exclude_history,
@@ -124,14 +128,35 @@ def trace_onnx(
         "model": model.config.to_dict(),
         "inputs": {"item_seq": ["batch", max_seq_len if static_seq else "seq"], "item_seq_len": ["batch"]},
         "outputs": list(outputs),
-        "files": {"onnx": name},
+        "files": {},
         "parity": None,
     }
+    (out / ITEMS_FILE).write_text("".join(f"{t}\n" for t in ["[PAD]", *map(str, range(1, model.n_items))]))
     if head == "embedding":
-        np.save(out / "item_table.npy", model.item_embedding.weight.detach().numpy())
-        manifest["files"]["item_table"] = "item_table.npy"
+        np.save(out / ITEM_TABLE, model.item_embedding.weight.detach().numpy())
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    rehash_manifest(out)
     return out / name
+
+
+def rehash_manifest(directory: str | Path) -> None:
+    """Rewrite ``directory/manifest.json``'s file list from the files present (sha256 + bytes).
+
+    For tests that change a model on purpose and want verify to judge its numbers, not its
+    integrity (a real export never needs this).
+    """
+    d = Path(directory)
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["files"] = {
+        p.name: {
+            **manifest.get("files", {}).get(p.name, {}),
+            "sha256": sha256_file(p),
+            "bytes": p.stat().st_size,
+        }
+        for p in sorted(d.iterdir())
+        if p.is_file() and p.name != "manifest.json" and not p.name.startswith(".")
+    }
+    (d / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 
 def perturb_onnx_weight(src: str | Path, dst: str | Path, scale: float = 1.0) -> str:

@@ -29,6 +29,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import M4RError, UsageError
+from ..integrity import ArtifactIntegrityError, check_checkpoint_matches
 from .artifact import ArtifactInfo, load_artifact
 from .metrics import non_finite, ranking_parity, score_errors, topk_from_scores
 from .runners import TorchRunner, default_backend, default_threads, fit_width, make_runner
@@ -412,16 +413,22 @@ def run_verify(
     scan_backend: str = "auto",
     max_seq_len: int | None = None,
     seed: int = 0,
+    ort_ops: Path | None = None,
+    allow_other_checkpoint: bool = False,
     exclude: str = "auto",
 ) -> VerifyReport:
     """Compare ``artifact`` with the PyTorch model of ``ckpt`` on every backend in ``backends``.
 
     Raises :class:`UsageError` for bad arguments / files and :class:`M4RError` when a backend cannot
     run; parity failures are *not* exceptions: they are in ``report.passed`` / ``failure_message()``.
+    The artifact's files are checked against its manifest first, and ``ckpt`` against the
+    checkpoint sha256 the manifest recorded (:class:`~m4r_export.integrity.ArtifactIntegrityError`,
+    exit code 3; ``allow_other_checkpoint`` turns the latter into a note).
     ``exclude``: "auto" feeds exclude lists to artifacts that take them (see the module docstring),
     "none" feeds none.
     """
     from ..checkpoint import read_checkpoint
+    from ..serving import check_k
 
     if users < 1:
         raise UsageError(f"--users must be >= 1, got {users}")
@@ -431,10 +438,21 @@ def run_verify(
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     if exclude not in ("auto", "none"):
         raise UsageError(f"--exclude {exclude!r}: choose auto or none")
-    art = load_artifact(artifact)
+    art = load_artifact(artifact)  # checks every file its manifest lists
     ck = read_checkpoint(ckpt)
-    model = ck.build_model()
     notes = list(art.notes)
+    if art.manifest is not None:
+        try:
+            check_checkpoint_matches(art.manifest, ckpt)
+        except ArtifactIntegrityError as exc:
+            if not allow_other_checkpoint:
+                raise
+            notes.append(str(exc).split(";")[0] + " (--allow-other-checkpoint)")
+    else:
+        notes.append(
+            "no manifest.json beside the artifact: file integrity and checkpoint identity not checked"
+        )
+    model = ck.build_model()
     if art.model_config is not None:
         mine = model.config.to_dict()
         diff = {
@@ -447,8 +465,7 @@ def run_verify(
                 + "; pass the checkpoint the artifact was exported from"
             )
     n_items = model.n_items
-    if k > n_items - 1:
-        raise UsageError(f"--k {k} is larger than the number of items ({n_items - 1})")
+    check_k(k, n_items)
     if art.head == "topk" and art.k is not None and k > art.k:
         raise UsageError(f"--k {k} is larger than the artifact's top-K ({art.k}); pass --k {art.k} or less")
     max_len = max_seq_len or art.max_seq_len or int(ck.meta.get("max_seq_len") or 50)
@@ -499,8 +516,8 @@ def run_verify(
             notes.append("no item table (.npy) beside the artifact: the checkpoint's item embedding is used")
 
     results = []
-    for backend in backends or [default_backend(art)]:
-        runner = make_runner(backend, art, threads=threads)
+    for backend in backends or [default_backend(art, ort_ops)]:
+        runner = make_runner(backend, art, threads=threads, ort_ops=ort_ops)
         t0 = time.perf_counter()
         try:
             outs = _batched(runner, inputs, batch_size)

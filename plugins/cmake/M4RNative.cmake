@@ -55,3 +55,12 @@ endif()
 # Every library lands in <build>/lib whichever directory is the source root (m4r_export.trt.native looks there).
 set(CMAKE_LIBRARY_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/lib)
 set(CMAKE_RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/bin)
+
+# ---- ONNX Runtime (optional): headers for the custom-op library, the library for the C++ example ------------
+# ONNXRUNTIME_ROOT: an ONNX Runtime release folder, or scripts/fetch_ort_headers.sh DEST (Debian's
+# libonnxruntime-dev headers + links to the pip wheel's libonnxruntime.so.1.*). The custom-op library needs
+# only the headers; recipes/cpp/ort_recommend also links libonnxruntime.
+set(ONNXRUNTIME_ROOT "$ENV{ONNXRUNTIME_ROOT}" CACHE PATH "ONNX Runtime release or header folder (include/, lib/)")
+find_path(ONNXRUNTIME_INCLUDE_DIR onnxruntime_cxx_api.h
+  HINTS ${ONNXRUNTIME_ROOT} PATH_SUFFIXES include include/onnxruntime include/onnxruntime/core/session)
+find_library(ONNXRUNTIME_LIBRARY NAMES onnxruntime HINTS ${ONNXRUNTIME_ROOT} PATH_SUFFIXES lib lib64)
