@@ -574,3 +574,16 @@ def _pgid(pid: int) -> int | None:
         return os.getpgid(pid)
     except (ProcessLookupError, PermissionError):
         return None
+
+
+def test_bundled_server_refuses_numpy2_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bundled stub returns empty tensors under numpy 2: the tests must skip saying so, not fail."""
+    import numpy
+
+    from m4r_export.serve import local
+
+    monkeypatch.setattr(local, "_dist", lambda: (Path("/"), Path("/"), Path("/")))
+    monkeypatch.setattr(numpy, "__version__", "2.4.6")
+    assert "install numpy<2" in (local.unavailable_reason() or "")
+    with pytest.raises(M4RError, match="cannot start the bundled tritonserver: .*numpy 2.4.6"):
+        local.LocalTritonServer("/nonexistent").start()
