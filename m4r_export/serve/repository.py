@@ -32,7 +32,6 @@ from typing import Any
 from ..errors import M4RError, UsageError
 from ..fileio import ensure_writable_dir, sha256_file, write_text_atomic
 from ..integrity import check_artifact_files
-from ..serving import INPUT_NAMES
 from . import config as cfgmod
 from .config import TensorSpec
 
@@ -91,7 +90,15 @@ class RepositoryPlan:
     dirs: list[str] = field(default_factory=list)  # empty directories (an ensemble's version folder)
 
 
+def _core_inputs() -> tuple[str, ...]:
+    """(history, lengths) input names; imported here so `m4r --help` does not import torch."""
+    from ..serving import INPUT_NAMES
+
+    return INPUT_NAMES
+
+
 def _model_tensors(manifest: dict[str, Any], backend: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    INPUT_NAMES = _core_inputs()
     max_seq_len = int(manifest["max_seq_len"])
     inputs = []
     for spec in manifest["inputs"]:
@@ -240,6 +247,7 @@ def _plan_tokens(
         raise UsageError(f"{artifacts} has no items.txt in its manifest; re-export with `m4r export`")
     max_seq_len = int(manifest["max_seq_len"])
     pre, post, ens = f"{name}_tokens_pre", f"{name}_tokens_post", f"{name}_tokens"
+    INPUT_NAMES = _core_inputs()
     history_name, length_name = INPUT_NAMES
     # extra model inputs (e.g. items to exclude) become optional token inputs of the ensemble
     extras = {f"{t.name}_tokens": t.name for t in model_inputs if t.name not in INPUT_NAMES}
