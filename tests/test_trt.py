@@ -282,3 +282,19 @@ def test_find_or_build_plugin_builds_when_missing(
         native.find_or_build_plugin()
     with pytest.raises(UsageError):  # an explicit path is never replaced by a build
         native.find_or_build_plugin(tmp_path / "missing.so")
+
+
+def test_build_tree_from_another_copy_of_the_sources_is_reconfigured(tmp_path: Path) -> None:
+    """The build cache is keyed by source content, so a clone and a worktree share it: CMake's cache
+    from the other path must go (CMake refuses to reuse it), one from the same path must stay."""
+    from m4r_export.trt.native import _forget_other_source_tree
+
+    src, other, out = tmp_path / "src", tmp_path / "other", tmp_path / "build"
+    for d in (src, other, out / "CMakeFiles"):
+        d.mkdir(parents=True)
+    cache = out / "CMakeCache.txt"
+    cache.write_text(f"CMAKE_HOME_DIRECTORY:INTERNAL={src}\n")
+    _forget_other_source_tree(out, src)
+    assert cache.is_file() and (out / "CMakeFiles").is_dir()
+    _forget_other_source_tree(out, other)
+    assert not cache.exists() and not (out / "CMakeFiles").exists()

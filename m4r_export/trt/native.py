@@ -164,6 +164,24 @@ def _check_configured_for_plugin(out: Path, log_path: Path) -> None:
     raise M4RError(f"the TensorRT plugin cannot be built: {why}; nothing was compiled. CMake log: {log_path}")
 
 
+def _forget_other_source_tree(out: Path, src: Path) -> None:
+    """Drop CMake's cache when ``out`` was configured from another copy of the same sources.
+
+    The cache directory is keyed by the sources' *content*, so a clone, a worktree and an installed
+    wheel share it; CMake refuses a build tree configured from a different source path.
+    """
+    cache = out / "CMakeCache.txt"
+    if not cache.is_file():
+        return
+    for line in cache.read_text(encoding="utf-8", errors="replace").splitlines():
+        if line.startswith("CMAKE_HOME_DIRECTORY:"):
+            configured = line.split("=", 1)[-1].strip()
+            if Path(configured).resolve() != src.resolve():
+                cache.unlink()
+                shutil.rmtree(out / "CMakeFiles", ignore_errors=True)
+            return
+
+
 def build_native(
     build_dir: Path | None = None,
     *,
@@ -191,6 +209,7 @@ def build_native(
     src = source_dir()
     out = (build_dir or default_build_dir(cuda_archs)).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    _forget_other_source_tree(out, src)
     log_path = out / "m4r-build.log"
     log_path.write_text("", encoding="utf-8")
     cfg = [cmake, "-S", str(src), "-B", str(out), "-DCMAKE_BUILD_TYPE=Release"]
