@@ -83,6 +83,24 @@ def test_recbole_checkpoint_loads_without_recbole_installed(tmp_path: Path) -> N
     assert torch.equal(loaded(seq, lengths), model.eval()(seq, lengths))
 
 
+def test_dataset_vocabulary_must_have_one_token_per_item_row(tmp_path: Path) -> None:
+    model = tiny_model()  # 30 item rows (29 items + padding)
+    path = tmp_path / "Mamba4Rec.pth"
+    write_fake_recbole_checkpoint(
+        path, model.state_dict(), hidden_size=16, num_layers=1, d_state=8, d_conv=4, expand=2
+    )
+    tokens = ["[PAD]"] + [f"m{i}" for i in range(1, 30)]
+    ck = read_checkpoint(path, types.SimpleNamespace(item_tokens=tokens))
+    assert ck.item_tokens == tokens
+    for wrong in (tokens[:-1], [*tokens, "extra"]):  # a dataset filtered differently
+        with pytest.raises(UsageError, match=rf"has 30 item rows but the dataset maps {len(wrong)} items"):
+            read_checkpoint(path, types.SimpleNamespace(item_tokens=wrong))
+    # the own format refuses to store a vocabulary that does not match the item table
+    with pytest.raises(ValueError, match="vocabulary has 29 tokens but the model has 30 items"):
+        save_checkpoint(tmp_path / "m.pt", model, tokens[:-1])
+    assert not (tmp_path / "m.pt").exists()
+
+
 class Evil:
     def __reduce__(self) -> tuple[object, tuple[str]]:
         return (os.system, ("touch /tmp/m4r-pwned-by-checkpoint",))

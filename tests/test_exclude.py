@@ -17,10 +17,12 @@ from m4r_export.checkpoint import save_checkpoint
 from m4r_export.cli import main
 from m4r_export.data import SequenceDataset, load_dataset, synthetic_interactions, write_inter_file
 from m4r_export.model import Mamba4Rec
+from m4r_export.serving import ServingModel
 from m4r_export.training.evaluation import evaluate_checkpoint
 from m4r_export.verify import BACKENDS, run_verify
 from m4r_export.verify.runners import ArtifactRunner, OrtCpuRunner
-from m4r_export.verify.testing import trace_onnx
+from m4r_export.verify.testing import tiny_model, trace_onnx
+from m4r_export.verify.verify import _history_mask
 
 MAX_LEN = 6  # shorter than most histories, so the full history reaches beyond the model's window
 
@@ -180,3 +182,53 @@ def test_verify_catches_a_backend_that_ignores_exclude_items(setup: dict[str, An
     assert good.passed and not bad.passed
     assert "mask_mismatches" in {c.metric for c in bad.failures}
     assert bad.metrics["mask_mismatches"] > 0
+
+
+# ------------------------------------------------------------------ exclude_history (the input window)
+
+N = 40
+RAGGED_SEQ = np.array(
+    [
+        [5, 7, 7, 0, 0, 0],  # length 3, a duplicate
+        [9, 4, 0, 0, 0, 0],  # length 0 -> 1: item 9 is history, 4 is not
+        [1, 2, 3, 4, 5, 6],  # length 99 > seq -> 6
+        [-4, 3, N + 4, N, 2, 0],  # out-of-range ids in the window are no items
+        [8, 9, 10, 11, 12, 13],  # length 2: the later items are not history
+        [3, 6, 0, 0, 0, 0],  # negative length -> 1
+    ],
+    dtype=np.int64,
+)
+RAGGED_LEN = np.array([3, 0, 99, 5, 2, -2], dtype=np.int64)
+
+
+def python_window(seq: np.ndarray, lens: np.ndarray, n_items: int) -> list[set[int]]:
+    """Item 0 plus every valid id among the first clamp(len, 1, seq) positions, with Python sets."""
+    out = []
+    for row, length in zip(seq.tolist(), lens.tolist(), strict=True):
+        valid = min(max(length, 1), len(row))
+        out.append({0} | {i for i in row[:valid] if 0 <= i < n_items})
+    return out
+
+
+def test_exclude_history_masks_exactly_the_clamped_window() -> None:
+    expected = python_window(RAGGED_SEQ, RAGGED_LEN, N)
+    assert expected[1] == {0, 9} and expected[2] == {0, 1, 2, 3, 4, 5, 6} and expected[3] == {0, 3, 2}
+    model = tiny_model(N)
+    seq, lens = torch.from_numpy(RAGGED_SEQ), torch.from_numpy(RAGGED_LEN)
+    with torch.no_grad():
+        (scores,) = ServingModel(model, "scores", exclude_history=True)(seq, lens)
+        (plain,) = ServingModel(model, "scores")(seq, lens)
+        _, top = ServingModel(model, "topk", k=N - 8, exclude_history=True)(seq, lens)
+        extra = torch.tensor([[11, 0], [-1, 12], [N, 0], [0, 0], [13, 13], [39, 1]])
+        (both,) = ServingModel(model, "scores", exclude_history=True)(seq, lens, extra)
+    for r, banned in enumerate(expected):
+        assert set(np.flatnonzero(np.isneginf(scores[r].numpy())).tolist()) == banned, r
+        kept = [i for i in range(N) if i not in banned]
+        np.testing.assert_array_equal(scores[r, kept].numpy(), plain[r, kept].numpy())
+        rankable = N - len(banned)
+        assert not banned & set(top[r, :rankable].tolist())
+        more = banned | {i for i in extra[r].tolist() if 1 <= i < N}
+        assert set(np.flatnonzero(np.isneginf(both[r].numpy())).tolist()) == more, r
+    # verify's own mask (embedding artifacts exported with --exclude-history) is the same set
+    mask = _history_mask(RAGGED_SEQ, RAGGED_LEN, N)
+    assert [set(np.flatnonzero(m).tolist()) | {0} for m in mask] == expected

@@ -18,19 +18,20 @@ from click.testing import CliRunner
 
 from m4r_export.checkpoint import save_checkpoint
 from m4r_export.cli import main
-from m4r_export.errors import M4RError
+from m4r_export.errors import M4RError, UsageError
 from m4r_export.fileio import sha256_file
 from m4r_export.model import Mamba4Rec
 from m4r_export.onnx import exclude_inputs, histories_to_inputs, truncate_inputs
 from m4r_export.onnx import export as ex
 from m4r_export.serving import ServingModel
+from m4r_export.verify.testing import trained_like_
 
 N_ITEMS = 40
 
 
 def tiny_model(num_layers: int = 1, seed: int = 0) -> Mamba4Rec:
     torch.manual_seed(seed)
-    model = Mamba4Rec(N_ITEMS, hidden_size=16, num_layers=num_layers, d_state=8).eval()
+    model = trained_like_(Mamba4Rec(N_ITEMS, hidden_size=16, num_layers=num_layers, d_state=8).eval(), seed)
     with torch.no_grad():  # make the ranking non-trivial
         model.item_embedding.weight.normal_(0, 1.0)
     model.item_tokens = ["[PAD]"] + [f"i{i}" for i in range(1, N_ITEMS)]
@@ -370,6 +371,7 @@ def test_ort_exclude_items_matches_pytorch_and_python_sets(
     out, model, manifest = exports[head]
     rng = np.random.default_rng(width)
     seq = rng.integers(1, N_ITEMS, size=(5, 7)).astype(np.int64)
+    seq[1, 0], seq[2, 0], seq[4, 6] = -5, N_ITEMS + 3, N_ITEMS  # out-of-range history ids
     lens = np.array([7, 3, 1, 0, 30], dtype=np.int64)
     excl = _random_excludes(rng, 5, width)
     ref = torch_run(model, head, manifest["k"] or 100, manifest["exclude_history"], seq, lens, excl)
@@ -385,7 +387,7 @@ def test_ort_exclude_items_matches_pytorch_and_python_sets(
     for row in range(5):
         banned = {0} | {int(i) for i in excl[row] if 1 <= i < N_ITEMS}
         if manifest["exclude_history"]:
-            banned |= {int(i) for i in seq[row, : clamped[row]]}
+            banned |= {int(i) for i in seq[row, : clamped[row]] if 0 <= i < N_ITEMS}
         if head == "scores":
             assert set(np.flatnonzero(np.isneginf(got[0][row])).tolist()) == banned
         else:
@@ -402,3 +404,12 @@ def test_exclude_inputs_pads_ragged_lists() -> None:
     assert exclude_inputs([np.array([4, 9])]).dtype == np.int64
     with pytest.raises(Exception, match="2 rows but the batch has 3"):
         exclude_inputs([[1], [2]], batch=3)
+
+
+def test_vocabulary_size_must_match_the_item_table(tmp_path: Path) -> None:
+    model = tiny_model()
+    model.item_tokens = model.item_tokens[:-1]  # one token short: items.txt would shift every id
+    with pytest.raises(UsageError, match=f"vocabulary has {N_ITEMS - 1} tokens but the model has {N_ITEMS}"):
+        ex.export_artifacts(model, tmp_path / "out", ex.ExportOptions(max_seq_len=12))
+    out = tmp_path / "out"  # checked before anything is traced or written
+    assert not out.exists() or not any(out.iterdir())

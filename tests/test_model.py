@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from m4r_export.model import Mamba4Rec
 from m4r_export.model.scan import selective_scan_ref
+from m4r_export.verify.testing import trained_like_
 
 # Parameter names and shapes of the reference (RecBole Mamba4Rec + mamba_ssm.Mamba), hidden 64,
 # d_state 32, d_conv 4, expand 2, one layer, 100 items (+ padding).
@@ -81,17 +82,11 @@ def reference_forward(
         x_dbl = x.transpose(1, 2) @ sd[p + "mamba.x_proj.weight"].t()
         dt, B, C = torch.split(x_dbl, [4, 32, 32], dim=-1)
         dt = (dt @ sd[p + "mamba.dt_proj.weight"].t()).transpose(1, 2)
+        # delta = softplus(dt_proj(x) incl. its bias), computed here, not by the scan's own helper
+        delta = F.softplus(dt + sd[p + "mamba.dt_proj.bias"][:, None])
         A = -torch.exp(sd[p + "mamba.A_log"])
         y = selective_scan_ref(
-            x,
-            dt,
-            A,
-            B.transpose(1, 2),
-            C.transpose(1, 2),
-            sd[p + "mamba.D"],
-            z,
-            sd[p + "mamba.dt_proj.bias"],
-            True,
+            x, delta, A, B.transpose(1, 2), C.transpose(1, 2), sd[p + "mamba.D"], z, None, False
         )
         out = y.transpose(1, 2) @ sd[p + "mamba.out_proj.weight"].t()
         out = out if layers == 1 else out + x_in
@@ -107,11 +102,9 @@ def reference_forward(
 def test_forward_matches_reference_math_within_1e5() -> None:
     for layers in (1, 2):
         torch.manual_seed(layers)
-        model = Mamba4Rec(101, num_layers=layers).eval()
         # trained-looking parameters rather than the init (dt bias 0, A = -[1..N])
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.05)
+        model = trained_like_(Mamba4Rec(101, num_layers=layers).eval(), seed=layers)
+        assert model.mamba_layers[0].mamba.dt_proj.bias.abs().min() > 1
         seq = torch.randint(1, 101, (6, 20))
         lengths = torch.tensor([1, 5, 20, 13, 7, 20])
         expected = reference_forward(model.state_dict(), seq, lengths, layers)
@@ -124,7 +117,7 @@ def test_forward_matches_reference_math_within_1e5() -> None:
 
 def test_padding_after_length_and_out_of_range_ids() -> None:
     torch.manual_seed(0)
-    model = Mamba4Rec(50, hidden_size=16, d_state=8).eval()
+    model = trained_like_(Mamba4Rec(50, hidden_size=16, d_state=8).eval())
     seq = torch.randint(1, 50, (3, 10))
     lengths = torch.tensor([3, 10, 6])
     base = model(seq, lengths)

@@ -3,7 +3,6 @@ engine-build flow against a minimal fake of the tensorrt module (the real one ca
 
 from __future__ import annotations
 
-import enum
 import json
 import sys
 import types
@@ -12,6 +11,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from fake_tensorrt import fake_tensorrt
 
 from m4r_export.cli import main
 from m4r_export.errors import M4RError, UsageError
@@ -27,103 +27,6 @@ from m4r_export.trt.manifest import (
     read_manifest,
 )
 from m4r_export.trt.native import PLUGIN_ENV, find_plugin_library
-
-
-class _Severity(enum.IntEnum):
-    INTERNAL_ERROR = 0
-    ERROR = 1
-    WARNING = 2
-    INFO = 3
-    VERBOSE = 4
-
-
-def fake_tensorrt(calls: dict[str, Any]) -> types.ModuleType:
-    """Just the API surface engine.build_engine uses, recording what it is asked to do."""
-    trt = types.ModuleType("tensorrt")
-
-    class ILogger:
-        Severity = _Severity
-
-        def __init__(self) -> None:
-            pass
-
-    class Network:
-        def __init__(self) -> None:  # the inputs of the parsed file (calls["inputs"] to change them)
-            self.names = calls.get("inputs", ["item_seq", "item_seq_len", "exclude_items"])
-            self.num_inputs = len(self.names)
-
-        def get_input(self, i: int) -> types.SimpleNamespace:
-            return types.SimpleNamespace(name=self.names[i])
-
-    class Profile:
-        def set_shape(self, name: str, lo: Any, opt: Any, hi: Any) -> None:
-            calls.setdefault("shapes", {})[name] = (lo, opt, hi)
-
-    class Cache:
-        def serialize(self) -> bytes:
-            return b"CACHE"
-
-    class Config:
-        builder_optimization_level = 3
-
-        def add_optimization_profile(self, p: Profile) -> int:
-            return 0
-
-        def create_timing_cache(self, data: bytes) -> Cache:
-            calls["timing_cache_in"] = data
-            return Cache()
-
-        def set_timing_cache(self, cache: Cache, ignore_mismatch: bool) -> bool:
-            return True
-
-    class Builder:
-        def __init__(self, logger: ILogger) -> None:
-            pass
-
-        def create_network(self, flags: int) -> Network:
-            calls["network_flags"] = flags
-            return Network()
-
-        def create_builder_config(self) -> Config:
-            calls["config"] = Config()
-            return calls["config"]
-
-        def create_optimization_profile(self) -> Profile:
-            return Profile()
-
-        def build_serialized_network(self, network: Network, config: Config) -> bytes:
-            return b"ENGINE"
-
-    class OnnxParser:
-        num_errors = 0
-
-        def __init__(self, network: Network, logger: ILogger) -> None:
-            pass
-
-        def parse_from_file(self, path: str) -> bool:
-            calls["parsed"] = path
-            return True
-
-    class Registry:
-        all_creators: list[Any] = []
-
-        def load_library(self, path: str) -> object:
-            calls["loaded"] = path
-            return object()
-
-    registry = Registry()
-    trt.get_plugin_registry = lambda: registry  # type: ignore[attr-defined]
-    trt.__version__ = "10.8.0.43"  # type: ignore[attr-defined]
-    for name, obj in {
-        "ILogger": ILogger,
-        "Builder": Builder,
-        "OnnxParser": OnnxParser,
-        "Dims": tuple,
-        "NetworkDefinitionCreationFlag": types.SimpleNamespace(STRONGLY_TYPED=1),
-        "MemoryPoolType": types.SimpleNamespace(WORKSPACE=0),
-    }.items():
-        setattr(trt, name, obj)
-    return trt
 
 
 @pytest.fixture()
@@ -189,13 +92,16 @@ def test_build_engine_flow_with_fake_tensorrt(monkeypatch: pytest.MonkeyPatch, t
         onnx, tmp_path / "out", profile=profile, timing_cache=cache, optimization_level=4
     )
 
-    assert result.built and result.engine_path is not None and result.engine_path.read_bytes() == b"ENGINE"
+    assert result.built and result.engine_path is not None
+    assert json.loads(result.engine_path.read_bytes())["fake_engine"] == 1
     assert calls["network_flags"] == 1 << 1  # STRONGLY_TYPED on TensorRT 10
     assert calls["config"].builder_optimization_level == 4
     assert calls["shapes"]["item_seq"] == ((1, 2), (8, 20), (32, 100))
     assert calls["shapes"]["item_seq_len"] == ((1,), (8,), (32,))
     assert calls["shapes"]["exclude_items"] == ((1, 1), (8, 1), (32, 1024))  # E >= 1 in an engine
-    assert cache.read_bytes() == b"CACHE" and calls["timing_cache_in"] == b""
+    assert cache.read_bytes() == b"CACHE:fake" and calls["timing_cache_in"] == b""
+    # the plugin is registered before the ONNX parse (the strict fake refuses the scan node otherwise)
+    assert calls["order"].index("registry.load_library") < calls["order"].index("parser.parse_from_file")
     manifest = json.loads(manifest_path_for(result.engine_path).read_text())
     assert manifest["format"] == MANIFEST_FORMAT and manifest["tensorrt_version"] == "10.8.0.43"
     assert manifest["gpu"] == {"name": "Fake L4", "compute_capability": "8.9"}
@@ -376,3 +282,19 @@ def test_find_or_build_plugin_builds_when_missing(
         native.find_or_build_plugin()
     with pytest.raises(UsageError):  # an explicit path is never replaced by a build
         native.find_or_build_plugin(tmp_path / "missing.so")
+
+
+def test_build_tree_from_another_copy_of_the_sources_is_reconfigured(tmp_path: Path) -> None:
+    """The build cache is keyed by source content, so a clone and a worktree share it: CMake's cache
+    from the other path must go (CMake refuses to reuse it), one from the same path must stay."""
+    from m4r_export.trt.native import _forget_other_source_tree
+
+    src, other, out = tmp_path / "src", tmp_path / "other", tmp_path / "build"
+    for d in (src, other, out / "CMakeFiles"):
+        d.mkdir(parents=True)
+    cache = out / "CMakeCache.txt"
+    cache.write_text(f"CMAKE_HOME_DIRECTORY:INTERNAL={src}\n")
+    _forget_other_source_tree(out, src)
+    assert cache.is_file() and (out / "CMakeFiles").is_dir()
+    _forget_other_source_tree(out, other)
+    assert not cache.exists() and not (out / "CMakeFiles").exists()

@@ -185,14 +185,27 @@ def test_adding_a_backend_is_one_class(tiny: dict[str, Path]) -> None:
         def infer(
             self, item_seq: np.ndarray, item_seq_len: np.ndarray, exclude_items: np.ndarray | None
         ) -> dict[str, np.ndarray]:
-            return self.inner.infer(item_seq, item_seq_len, exclude_items)
+            scores = self.inner.infer(item_seq, item_seq_len, exclude_items)["scores"].copy()
+            rows = np.arange(len(scores))
+            best = np.argsort(-scores, axis=1, kind="stable")[:, :2]
+            first, second = scores[rows, best[:, 0]], scores[rows, best[:, 1]]
+            scores[rows, best[:, 0]], scores[rows, best[:, 1]] = second, first
+            return {"scores": scores}
 
     try:
         assert BACKENDS["test-echo"] is EchoRunner
         runner = make_runner("test-echo", load_artifact(tiny["scores"]))
         assert isinstance(runner, Runner)
         report = run_verify(tiny["ckpt"], tiny["scores"], users=8, backends=["ort-cpu", "test-echo"])
-        assert [r.backend for r in report.results] == ["ort-cpu", "test-echo"] and report.passed
+        assert [r.backend for r in report.results] == ["ort-cpu", "test-echo"]
+        good, flipped = report.results
+        assert good.passed and not flipped.passed and not report.passed
+        # same items, another order: overlap holds, the order gates and the score error catch it
+        assert flipped.metrics["topk_overlap_min"] == 1.0
+        failed = {c.metric for c in flipped.failures}
+        assert {"kendall_tau_mean", "rbo_mean", "max_abs_error"} <= failed
+        assert "topk_overlap_mean" not in failed
+        assert "test-echo: " in report.failure_message() and "kendall_tau_mean = " in report.failure_message()
     finally:
         BACKENDS.pop("test-echo", None)
 

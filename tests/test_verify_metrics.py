@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from m4r_export.verify.artifact import ArtifactInfo
 from m4r_export.verify.metrics import (
     kendall_tau_topk,
     non_finite,
@@ -18,6 +20,7 @@ from m4r_export.verify.metrics import (
     topk_overlap,
 )
 from m4r_export.verify.runners import fit_width
+from m4r_export.verify.verify import Thresholds, VerifyInputs, check_metrics, compare_outputs
 
 NEG = -np.inf
 
@@ -108,3 +111,92 @@ def test_fit_width_keeps_most_recent_items_and_pads() -> None:
     s8, l8 = fit_width(seq, lens, 8)
     assert s8.shape == (3, 8) and s8[0].tolist() == [1, 2, 3, 4, 5, 0, 0, 0]
     assert l8.tolist() == [5, 2, 1]
+
+
+# ------------------------------------------------------------------------------ the gates of verify
+
+T32 = Thresholds.defaults("fp32")
+#: metric key -> (value exactly at the limit: passes, value just beyond: fails, gate name in the report)
+GATES: dict[str, tuple[float, float, str]] = {
+    "non_finite": (T32.max_non_finite, T32.max_non_finite + 1, "non_finite"),
+    "mask_mismatches": (T32.max_mask_mismatches, T32.max_mask_mismatches + 1, "mask_mismatches"),
+    "max_abs_error": (T32.max_abs_error, T32.max_abs_error * 1.01, "max_abs_error"),
+    "max_rel_error": (T32.max_rel_error, T32.max_rel_error * 1.01, "max_rel_error"),
+    "topk_overlap_mean": (T32.min_topk_overlap_mean, T32.min_topk_overlap_mean - 1e-4, "topk_overlap_mean"),
+    "topk_overlap_min": (T32.min_topk_overlap_min, T32.min_topk_overlap_min - 0.1, "topk_overlap_min"),
+    "kendall_tau_mean": (T32.min_kendall_tau_mean, T32.min_kendall_tau_mean - 1e-4, "kendall_tau_mean"),
+    "rbo_mean": (T32.min_rbo_mean, T32.min_rbo_mean - 1e-4, "rbo_mean"),
+    # deltas are judged by magnitude: the failing values are negative on purpose
+    "ndcg@10_delta": (-T32.max_abs_ndcg_delta, -T32.max_abs_ndcg_delta * 1.5, "|ndcg@10_delta|"),
+    "hit@10_delta": (T32.max_abs_hit_delta, -T32.max_abs_hit_delta * 1.5, "|hit@10_delta|"),
+}
+
+
+def _perfect_metrics() -> dict[str, float]:
+    return {
+        "non_finite": 0, "mask_mismatches": 0, "max_abs_error": 0.0, "max_rel_error": 0.0,
+        "topk_overlap_mean": 1.0, "topk_overlap_min": 1.0, "kendall_tau_mean": 1.0, "rbo_mean": 1.0,
+        "ndcg@10_delta": 0.0, "hit@10_delta": 0.0,
+    }  # fmt: skip
+
+
+def test_every_gate_is_checked() -> None:
+    checks = check_metrics(_perfect_metrics(), T32, 10)
+    assert all(c.passed for c in checks)
+    assert {c.metric for c in checks} == {gate for _, _, gate in GATES.values()}
+    # without targets (generated inputs) there is no ndcg/hit to compare
+    no_targets = {k: v for k, v in _perfect_metrics().items() if "@" not in k}
+    assert {c.metric for c in check_metrics(no_targets, T32, 10)} == {
+        gate for key, (_, _, gate) in GATES.items() if "@" not in key
+    }
+
+
+@pytest.mark.parametrize("key", list(GATES))
+def test_each_gate_passes_at_its_limit_and_fails_beyond_it(key: str) -> None:
+    at_limit, beyond, gate = GATES[key]
+    metrics = _perfect_metrics()
+    metrics[key] = at_limit
+    assert all(c.passed for c in check_metrics(metrics, T32, 10)), key
+    metrics[key] = beyond
+    failures = [c for c in check_metrics(metrics, T32, 10) if not c.passed]
+    assert [c.metric for c in failures] == [gate]  # this gate, reading this metric, and no other
+    assert failures[0].value == pytest.approx(abs(beyond) if gate.startswith("|") else beyond)
+    metrics[key] = float("nan")  # a NaN metric never passes
+    assert gate in {c.metric for c in check_metrics(metrics, T32, 10) if not c.passed}
+
+
+def test_worst_user_gate_reads_the_worst_user_not_the_mean() -> None:
+    metrics = _perfect_metrics()
+    metrics["topk_overlap_mean"] = 0.9995  # one user of 1000 lost half of their top-10
+    metrics["topk_overlap_min"] = 0.5
+    failures = [c for c in check_metrics(metrics, T32, 10) if not c.passed]
+    assert [(c.metric, c.value) for c in failures] == [("topk_overlap_min", 0.5)]
+
+
+def _artifact(head: str) -> ArtifactInfo:
+    return ArtifactInfo(Path("model.onnx"), "onnx", head, 10, False, None, "fp32")
+
+
+def test_unmasked_padding_fails_the_mask_gate() -> None:
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(8, 30))
+    ref[:, 0] = NEG
+    inputs = VerifyInputs(np.ones((8, 3), np.int64), np.full(8, 3), None, "test")
+    out = ref.copy()
+    metrics, _ = compare_outputs(_artifact("scores"), ref, {"scores": out}, 10, inputs)
+    assert all(c.passed for c in check_metrics(metrics, T32, 10))
+    out[:, 0] = ref[:, 1:].min() - 1.0  # padding scored (finite), ranked last: nothing else changes
+    metrics, _ = compare_outputs(_artifact("scores"), ref, {"scores": out}, 10, inputs)
+    assert metrics["mask_mismatches"] == 8
+    assert [c.metric for c in check_metrics(metrics, T32, 10) if not c.passed] == ["mask_mismatches"]
+    # a top-K artifact that returns the padding item
+    top = topk_from_scores(ref, 10)
+    items = top.copy()
+    items[:, -1] = 0
+    scores = np.take_along_axis(ref, top, axis=1)
+    scores[:, -1] = scores[:, -2] - 1.0
+    metrics, _ = compare_outputs(
+        _artifact("topk"), ref, {"topk_items": items, "topk_scores": scores}, 10, inputs
+    )
+    assert metrics["mask_mismatches"] == 8
+    assert "mask_mismatches" in {c.metric for c in check_metrics(metrics, T32, 10) if not c.passed}

@@ -104,7 +104,7 @@ def export(
         opset=DEFAULT_OPSET if opset is None else opset,
         body=body,
     )
-    opts.validate(model.n_items)
+    opts.validate(model.n_items, engine=fp16 and not no_trt)
     ensure_writable_dir(out_dir)  # fail fast, before the slow parts
     result = export_artifacts(
         model,

@@ -147,6 +147,10 @@ class _FloatOutputs(nn.Module):
 # ------------------------------------------------------------------------------------ the export
 
 
+#: Largest K TensorRT's TopK layer accepts (ITopKLayer; TensorRT 10 and 11).
+TENSORRT_MAX_TOPK = 3840
+
+
 @dataclass(frozen=True)
 class ExportOptions:
     head: str = "scores"
@@ -163,11 +167,17 @@ class ExportOptions:
     def input_names(self) -> tuple[str, ...]:
         return input_names(self.head, self.exclude_items)
 
-    def validate(self, n_items: int) -> None:
+    def validate(self, n_items: int, *, engine: bool = False) -> None:
+        """engine: a TensorRT engine will be built from this export (--fp16 without --no-trt)."""
         if self.head not in HEADS:
             raise UsageError(f"--head {self.head!r}: choose one of {', '.join(HEADS)}")
         if self.head == "topk":
             check_k(self.k, n_items)
+        if engine and self.head == "topk" and self.k > TENSORRT_MAX_TOPK:
+            raise UsageError(
+                f"--k {self.k}: TensorRT's TopK supports K <= {TENSORRT_MAX_TOPK}, and --fp16 builds a "
+                f"TensorRT engine when TensorRT is there; choose --k <= {TENSORRT_MAX_TOPK} or pass --no-trt"
+            )
         if self.opset not in SUPPORTED_OPSETS:
             raise UsageError(
                 f"--opset {self.opset} is not supported: m4r exports opsets {SUPPORTED_OPSETS[0]}.."
@@ -598,7 +608,7 @@ def export_artifacts(
     from ..fileio import ensure_writable_dir, publish_directory, sha256_file
 
     say = echo or (lambda _msg: None)
-    opts.validate(model.n_items)
+    opts.validate(model.n_items, engine=opts.fp16 and build_trt)
     out = Path(out_dir)
     ensure_writable_dir(out.absolute().parent)
     items_txt = _items_text(model)

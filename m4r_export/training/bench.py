@@ -189,6 +189,11 @@ def run_benchmark(
     }
 
 
+def _ratio(value: float | None) -> str:
+    """A speed-up cell; '-' when the variant it compares with was not timed."""
+    return "-" if value is None else f"{value:.1f}"
+
+
 def print_table(report: dict[str, Any]) -> None:
     from rich.console import Console
 
@@ -218,11 +223,11 @@ def print_table(report: dict[str, Any]) -> None:
             f"{r['median_cpu_s']:.2f}",
             f"{r['median_wall_s']:.2f}",
             f"{r['samples_per_s_wall']:.0f}",
-            f"{r.get('speedup_vs_reference_cpu', float('nan')):.1f}",
-            f"{r.get('speedup_vs_reference_ftz_cpu', float('nan')):.1f}",
-            f"{r.get('speedup_vs_reference_code_cpu', float('nan')):.1f}",
+            _ratio(r.get("speedup_vs_reference_cpu")),
+            _ratio(r.get("speedup_vs_reference_ftz_cpu")),
+            _ratio(r.get("speedup_vs_reference_code_cpu")),
         )
-    console = Console(width=max(Console().width, 100))
+    console = Console(width=max(Console().width, 120))
     console.print(t)
     console.print("x vs ...: ratio of median CPU time per step (variants interleaved in one run)")
 

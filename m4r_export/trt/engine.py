@@ -8,7 +8,9 @@ ONNX function body (it picks the scan mode with a string comparison, and TensorR
 
 from __future__ import annotations
 
+import collections
 import datetime as _dt
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,14 +27,19 @@ if TYPE_CHECKING:
 __all__ = ["EngineBuildResult", "ShapeProfile", "build_engine", "try_build_engine"]
 
 
-def make_logger(min_severity: str = "WARNING") -> tensorrt.ILogger:
-    """A TensorRT logger that also keeps the messages, so that errors can quote what TensorRT said."""
+#: Messages a logger keeps (the latest): enough to quote in an error, bounded for long-lived runners.
+LOG_KEEP = 200
+
+
+def make_logger(min_severity: str = "WARNING", keep: int = LOG_KEEP) -> tensorrt.ILogger:
+    """A TensorRT logger that also keeps the last ``keep`` messages, so that errors can quote what
+    TensorRT said without a runner's log growing for its whole lifetime."""
     import tensorrt as trt
 
     class _Logger(trt.ILogger):
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
-            self.messages: list[str] = []
+            self.messages: collections.deque[str] = collections.deque(maxlen=keep)
             self._min = getattr(trt.ILogger.Severity, min_severity)
 
         def log(self, severity: tensorrt.ILogger.Severity, msg: str) -> None:
@@ -44,7 +51,7 @@ def make_logger(min_severity: str = "WARNING") -> tensorrt.ILogger:
 
 
 def logged(logger: tensorrt.ILogger, last: int = 8) -> str:
-    msgs: list[str] = getattr(logger, "messages", [])
+    msgs = list(getattr(logger, "messages", []))
     return ("\nTensorRT said:\n  " + "\n  ".join(msgs[-last:])) if msgs else ""
 
 
@@ -131,7 +138,7 @@ def build_engine(
             archs = gpus[0].compute_capability.replace(".", "")
             plugin_path = find_or_build_plugin(plugin_library, cuda_archs=archs)
         else:
-            plugin_path = find_plugin_library(plugin_library)
+            plugin_path = find_plugin_library(plugin_library, gpus[0].compute_capability.replace(".", ""))
     except UsageError:
         raise
     except M4RError as exc:
@@ -166,7 +173,7 @@ def build_engine(
         opt_profile.set_shape(name, trt.Dims(list(lo)), trt.Dims(list(opt)), trt.Dims(list(hi)))
     config.add_optimization_profile(opt_profile)
 
-    cache = _load_timing_cache(config, timing_cache)
+    cache = _load_timing_cache(config, timing_cache, notes)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise M4RError(f"TensorRT failed to build an engine from {onnx_path}{logged(logger, 15)}")
@@ -193,13 +200,29 @@ def build_engine(
     return manifest
 
 
-def _load_timing_cache(config: tensorrt.IBuilderConfig, path: Path | None) -> tensorrt.ITimingCache | None:
-    """Reuse (and later update) a timing cache file: rebuilds for the same GPU skip most tactic timing."""
+def _load_timing_cache(
+    config: tensorrt.IBuilderConfig, path: Path | None, notes: list[str]
+) -> tensorrt.ITimingCache | None:
+    """Reuse (and later update) a timing cache file: rebuilds for the same GPU skip most tactic timing.
+
+    TensorRT rejects a cache from another GPU or TensorRT version (set_timing_cache returns False); then
+    the build starts from a fresh cache, which replaces the file afterwards, and a note says so.
+    """
     if path is None:
         return None
     data = path.read_bytes() if path.is_file() else b""
     cache = config.create_timing_cache(data)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if config.set_timing_cache(cache, ignore_mismatch=False):
+        return cache
+    note = (
+        f"timing cache {path} was rejected by TensorRT (built on another GPU or TensorRT version); "
+        "started a fresh one, which replaces it after this build"
+    )
+    warnings.warn(note, stacklevel=3)
+    notes.append(note)
+    cache = config.create_timing_cache(b"")
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise M4RError(f"TensorRT refused a fresh timing cache; build without --timing-cache {path}")
     return cache
 
 

@@ -16,6 +16,26 @@ from types import ModuleType
 from ..errors import M4RError
 
 INSTALL_HINT = "install TensorRT 10.8 or newer with its Python bindings (e.g. pip install tensorrt)"
+#: Oldest TensorRT m4r supports. Before 10.7 onnx-tensorrt imports a node's ONNX local function instead of a
+#: registered plugin, and fails on the SelectiveScan body's string `If` far from the cause; 10.8 is the
+#: oldest release the plugin is compiled against (scripts/check_trt_headers.sh).
+MIN_TENSORRT = (10, 8)
+
+
+def version_problem(version: str) -> str | None:
+    """None when TensorRT ``version`` (e.g. "10.8.0.43") is supported, otherwise why not."""
+    try:
+        found = tuple(int(p) for p in version.split(".")[:2])
+    except ValueError:
+        return f"cannot read the TensorRT version {version!r}; {INSTALL_HINT}"
+    if len(found) < 2 or found < MIN_TENSORRT:
+        need = ".".join(map(str, MIN_TENSORRT))
+        return (
+            f"TensorRT {version} is too old: m4r needs TensorRT >= {need} (older releases import the "
+            f"SelectiveScan node's ONNX function body instead of the plugin, which TensorRT cannot run); "
+            f"{INSTALL_HINT}"
+        )
+    return None
 
 
 def _import_tensorrt() -> tuple[ModuleType | None, str | None]:
@@ -31,6 +51,9 @@ def _import_tensorrt() -> tuple[ModuleType | None, str | None]:
             f"'tensorrt' at {where} is only type stubs or a "
             f"placeholder (tensorrt.Builder is missing); {INSTALL_HINT}"
         )
+    problem = version_problem(str(getattr(trt, "__version__", "unknown")))
+    if problem is not None:
+        return None, problem
     return trt, None
 
 
@@ -40,7 +63,7 @@ def tensorrt_unavailable_reason() -> str | None:
 
 
 def load_tensorrt() -> ModuleType:
-    """The real ``tensorrt`` module, or an M4RError saying why it is unusable."""
+    """The real ``tensorrt`` module (>= 10.8), or an M4RError saying why it is unusable."""
     trt, reason = _import_tensorrt()
     if trt is None:
         raise M4RError(f"TensorRT is unavailable: {reason}")

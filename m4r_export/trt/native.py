@@ -2,7 +2,8 @@
 
 Sources: ``plugins/`` (a standalone CMake project) sits next to the package in a clone; an installed
 wheel ships the same tree as package data in ``m4r_export/_plugins``. Builds go to a cache directory
-keyed by a hash of the sources, so an upgraded package never picks up a stale plugin.
+keyed by the sources, the target CUDA architectures and the nvcc version, so an upgraded package, another
+GPU architecture or another CUDA toolkit never picks up a stale plugin.
 
 Libraries (all in ``<build>/lib``):
   * ``libm4r_trt_plugin.so``        TensorRT plugin, dynamic entry points (loadLibrary, --dynamicPlugins)
@@ -60,12 +61,44 @@ def _sources_digest(src: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def default_build_dir(*, cpu_only: bool = False) -> Path:
-    """``$M4R_CACHE_DIR`` (or ``~/.cache/m4r``) ``/native/<sources hash>`` (``native-cpu/`` if cpu_only)."""
+def _nvcc_version() -> str:
+    """``nvcc --version``'s release line (e.g. "release 13.0, V13.0.88"), or "no-nvcc"."""
+    nvcc = os.environ.get("CUDACXX") or shutil.which("nvcc")
+    if not nvcc:
+        return "no-nvcc"
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "no-nvcc"
+    lines = [ln.strip() for ln in out.splitlines() if "release" in ln]
+    return lines[-1] if lines else out.strip()[-80:]
+
+
+def build_key(src: Path, cuda_archs: str | None) -> str:
+    """Cache key of a build: sources + target CUDA architectures + nvcc version.
+
+    A library built for sm_90 must not be reused on an sm_80 node sharing the cache ("no kernel image"
+    at every enqueue), nor one built by another CUDA toolkit.
+    """
+    archs = ";".join(sorted(a for a in (cuda_archs or "default").replace(",", ";").split(";") if a))
+    h = hashlib.sha256()
+    h.update(_sources_digest(src).encode())
+    h.update(b"\0archs=" + archs.encode() + b"\0nvcc=" + _nvcc_version().encode())
+    return h.hexdigest()[:12]
+
+
+def default_build_dir(cuda_archs: str | None = None, *, cpu_only: bool = False) -> Path:
+    """``$M4R_CACHE_DIR`` (or ``~/.cache/m4r``) ``/native/<build_key(sources, cuda_archs, nvcc)>``, or
+    ``/native-cpu/<sources hash>`` if cpu_only (no CUDA code: archs and nvcc do not matter).
+
+    cuda_archs None: the CMake default list (75;80;86;87;89;90).
+    """
     root = os.environ.get("M4R_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "m4r"
     )
-    return Path(root) / ("native-cpu" if cpu_only else "native") / _sources_digest(source_dir())
+    if cpu_only:
+        return Path(root) / "native-cpu" / _sources_digest(source_dir())
+    return Path(root) / "native" / build_key(source_dir(), cuda_archs)
 
 
 @dataclass
@@ -131,6 +164,24 @@ def _check_configured_for_plugin(out: Path, log_path: Path) -> None:
     raise M4RError(f"the TensorRT plugin cannot be built: {why}; nothing was compiled. CMake log: {log_path}")
 
 
+def _forget_other_source_tree(out: Path, src: Path) -> None:
+    """Drop CMake's cache when ``out`` was configured from another copy of the same sources.
+
+    The cache directory is keyed by the sources' *content*, so a clone, a worktree and an installed
+    wheel share it; CMake refuses a build tree configured from a different source path.
+    """
+    cache = out / "CMakeCache.txt"
+    if not cache.is_file():
+        return
+    for line in cache.read_text(encoding="utf-8", errors="replace").splitlines():
+        if line.startswith("CMAKE_HOME_DIRECTORY:"):
+            configured = line.split("=", 1)[-1].strip()
+            if Path(configured).resolve() != src.resolve():
+                cache.unlink()
+                shutil.rmtree(out / "CMakeFiles", ignore_errors=True)
+            return
+
+
 def build_native(
     build_dir: Path | None = None,
     *,
@@ -156,8 +207,9 @@ def build_native(
     if tensorrt_root is not None:
         _check_tensorrt_root(tensorrt_root)
     src = source_dir()
-    out = (build_dir or default_build_dir()).resolve()
+    out = (build_dir or default_build_dir(cuda_archs)).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    _forget_other_source_tree(out, src)
     log_path = out / "m4r-build.log"
     log_path.write_text("", encoding="utf-8")
     cfg = [cmake, "-S", str(src), "-B", str(out), "-DCMAKE_BUILD_TYPE=Release"]
@@ -199,8 +251,11 @@ def build_native(
     return result
 
 
-def find_library(name: str, explicit: Path | None = None, env_var: str | None = None) -> Path:
-    """An explicit path, then $env_var, then the default build directory; else a clear error."""
+def find_library(
+    name: str, explicit: Path | None = None, env_var: str | None = None, cuda_archs: str | None = None
+) -> Path:
+    """An explicit path, then $env_var, then the build directory for ``cuda_archs`` (then the one for the
+    default architecture list); else a clear error."""
     if explicit is not None:
         if not explicit.is_file():
             raise UsageError(f"library {explicit} does not exist; pass the path of a built {name}")
@@ -214,10 +269,11 @@ def find_library(name: str, explicit: Path | None = None, env_var: str | None = 
             raise UsageError(f"${env_var}={value} does not exist; unset it or point it at a built {name}")
         looked.append(f"${env_var} (unset)")
     try:
-        candidate = default_build_dir() / "lib" / name
+        archs = [cuda_archs, None] if cuda_archs else [None]
+        candidates = [default_build_dir(a) / "lib" / name for a in archs]
     except M4RError:
-        candidate = None
-    if candidate is not None:
+        candidates = []
+    for candidate in candidates:
         if candidate.is_file():
             return candidate
         looked.append(str(candidate))
@@ -227,9 +283,10 @@ def find_library(name: str, explicit: Path | None = None, env_var: str | None = 
     )
 
 
-def find_plugin_library(explicit: Path | None = None) -> Path:
-    """The dynamic TensorRT plugin: explicit path, $M4R_TRT_PLUGIN, or the `m4r build-plugin` output."""
-    return find_library(PLUGIN_LIBRARY, explicit, PLUGIN_ENV)
+def find_plugin_library(explicit: Path | None = None, cuda_archs: str | None = None) -> Path:
+    """The dynamic TensorRT plugin: explicit path, $M4R_TRT_PLUGIN, or the `m4r build-plugin` output
+    (for ``cuda_archs``, e.g. "89", or for the default architecture list)."""
+    return find_library(PLUGIN_LIBRARY, explicit, PLUGIN_ENV, cuda_archs)
 
 
 def find_or_build_plugin(
@@ -241,7 +298,7 @@ def find_or_build_plugin(
     architecture builds in about a minute).
     """
     try:
-        return find_plugin_library(explicit)
+        return find_plugin_library(explicit, cuda_archs)
     except UsageError:
         raise
     except M4RError as missing:

@@ -1,8 +1,9 @@
 """Run a TensorRT engine built by :mod:`.engine`: ``TrtRunner(engine).run(item_seq, item_seq_len)``.
 
 Device buffers come from torch (a CUDA build of torch is required to run engines from Python); the
-engine's manifest is checked first so that a wrong TensorRT version, GPU or input shape fails with a
-message that names the fix instead of a TensorRT deserialisation error.
+engine's manifest is checked first so that a wrong TensorRT version, GPU, plugin build or input shape
+fails with a message that names the fix instead of a TensorRT deserialisation error. The runner enqueues
+on its own CUDA stream (not the legacy default stream, on which TensorRT adds device synchronisations).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import M4RError, UsageError
+from ..fileio import sha256_file
 from .engine import load_plugin_library, logged, make_logger
 from .env import list_gpus, load_tensorrt
 from .manifest import (
@@ -48,6 +50,44 @@ def _torch_dtype(trt_dtype: tensorrt.DataType) -> torch.dtype:
     return table[trt_dtype]
 
 
+class CudaDevice:
+    """Device buffers and the stream of a runner, through torch. Tests substitute a host version."""
+
+    def __init__(self, index: int) -> None:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise M4RError(
+                "running a TensorRT engine from Python needs a CUDA build of torch "
+                "(pip install torch --index-url https://download.pytorch.org/whl/cu128)"
+            )
+        self.device = torch.device("cuda", index)
+        self.stream = torch.cuda.Stream(self.device)  # the runner's own stream
+
+    def scope(self) -> Any:
+        import torch
+
+        return torch.cuda.device(self.device)
+
+    def upload(self, host: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        with torch.cuda.stream(self.stream):
+            return host.to(self.device).contiguous()
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        import torch
+
+        with torch.cuda.stream(self.stream):
+            return torch.empty(shape, dtype=dtype, device=self.device)
+
+    def stream_handle(self) -> int:
+        return int(self.stream.cuda_stream)
+
+    def synchronize(self) -> None:
+        self.stream.synchronize()
+
+
 class TrtRunner:
     """One engine, one execution context, on GPU ``device``. Not thread-safe (one context)."""
 
@@ -56,13 +96,7 @@ class TrtRunner:
     def __init__(self, engine_path: Path, *, plugin_library: Path | None = None, device: int = 0) -> None:
         load_tensorrt()
         import tensorrt as trt
-        import torch
 
-        if not torch.cuda.is_available():
-            raise M4RError(
-                "running a TensorRT engine from Python needs a CUDA build of torch "
-                "(pip install torch --index-url https://download.pytorch.org/whl/cu128)"
-            )
         self.engine_path = Path(engine_path)
         if not self.engine_path.is_file():
             raise UsageError(f"engine {self.engine_path} does not exist; build it with `m4r build-engine`")
@@ -74,20 +108,13 @@ class TrtRunner:
             manifest, self.engine_path, trt.__version__, gpus[device].name, gpus[device].compute_capability
         )
         self.profile = ShapeProfile.from_json(manifest["profile"])
-        self.device = torch.device("cuda", device)
+        self._dev = CudaDevice(device)
         self._logger = make_logger()
         if manifest.get("plugin") is not None:
-            try:
-                library = find_plugin_library(plugin_library)
-            except M4RError as exc:
-                raise M4RError(
-                    f"engine {self.engine_path} uses the m4r SelectiveScan plugin "
-                    f"({manifest['plugin']['library']}), but it cannot be found: {exc}"
-                ) from exc
-            load_plugin_library(library, self._logger)
+            self._load_plugin(manifest["plugin"], plugin_library, gpus[device].compute_capability)
 
         self._runtime = trt.Runtime(self._logger)
-        with torch.cuda.device(self.device):
+        with self._dev.scope():
             engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
             if engine is None:
                 raise M4RError(
@@ -100,6 +127,25 @@ class TrtRunner:
         self.output_names = [n for n in self._names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         #: the engine takes exclude_items [batch, E] (E within the profile, >= 1)
         self.takes_exclude = EXCLUDE_INPUT in self._names
+
+    def _load_plugin(self, recorded: dict[str, Any], explicit: Path | None, compute_capability: str) -> None:
+        """Load the plugin the engine was built with: same file contents (sha256) as the manifest records."""
+        try:
+            library = find_plugin_library(explicit, compute_capability.replace(".", ""))
+        except M4RError as exc:
+            raise M4RError(
+                f"engine {self.engine_path} uses the m4r SelectiveScan plugin "
+                f"({recorded['library']}), but it cannot be found: {exc}"
+            ) from exc
+        want = recorded.get("sha256")
+        got = sha256_file(library)
+        if want and got != want:
+            raise M4RError(
+                f"plugin {library} (sha256 {got[:12]}) is not the build engine {self.engine_path} was made "
+                f"with (sha256 {str(want)[:12]}); pass that library with --plugin or rebuild the engine with "
+                "`m4r build-engine` against this one"
+            )
+        load_plugin_library(library, self._logger)
 
     def run(
         self, item_seq: np.ndarray, item_seq_len: np.ndarray, exclude_items: np.ndarray | None = None
@@ -138,26 +184,25 @@ class TrtRunner:
         if exclude is not None:
             feeds[EXCLUDE_INPUT] = torch.from_numpy(exclude.astype(np.int64))
         ctx = self._context
+        dev = self._dev
         buffers: dict[str, Any] = {}
-        with torch.cuda.device(self.device):
-            stream = torch.cuda.current_stream(self.device)
+        with dev.scope():
             for name, host in feeds.items():
-                dev = host.to(self.device, non_blocking=False).contiguous()
-                buffers[name] = dev
-                if not ctx.set_input_shape(name, tuple(dev.shape)):
+                buf = dev.upload(host)
+                buffers[name] = buf
+                if not ctx.set_input_shape(name, tuple(buf.shape)):
                     raise M4RError(
-                        f"TensorRT rejected shape {tuple(dev.shape)} for {name}{logged(self._logger)}"
+                        f"TensorRT rejected shape {tuple(buf.shape)} for {name}{logged(self._logger)}"
                     )
-                ctx.set_tensor_address(name, dev.data_ptr())
+                ctx.set_tensor_address(name, buf.data_ptr())
             for name in self.output_names:
+                # sized from the engine's output shape for these inputs, never from an input's shape
                 dims = ctx.get_tensor_shape(name)
                 shape = tuple(dims[i] for i in range(len(dims)))
-                out = torch.empty(
-                    shape, dtype=_torch_dtype(self._engine.get_tensor_dtype(name)), device=self.device
-                )
+                out = dev.empty(shape, _torch_dtype(self._engine.get_tensor_dtype(name)))
                 buffers[name] = out
                 ctx.set_tensor_address(name, out.data_ptr())
-            if not ctx.execute_async_v3(stream.cuda_stream):
+            if not ctx.execute_async_v3(dev.stream_handle()):
                 raise M4RError(f"TensorRT inference failed{logged(self._logger)}")
-            stream.synchronize()
+            dev.synchronize()
         return {name: buffers[name].cpu().numpy() for name in self.output_names}

@@ -14,6 +14,13 @@ M4R_PLUGIN_EXPORT void setLoggerFinder(nvinfer1::ILoggerFinder* finder)
 
 M4R_PLUGIN_EXPORT nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators)
 {
+    // A driver too old for the CUDA runtime linked into the plugin: no creators, and the logged error
+    // says why (loadLibrary then fails here instead of every enqueue failing later).
+    if (!m4r::plugin::cudaRuntimeUsable())
+    {
+        nbCreators = 0;
+        return nullptr;
+    }
     // Function-local statics: constructed on first call, after the library is fully loaded.
     static m4r::plugin::SelectiveScanPluginCreator selectiveScanCreator;
     static nvinfer1::IPluginCreatorInterface* const creators[] = {&selectiveScanCreator};

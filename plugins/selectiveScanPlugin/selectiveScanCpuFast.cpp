@@ -542,8 +542,8 @@ int backward(Problem const& p, Grads const& g, int32_t numThreads)
                 {
                     int32_t const c0 = kb * kW;
                     int32_t const lanes = s.loadBlock(p, b, c0, stop + 1);
-                    k.states(s.dt.data(), s.u.data(), s.a.data(), s.Bt.data(), s.Ct.data(), p.N, stop, H.data(),
-                        E.data(), s.hc.data());
+                    k.states(s.dt.data(), s.u.data(), s.a.data(), s.Bt.data(), s.Ct.data(), p.N, stop, p.lastOnly,
+                        H.data(), E.data(), s.hc.data());
                     // dL/d(hc) per position and the gradients of the skip term and the gate (scalar, as the
                     // forward computes them).
                     std::fill(gy.begin(), gy.begin() + steps, Vec{});
@@ -553,7 +553,13 @@ int backward(Problem const& p, Grads const& g, int32_t numThreads)
                         std::size_t const row = p.rowOffset(b, c);
                         float const d = p.D != nullptr ? p.D[c] : 0.F;
                         float gD = 0.F;
-                        for (int32_t t = 0; t <= stop; ++t)
+                        // Mode last: no output before `stop`, so no gradient of the gate there (gy is 0).
+                        int32_t const first = p.lastOnly ? stop : 0;
+                        for (int32_t t = 0; g.dz != nullptr && t < first; ++t)
+                        {
+                            g.dz[row + t] = 0.F;
+                        }
+                        for (int32_t t = first; t <= stop; ++t)
                         {
                             float dyt = 0.F;
                             if (!p.lastOnly)

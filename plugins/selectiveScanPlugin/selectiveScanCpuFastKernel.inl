@@ -152,9 +152,9 @@ static void forwardBlock(Vec const* dt, Vec const* u, Vec const* a, float const*
 }
 
 //! Forward recomputation for the backward pass: every state H[t * n + s] and decay E[t * n + s] for
-//! t = 0..stop, and hc per position (needed for the gate's gradient).
+//! t = 0..stop, and hc per position (needed for the gate's gradient; only hcOut[stop] when lastOnly).
 static void statesBlock(Vec const* dt, Vec const* u, Vec const* a, float const* Bt, float const* Ct, int32_t n,
-    int32_t stop, Vec* H, Vec* E, Vec* hcOut)
+    int32_t stop, bool lastOnly, Vec* H, Vec* E, Vec* hcOut)
 {
     for (int32_t t = 0; t <= stop; ++t)
     {
@@ -165,6 +165,15 @@ static void statesBlock(Vec const* dt, Vec const* u, Vec const* a, float const* 
         Vec* ht = H + static_cast<std::size_t>(t) * n;
         Vec* et = E + static_cast<std::size_t>(t) * n;
         Vec const* hp = t > 0 ? ht - n : nullptr;
+        if (lastOnly && t != stop && hp != nullptr)
+        {
+            for (int32_t s = 0; s < n; ++s)
+            {
+                et[s] = expDecayVec(d * a[s]);
+                ht[s] = et[s] * hp[s] + dtu * bt[s];
+            }
+            continue;
+        }
         Vec hc = Vec{};
         for (int32_t s = 0; s < n; ++s)
         {

@@ -17,8 +17,6 @@
 #ifndef M4R_SELECTIVE_SCAN_KERNEL_CUH
 #define M4R_SELECTIVE_SCAN_KERNEL_CUH
 
-#include "selectiveScanKernel.h"
-#include "selectiveScanMath.h"
 
 // tests/scanKernelEmulation.cpp runs this kernel on host threads; it includes these headers itself,
 // before it redefines the CUDA keywords they rely on.
@@ -27,13 +25,14 @@
 #include <cuda_fp16.h>
 #endif
 
+#include "selectiveScanDispatch.h"
+#include "selectiveScanKernel.h"
+#include "selectiveScanMath.h"
+
 namespace m4r
 {
 namespace scan
 {
-
-constexpr int32_t kChannels = 64; //!< channels (threads) per block
-constexpr int32_t kTimeTile = 32; //!< time steps staged per shared-memory tile
 
 template <typename T>
 __device__ __forceinline__ float toFloat(T v);

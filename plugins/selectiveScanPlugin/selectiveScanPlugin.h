@@ -6,6 +6,8 @@
 #ifndef M4R_SELECTIVE_SCAN_PLUGIN_H
 #define M4R_SELECTIVE_SCAN_PLUGIN_H
 
+#include "selectiveScanPluginCore.h"
+
 #include <NvInferRuntime.h>
 
 #include <string>
@@ -19,13 +21,6 @@ namespace plugin
 constexpr char const* kPluginName = "SelectiveScan";
 constexpr char const* kPluginVersion = "1";
 constexpr char const* kPluginNamespace = "m4r";
-
-//! Attributes of one SelectiveScan node.
-struct SelectiveScanAttrs
-{
-    bool deltaSoftplus{true};
-    bool lastOnly{false}; //!< mode "last" (true) or "all" (false)
-};
 
 class SelectiveScanPlugin final : public nvinfer1::IPluginV3,
                                   public nvinfer1::IPluginV3OneCore,
@@ -66,11 +61,9 @@ public:
     nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
 
 private:
-    SelectiveScanAttrs mAttrs;
-    int32_t mNbInputs{8}; //!< 8, or 9 when the node passes lengths; set by configurePlugin/onShapeChange
+    SelectiveScanAttrs mAttrs; //!< including nbInputs: serialized, refreshed by configurePlugin/onShapeChange
     // Storage behind getFieldsToSerialize(); rebuilt on each call so clones never share pointers.
-    int32_t mSerialSoftplus{1};
-    std::string mSerialMode;
+    SerialValues mSerial{};
     std::vector<nvinfer1::PluginField> mSerialFields;
     nvinfer1::PluginFieldCollection mSerialFc{};
 };
@@ -97,6 +90,10 @@ private:
 //! library was loaded dynamically, stderr otherwise (static registration).
 void setLoggerFinder(nvinfer1::ILoggerFinder* finder) noexcept;
 void logError(char const* message) noexcept;
+
+//! Load-time check: the installed driver supports the CUDA runtime linked into the plugin
+//! (checkCudaVersions). Logs the error and returns false otherwise.
+bool cudaRuntimeUsable() noexcept;
 
 } // namespace plugin
 } // namespace m4r

@@ -183,14 +183,22 @@ int main(int argc, char** argv)
     setDesc(io, DataType::kHALF, 16);
     io[0].desc.dims.nbDims = 2;
     check(v.build->configurePlugin(io, 9, io + 9, 1) != 0, "rank-2 u rejected");
+    setDesc(io, DataType::kHALF, 16);
+    io[0].desc.dims.d[0] = 4;
+    io[8].desc.dims.d[0] = 3;
+    check(v.build->configurePlugin(io, 9, io + 9, 1) != 0, "lengths batch != u batch rejected");
+    setDesc(io, DataType::kHALF, 16);
+    check(v.build->configurePlugin(io, 9, io + 9, 1) == 0, "configurePlugin with lengths");
 
     // Serialization round trip: the runtime-phase plugin gets exactly the serialized fields.
     PluginFieldCollection const* ser = v.runtime->getFieldsToSerialize();
-    check(ser != nullptr && ser->nbFields == 2, "two serialized fields");
-    if (ser != nullptr && ser->nbFields == 2)
+    check(ser != nullptr && ser->nbFields == 3, "three serialized fields");
+    if (ser != nullptr && ser->nbFields == 3)
     {
         check(*static_cast<int32_t const*>(ser->fields[0].data) == 0, "delta_softplus serialized");
         check(fieldText(ser->fields[1]) == "last", "mode serialized");
+        check(std::strcmp(ser->fields[2].name, "nb_inputs") == 0 && *static_cast<int32_t const*>(ser->fields[2].data) == 9,
+            "nb_inputs serialized (9 after configurePlugin with lengths)");
         IPluginV3* restored = creator->createPlugin("scan0", ser, TensorRTPhase::kRUNTIME);
         check(restored != nullptr, "createPlugin(runtime)");
         if (restored != nullptr)

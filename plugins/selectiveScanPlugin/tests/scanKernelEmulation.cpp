@@ -1,175 +1,32 @@
 // ctest without a GPU: runs the real CUDA kernel source (selectiveScanKernel.cuh, fp32/fp16/bf16
-// instantiations) on host threads and compares it with the CPU reference. One std::thread per CUDA thread, a barrier for
-// __syncthreads(), function-static arrays for __shared__, blocks run one at a time. This checks the
-// kernel's indexing, tiling, partial blocks, state-capacity dispatch, I/O conversions and mode "last"
-// logic; the GPU self-check (scripts/gpu_check.sh) covers what only a GPU can (device math, speed).
-#include <cuda_bf16.h> // before the CUDA keywords are redefined below
-#include <cuda_fp16.h>
-
-#include <algorithm>
-#include <condition_variable>
-#include <cstdint>
-#include <mutex>
-#include <thread>
-#include <vector>
-
-struct EmuIdx
-{
-    uint32_t x{0}, y{0}, z{0};
-};
-thread_local EmuIdx threadIdx;
-thread_local EmuIdx blockIdx;
-
-// C++17 has no std::barrier: a reusable generation-counting barrier.
-class EmuBarrier
-{
-public:
-    explicit EmuBarrier(int n)
-        : mCount(n)
-    {
-    }
-    void wait()
-    {
-        std::unique_lock<std::mutex> lock(mMutex);
-        int const gen = mGeneration;
-        if (++mArrived == mCount)
-        {
-            mArrived = 0;
-            ++mGeneration;
-            mCv.notify_all();
-            return;
-        }
-        mCv.wait(lock, [&] { return gen != mGeneration; });
-    }
-
-private:
-    std::mutex mMutex;
-    std::condition_variable mCv;
-    int mCount;
-    int mArrived{0};
-    int mGeneration{0};
-};
-EmuBarrier* gBarrier = nullptr;
-
-#define M4R_KERNEL_EMULATION 1
-#undef __global__
-#undef __device__
-#undef __host__
-#undef __forceinline__
-#undef __launch_bounds__
-#undef __shared__
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __launch_bounds__(...)
-#define __shared__ static
-#define __syncthreads() gBarrier->wait()
-using std::min;
+// instantiations) on host threads, chosen by the real launch decision (selectiveScanDispatch.h, shared
+// with selectiveScanKernel.cu), and compares it with the CPU reference. This checks the launch checks,
+// the state-capacity and mode dispatch, the kernel's indexing, tiling, partial blocks, I/O conversions,
+// mode "last", delta_softplus = 0 and the optional inputs (null lengths, D, delta_bias, z); the GPU
+// self-check (scripts/gpu_check.sh) covers what only a GPU can (device math, speed).
+#include "kernelEmulation.h" // first: it redefines the CUDA keywords
 
 #include "selectiveScanCpu.h"
-#include "selectiveScanKernel.cuh"
 
-#include <cmath>
 #include <cstdio>
 #include <random>
 
 namespace
 {
-using m4r::scan::kChannels;
 using m4r::scan::ScanParams;
 
-template <typename T, int32_t kN, bool kLast>
-void launch(ScanParams const& p)
+struct Options
 {
-    int const channelBlocks = (p.dim + kChannels - 1) / kChannels;
-    for (int b = 0; b < p.batch; ++b)
-    {
-        for (int cb = 0; cb < channelBlocks; ++cb)
-        {
-            EmuBarrier barrier(kChannels);
-            gBarrier = &barrier;
-            std::vector<std::thread> threads;
-            for (int t = 0; t < kChannels; ++t)
-            {
-                threads.emplace_back([&, t] {
-                    threadIdx.x = static_cast<uint32_t>(t);
-                    blockIdx.x = static_cast<uint32_t>(b);
-                    blockIdx.y = static_cast<uint32_t>(cb);
-                    m4r::scan::selectiveScanKernel<T, kN, kLast>(p);
-                });
-            }
-            for (auto& th : threads)
-            {
-                th.join();
-            }
-        }
-    }
-}
-
-// Same capacity dispatch as launchForType in selectiveScanKernel.cu.
-template <typename T, bool kLast>
-void dispatch(ScanParams const& p)
-{
-    if (p.dstate <= 16)
-    {
-        launch<T, 16, kLast>(p);
-    }
-    else if (p.dstate <= 32)
-    {
-        launch<T, 32, kLast>(p);
-    }
-    else
-    {
-        launch<T, 64, kLast>(p);
-    }
-}
-
-float toF(float v)
-{
-    return v;
-}
-float toF(__half v)
-{
-    return __half2float(v);
-}
-float toF(__nv_bfloat16 v)
-{
-    return __bfloat162float(v);
-}
-template <typename T>
-T fromF(float v);
-template <>
-float fromF<float>(float v)
-{
-    return v;
-}
-template <>
-__half fromF<__half>(float v)
-{
-    return __float2half_rn(v);
-}
-template <>
-__nv_bfloat16 fromF<__nv_bfloat16>(float v)
-{
-    return __float2bfloat16_rn(v);
-}
-
-// I/O copy of `v` in type T; `v` is rounded in place to what the kernel sees.
-template <typename T>
-std::vector<T> toIo(std::vector<float>& v)
-{
-    std::vector<T> out(v.size());
-    for (size_t i = 0; i < v.size(); ++i)
-    {
-        out[i] = fromF<T>(v[i]);
-        v[i] = toF(out[i]);
-    }
-    return out;
-}
+    bool last{false};
+    bool withZ{true};
+    bool softplus{true};
+    bool withLengths{true};
+    bool withD{true};
+    bool withBias{true};
+};
 
 template <typename T>
-int runCase(int Bn, int Dn, int L, int N, bool last, bool withZ, char const* typeName)
+int runCase(int Bn, int Dn, int L, int N, Options const& o, char const* typeName)
 {
     std::mt19937 rng(static_cast<unsigned>(Bn * 7919 + Dn * 104729 + L * 31 + N));
     std::normal_distribution<float> normal(0.F, 1.F);
@@ -188,54 +45,59 @@ int runCase(int Bn, int Dn, int L, int N, bool last, bool withZ, char const* typ
     {
         a = -std::exp(a);
     }
+    if (!o.softplus)
+    {
+        for (auto* v : {&delta, &bias}) // without softplus dt must stay positive for a stable decay
+        {
+            for (auto& x : *v)
+            {
+                x = std::fabs(x) + 0.05F;
+            }
+        }
+    }
     std::vector<int32_t> lengths(Bn);
     for (int b = 0; b < Bn; ++b)
     {
         lengths[b] = (b % 3 == 0) ? L + 5 : (b % 3 == 1 ? 0 : 1 + (7 * b) % L);
     }
-    size_t const ny = last ? static_cast<size_t>(Bn) * Dn : nx;
-    auto const ioU = toIo<T>(u), ioDelta = toIo<T>(delta), ioZ = toIo<T>(z), ioB = toIo<T>(B), ioC = toIo<T>(C);
-    std::vector<T> ioY(ny, fromF<T>(NAN));
+    size_t const ny = o.last ? static_cast<size_t>(Bn) * Dn : nx;
+    auto const ioU = emu::toIo<T>(u), ioDelta = emu::toIo<T>(delta), ioZ = emu::toIo<T>(z);
+    auto const ioB = emu::toIo<T>(B), ioC = emu::toIo<T>(C);
+    std::vector<T> ioY(ny, emu::fromF<T>(NAN));
     std::vector<float> want(ny, NAN);
+    float const* dPtr = o.withD ? D.data() : nullptr;
+    float const* biasPtr = o.withBias ? bias.data() : nullptr;
+    int32_t const* lenPtr = o.withLengths ? lengths.data() : nullptr;
 
     ScanParams p;
+    p.ioType = sizeof(T) == 4 ? m4r::scan::IoType::kFLOAT32
+                              : (std::is_same<T, __half>::value ? m4r::scan::IoType::kFLOAT16
+                                                                : m4r::scan::IoType::kBFLOAT16);
     p.batch = Bn;
     p.dim = Dn;
     p.seqlen = L;
     p.dstate = N;
-    p.deltaSoftplus = true;
-    p.lastOnly = last;
+    p.deltaSoftplus = o.softplus;
+    p.lastOnly = o.last;
     p.u = ioU.data();
     p.delta = ioDelta.data();
     p.A = A.data();
     p.B = ioB.data();
     p.C = ioC.data();
-    p.D = D.data();
-    p.z = withZ ? ioZ.data() : nullptr;
-    p.deltaBias = bias.data();
-    p.lengths = lengths.data();
+    p.D = dPtr;
+    p.z = o.withZ ? ioZ.data() : nullptr;
+    p.deltaBias = biasPtr;
+    p.lengths = lenPtr;
     p.y = ioY.data();
-    if (last)
-    {
-        dispatch<T, true>(p);
-    }
-    else
-    {
-        dispatch<T, false>(p);
-    }
-    m4r_scan_cpu_f32(u.data(), delta.data(), A.data(), B.data(), C.data(), D.data(), withZ ? z.data() : nullptr,
-        bias.data(), lengths.data(), Bn, Dn, L, N, 1, last ? 1 : 0, want.data());
-    double worst = 0.0;
-    for (size_t i = 0; i < ny; ++i)
-    {
-        // Rounding the reference to T as well leaves only reassociation differences (none expected).
-        double const ref = toF(fromF<T>(want[i]));
-        double const err = std::fabs(toF(ioY[i]) - ref) / (1.0 + std::fabs(ref));
-        worst = std::isnan(err) ? INFINITY : std::max(worst, err);
-    }
-    bool const ok = worst <= 1e-5; // same math on the same host: differences are reassociation only
-    std::printf("%s B=%d D=%d L=%d N=%d %s mode=%s z=%s: max rel err %.3g\n", ok ? "ok  " : "FAIL", Bn, Dn, L, N,
-        typeName, last ? "last" : "all", withZ ? "yes" : "no", worst);
+    cudaError_t const status = emu::emulatedLaunch(p);
+    m4r_scan_cpu_f32(u.data(), delta.data(), A.data(), B.data(), C.data(), dPtr, o.withZ ? z.data() : nullptr,
+        biasPtr, lenPtr, Bn, Dn, L, N, o.softplus ? 1 : 0, o.last ? 1 : 0, want.data());
+    double const worst = emu::worstRelError(ioY, want);
+    bool const ok = status == cudaSuccess && worst <= 1e-5; // same math on the same host: reassociation only
+    std::printf("%s B=%d D=%d L=%d N=%d %s mode=%s z=%s softplus=%d lengths=%s D=%s bias=%s: max rel err %.3g\n",
+        ok ? "ok  " : "FAIL", Bn, Dn, L, N, typeName, o.last ? "last" : "all", o.withZ ? "yes" : "no",
+        o.softplus ? 1 : 0, o.withLengths ? "yes" : "null", o.withD ? "yes" : "null", o.withBias ? "yes" : "null",
+        worst);
     return ok ? 0 : 1;
 }
 } // namespace
@@ -244,19 +106,40 @@ int main()
 {
     int failures = 0;
     // Partial channel blocks (70 = 64 + 6), several time tiles (45, 100 > 32), each state capacity
-    // (N = 5 -> 16, 20 -> 32, 64 -> 64), L = 1, and lengths 0 / over-long / in range in mode "last".
-    int const shapes[][4] = {{3, 70, 45, 5}, {2, 64, 33, 20}, {2, 130, 100, 64}, {4, 8, 1, 4}};
+    // (N = 5 -> 16; 20 and 32 -> 32; 64 -> 64), L = 1, and lengths 0 / over-long / in range in mode "last".
+    int const shapes[][4] = {{3, 70, 45, 5}, {2, 64, 33, 20}, {2, 130, 100, 64}, {4, 8, 1, 4}, {3, 16, 40, 32}};
     for (auto const& s : shapes)
     {
         for (bool last : {false, true})
         {
-            failures += runCase<float>(s[0], s[1], s[2], s[3], last, true, "fp32");
-            failures += runCase<__half>(s[0], s[1], s[2], s[3], last, true, "fp16");
-            failures += runCase<__nv_bfloat16>(s[0], s[1], s[2], s[3], last, true, "bf16");
+            Options o;
+            o.last = last;
+            failures += runCase<float>(s[0], s[1], s[2], s[3], o, "fp32");
+            failures += runCase<__half>(s[0], s[1], s[2], s[3], o, "fp16");
+            failures += runCase<__nv_bfloat16>(s[0], s[1], s[2], s[3], o, "bf16");
         }
     }
-    failures += runCase<float>(2, 9, 40, 16, false, false, "fp32");
-    failures += runCase<__half>(2, 9, 40, 16, true, false, "fp16");
+    // The optional parts of the contract, in both modes: no gate, delta_softplus = 0, no lengths, no D,
+    // no delta_bias (N = 20 and 17: the 32-slot capacity, as the default model's d_state = 32).
+    for (bool last : {false, true})
+    {
+        Options noZ;
+        noZ.last = last;
+        noZ.withZ = false;
+        failures += runCase<float>(2, 9, 40, 16, noZ, "fp32");
+        Options raw;
+        raw.last = last;
+        raw.softplus = false;
+        failures += runCase<float>(3, 9, 37, 17, raw, "fp32");
+        failures += runCase<__half>(3, 9, 37, 20, raw, "fp16");
+        Options nulls;
+        nulls.last = last;
+        nulls.withLengths = false;
+        nulls.withD = false;
+        nulls.withBias = false;
+        failures += runCase<float>(3, 9, 37, 20, nulls, "fp32");
+        failures += runCase<__nv_bfloat16>(3, 9, 37, 24, nulls, "bf16");
+    }
     std::printf("%s\n", failures == 0 ? "PASS" : "FAIL");
     return failures == 0 ? 0 : 1;
 }
