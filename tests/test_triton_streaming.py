@@ -223,7 +223,9 @@ def test_concurrent_sequences_match_a_full_reencode(server: Any) -> None:
     client.close()
 
 
-def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server: Any) -> None:
+def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(
+    server: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
     import tritonclient.http as th
     from tritonclient.utils import InferenceServerException
 
@@ -231,12 +233,16 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server: Any)
     with pytest.raises(InferenceServerException) as info:
         send(client, 101, [4, 5])  # no START first
     assert "START" in str(info.value), info.value
+    replies = {"no START first": str(info.value)}
     wrong = np.array([[4, 5]], dtype=np.int32)
     inp = th.InferInput("item_ids", list(wrong.shape), "INT32")
     inp.set_data_from_numpy(wrong)
     with pytest.raises(InferenceServerException) as info:
         client.infer(MODEL, [inp], sequence_id=102, sequence_start=True)
     assert "'item_ids' data-type is 'INT32'" in str(info.value) and "INT64" in str(info.value)
+    replies["wrong dtype"] = str(info.value)
+    with capsys.disabled():
+        print("\n" + "\n".join(f"bad request [{k}] -> {v}" for k, v in replies.items()))
     # still serving, correctly
     r = send(client, 103, [4, 5], start=True)
     r = send(client, 103, [6], end=True)
@@ -252,6 +258,8 @@ def test_a_sequence_without_end_is_reclaimed_after_the_idle_timeout(server: Any)
     client = th.InferenceServerClient(server.http_url)
     send(client, 200, [7, 8], start=True)
     send(client, 200, [9])  # never ends
+    send(client, 202, [7, 8], start=True)
+    send(client, 202, [9], end=True)  # ends: the model frees its state at once
     time.sleep(IDLE_S + 1.5)
     with pytest.raises(InferenceServerException, match="START"):
         send(client, 200, [10])  # Triton reclaimed the sequence
@@ -261,6 +269,7 @@ def test_a_sequence_without_end_is_reclaimed_after_the_idle_timeout(server: Any)
     while "dropped the state of sequence 200" not in server.log() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert "dropped the state of sequence 200" in server.log()
+    assert "dropped the state of sequence 202" not in server.log()  # END freed it already
     # and the same id can start afresh: its answers are those of the new history only
     r = send(client, 200, [3], start=True, end=True)
     np.testing.assert_array_equal(r.as_numpy("topk_items"), reference([3])[1])
