@@ -208,12 +208,16 @@ def streaming_readme(name: str, opts: Any, manifest: dict[str, Any]) -> str:
             "",
             "## Start a server (from inside this directory)",
             "",
-            "The model imports `m4r_export.streaming` (pip install m4r-export, numpy, onnxruntime).",
+            "The model imports `m4r_export.streaming`: install the m4r-export package this repository "
+            "was written with (and onnxruntime, numpy < 2 for older Triton images) in the server's Python.",
             "",
             "```bash",
             f"docker run --rm -p8000:8000 -p8001:8001 -p8002:8002 -v $PWD:/repo {NGC_IMAGE} \\",
-            "  bash -c 'pip install m4r-export onnxruntime && tritonserver --model-repository=/repo'",
+            "  bash -c 'pip install /repo/m4r_export-*.whl onnxruntime && "
+            "tritonserver --model-repository=/repo'",
             "```",
+            "",
+            "(copy the m4r-export wheel into this directory first, or install it any other way).",
         ]
     else:
         (item,) = [i["name"] for i in step["inputs"] if i["role"] == "item_ids"]
