@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "m4r_export.training.cli:evaluate",
     "bench-train": "m4r_export.training.bench:bench_train",
     "demo": "m4r_export.demo:demo",
+    "triton": "m4r_export.serve.cli:triton",
 }
 
 
