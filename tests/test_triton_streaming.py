@@ -156,23 +156,35 @@ def serving_model() -> ServingModel:
     return ServingModel(tiny_model(N_ITEMS), "topk", K)  # built once: tiny_model seeds torch's global RNG
 
 
-def reference(history: list[int]) -> tuple[np.ndarray, np.ndarray]:
+def reference(history: list[int], exclude: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Full re-encode of ``history`` (<= MAX_SEQ items) by the PyTorch serving model."""
     serving = serving_model()
     seq = torch.zeros((1, MAX_SEQ), dtype=torch.int64)
     seq[0, : len(history)] = torch.tensor(history)
+    ex = None if exclude is None else torch.tensor([exclude])
     with torch.no_grad():
-        s, i = serving(seq, torch.tensor([max(1, len(history))]), None)
+        s, i = serving(seq, torch.tensor([max(1, len(history))]), ex)
     return s.numpy(), i.numpy()
 
 
-def send(client: Any, corrid: int, items: list[int], *, start: bool = False, end: bool = False) -> Any:
+def send(
+    client: Any,
+    corrid: int,
+    items: list[int],
+    *,
+    start: bool = False,
+    end: bool = False,
+    exclude: list[int] | None = None,
+) -> Any:
     import tritonclient.http as th
 
-    arr = np.array([items], dtype=np.int64).reshape(1, -1)
-    inp = th.InferInput("item_ids", list(arr.shape), "INT64")
-    inp.set_data_from_numpy(arr)
-    return client.infer(MODEL, [inp], sequence_id=corrid, sequence_start=start, sequence_end=end)
+    inputs = []
+    for name, values in (("item_ids", items), ("exclude_items", exclude)):
+        if values is not None:
+            arr = np.array([values], dtype=np.int64).reshape(1, -1)
+            inputs.append(th.InferInput(name, list(arr.shape), "INT64"))
+            inputs[-1].set_data_from_numpy(arr)
+    return client.infer(MODEL, inputs, sequence_id=corrid, sequence_start=start, sequence_end=end)
 
 
 def test_concurrent_sequences_match_a_full_reencode(server: Any) -> None:
@@ -246,6 +258,14 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(
     # still serving, correctly
     r = send(client, 103, [4, 5], start=True)
     r = send(client, 103, [6], end=True)
+    np.testing.assert_array_equal(r.as_numpy("topk_items"), reference([4, 5, 6])[1])
+    # exclude_items applies to one reply (ranking heads); out-of-range ids in item_ids are skipped
+    top = [int(x) for x in reference([4, 5, 6])[1][0, :3]]
+    send(client, 104, [4, 5], start=True)
+    r = send(client, 104, [N_ITEMS + 7, 6, -2], exclude=top)
+    np.testing.assert_array_equal(r.as_numpy("topk_items"), reference([4, 5, 6], top)[1])
+    assert not set(top) & set(r.as_numpy("topk_items")[0].tolist())
+    r = send(client, 104, [], end=True)  # no new event, nothing excluded: the plain history's answer
     np.testing.assert_array_equal(r.as_numpy("topk_items"), reference([4, 5, 6])[1])
     assert client.is_server_live() and client.is_model_ready(MODEL)
     client.close()
