@@ -233,6 +233,39 @@ def _quiet_exporter() -> Iterator[None]:
                 lg.setLevel(level)
 
 
+def export_program(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    input_names: list[str],
+    output_names: list[str],
+    dynamic: Any,
+    opset: int,
+    what: str = "torch.onnx.export",
+) -> Any:
+    """torch.onnx.export (dynamo) with the exporter's chatter captured; its log is shown on failure."""
+    sink = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(sink), torch.no_grad(), _quiet_exporter():
+            program = torch.onnx.export(
+                module,
+                args,
+                dynamo=True,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_shapes=dynamic,
+                opset_version=opset,
+                external_data=False,
+                verbose=False,
+            )
+    except Exception as exc:  # an exporter failure is a bug or an unsupported model, not user error
+        raise M4RError(
+            f"{what} failed ({type(exc).__name__}: {str(exc)[:500]}); exporter log:\n"
+            f"{sink.getvalue()[-2000:]}"
+        ) from exc
+    assert program is not None
+    return program.model_proto
+
+
 def trace_onnx(model: Mamba4Rec, opts: ExportOptions, fp16: bool = False) -> Any:
     """ServingModel -> ONNX ModelProto with the SelectiveScan node(s) and the local function."""
     import onnx
@@ -246,27 +279,7 @@ def trace_onnx(model: Mamba4Rec, opts: ExportOptions, fp16: bool = False) -> Any
     if EXCLUDE_INPUT in names:
         # traced with min 1; ONNX Runtime also runs E = 0 (tests/test_export.py checks it)
         dynamic[EXCLUDE_INPUT] = {0: batch, 1: torch.export.Dim("exclude", min=1)}
-    sink = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(sink), torch.no_grad(), _quiet_exporter():
-            program = torch.onnx.export(
-                module,
-                args,
-                dynamo=True,
-                input_names=list(names),
-                output_names=list(HEAD_OUTPUTS[opts.head]),
-                dynamic_shapes=dynamic,
-                opset_version=opts.opset,
-                external_data=False,
-                verbose=False,
-            )
-    except Exception as exc:  # an exporter failure is a bug or an unsupported model, not user error
-        raise M4RError(
-            f"torch.onnx.export failed ({type(exc).__name__}: {str(exc)[:500]}); exporter log:\n"
-            f"{sink.getvalue()[-2000:]}"
-        ) from exc
-    assert program is not None
-    proto = program.model_proto
+    proto = export_program(module, args, list(names), list(HEAD_OUTPUTS[opts.head]), dynamic, opts.opset)
     finalize_model(proto, opts, fp16)
     onnx.checker.check_model(proto, full_check=True)
     return proto

@@ -17,9 +17,7 @@ the export fails, writing nothing, when it is off.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 from typing import Any
 
 import numpy as np
@@ -48,9 +46,9 @@ from .export import (
     TOLERANCES,
     ExportOptions,
     _io_spec,
-    _quiet_exporter,
     _sample_inputs,
     compare_outputs,
+    export_program,
     half_model,
     ort_session,
 )
@@ -86,27 +84,9 @@ def _export(
     dynamic: tuple[Any, ...],
     opset: int,
 ) -> Any:
-    sink = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(sink), torch.no_grad(), _quiet_exporter():
-            program = torch.onnx.export(
-                module,
-                args,
-                dynamo=True,
-                input_names=names_in,
-                output_names=names_out,
-                dynamic_shapes=dynamic,
-                opset_version=opset,
-                external_data=False,
-                verbose=False,
-            )
-    except Exception as exc:  # an exporter failure is a bug, not a user error
-        raise M4RError(
-            f"torch.onnx.export of a streaming graph failed ({type(exc).__name__}: {str(exc)[:500]}); "
-            f"exporter log:\n{sink.getvalue()[-2000:]}"
-        ) from exc
-    assert program is not None
-    return program.model_proto
+    return export_program(
+        module, args, names_in, names_out, dynamic, opset, what="torch.onnx.export of a streaming graph"
+    )
 
 
 def _finalize(proto: Any, kind: str, opts: ExportOptions, fp16: bool) -> None:
