@@ -119,6 +119,28 @@ def test_small_shapes_and_null_optionals(
             _assert_close_scaled(a, b, 2e-6, f"d{name} {batch}x{dim}x{seq_len}x{d_state} ({mode})")
 
 
+@pytest.mark.parametrize("flush", [False, True])
+def test_denormals_flushed_and_callers_setting_kept(flush: bool) -> None:
+    """Inputs whose every state update is denormal (dt*u*B ~ 1e-40): the kernel flushes them inside the
+    call (all outputs 0, within FLT_MIN of the unflushed reference) and leaves the calling thread's
+    flush-denormal setting as it was, off or on."""
+    ins = _inputs(2, 9, 20, 4, optionals=False, seed=4)
+    ins["u"] = ins["u"] * 1e-30  # type: ignore[operator]
+    ins["B"] = ins["B"] * 1e-9  # type: ignore[operator]
+    args = [ins[k] for k in NAMES]
+    y_ref = selective_scan_ref(*args, delta_softplus=True, mode="all")
+    assert torch.count_nonzero(y_ref) > y_ref.numel() // 2  # denormal, not flushed, in the reference
+    torch.set_flush_denormal(flush)
+    try:
+        y = selective_scan(*args, delta_softplus=True, mode="all", backend="native")
+        tiny = (torch.tensor([1e-39]) * 1.0).item()
+    finally:
+        torch.set_flush_denormal(False)
+    assert (tiny == 0.0) == flush, "the caller's flush-denormal setting changed"
+    assert torch.count_nonzero(y) == 0
+    assert (y - y_ref).abs().max() < 1.2e-38
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_io(dtype: torch.dtype) -> None:
     """fp16/bf16 tensors in and out, fp32 state: equal to the reference on the same inputs up to one
