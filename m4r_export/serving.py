@@ -18,6 +18,10 @@ With ``exclude_history`` the items of each row's valid history (positions < leng
 input window) are -inf too; ``exclude_items`` masks any further items (e.g. the full history).
 A row whose rankable items are fewer than K gets trailing entries with score -inf: those entries
 are not recommendations (their item id is meaningless).
+
+Streaming (design.md, "Streaming state"; docs/streaming.md): :class:`StreamingInit` is the head
+plus every layer's recurrent state after the history, :class:`StreamingStep` folds one new item
+per row into those states and returns the head's outputs for the longer history.
 """
 
 from __future__ import annotations
@@ -103,15 +107,24 @@ class ServingModel(nn.Module):
     ) -> tuple[Tensor, ...]:
         """``exclude_items`` [batch, E] (ranking heads built with ``exclude_items=True``; None = none)."""
         user = self.model(item_seq, item_seq_len)
+        history = None
+        if self.exclude_history and self.head != "embedding":
+            seq, lengths = self.model.sanitize(item_seq, item_seq_len)
+            positions = torch.arange(seq.shape[1], device=seq.device)[None, :]
+            history = torch.where(positions < lengths[:, None], seq, torch.zeros_like(seq))
+        return self.heads(user, history, exclude_items)
+
+    def heads(
+        self, user: Tensor, history: Tensor | None = None, exclude_items: Tensor | None = None
+    ) -> tuple[Tensor, ...]:
+        """The head's outputs from the user representation; ``history``/``exclude_items`` ids are -inf."""
         if self.head == "embedding":
             return (user,)
         scores = user @ self.model.item_embedding.weight.t()
         mask = torch.zeros_like(scores, dtype=torch.bool)
         mask[:, 0] = True
-        if self.exclude_history:
-            seq, lengths = self.model.sanitize(item_seq, item_seq_len)
-            positions = torch.arange(seq.shape[1], device=seq.device)[None, :]
-            mask = _mask_items(mask, torch.where(positions < lengths[:, None], seq, torch.zeros_like(seq)))
+        if history is not None:
+            mask = _mask_items(mask, history)
         if exclude_items is not None:
             if not self.exclude_items:
                 raise ValueError(f"this {self.head} head was built without the exclude_items input")
@@ -121,3 +134,99 @@ class ServingModel(nn.Module):
             return (scores,)
         top_scores, top_items = torch.topk(scores, self.k, dim=1)
         return (top_scores, top_items)
+
+
+# ------------------------------------------------------------------------------------ streaming
+
+#: role names of the streaming graphs' tensors (the manifest's ``streaming`` section uses them)
+ROLE_ITEM_IDS, ROLE_LENGTHS, ROLE_HEAD = "item_ids", "lengths", "head_output"
+ROLE_CONV, ROLE_SSM, ROLE_USER = "conv_state", "ssm_state", "user_state"
+ROLE_EXCLUDE = "exclude_items"
+STEP_ITEM = "item_id"
+
+
+def state_names(num_layers: int) -> list[tuple[str, str, str, int | None]]:
+    """``(step input name, output name in init and step, role, layer)`` of every state tensor, in order.
+
+    Per layer the conv window and the SSM state; then ``user_state``, the user representation after
+    the last accepted event (so that a step whose item is skipped can return unchanged outputs).
+    """
+    out: list[tuple[str, str, str, int | None]] = []
+    for i in range(num_layers):
+        out += [(f"conv_state_{i}", f"conv_state_{i}_out", ROLE_CONV, i)]
+        out += [(f"ssm_state_{i}", f"ssm_state_{i}_out", ROLE_SSM, i)]
+    out.append(("user_state", "user_state_out", ROLE_USER, None))
+    return out
+
+
+def _interleave(convs: list[Tensor], ssms: list[Tensor]) -> list[Tensor]:
+    return [t.float() for pair in zip(convs, ssms, strict=True) for t in pair]
+
+
+class StreamingInit(nn.Module):
+    """``(item_seq, item_seq_len) -> (*head outputs, *states)``: the serving head plus the states.
+
+    Head outputs equal :class:`ServingModel`'s on the same inputs (same input semantics). States
+    are those after position ``len - 1`` (fp32), except that a row with ``item_seq_len <= 0`` gets
+    the empty state (all zeros: no event yet), so stepping from it equals a re-encode of only the
+    stepped items. Floating outputs are fp32 (an fp16 model's included).
+    """
+
+    def __init__(self, serving: ServingModel) -> None:
+        super().__init__()
+        if serving.exclude_history:
+            raise ValueError("streaming graphs do not support exclude_history")
+        self.serving = serving
+        self.eval()
+
+    def forward(
+        self, item_seq: Tensor, item_seq_len: Tensor, exclude_items: Tensor | None = None
+    ) -> tuple[Tensor, ...]:
+        model = self.serving.model
+        user, convs, ssms = model.encode_with_states(item_seq, item_seq_len)
+        empty = (item_seq_len <= 0)[:, None, None]
+        states = [torch.where(empty, torch.zeros_like(t), t) for t in _interleave(convs, ssms)]
+        heads = self.serving.heads(user, None, exclude_items)
+        outs = tuple(o.float() if o.is_floating_point() else o for o in heads)
+        return (*outs, *states, user.float())
+
+
+class StreamingStep(nn.Module):
+    """``(item_id, [exclude_items], *states) -> (*head outputs, *states')``: one new item per row.
+
+    ``item_id`` int64 [batch]; ``exclude_items`` int64 [batch, E] as for :class:`ServingModel`
+    (ranking heads built with it; it masks only this call's outputs, nothing is kept). An id
+    outside ``[1, n_items)`` (0 = padding = "no event" included) is skipped: that row's states are
+    returned unchanged and its outputs are those of the history without it. Otherwise the outputs
+    equal :class:`ServingModel`'s on the history extended by the item, whatever the history's
+    length (states have no length limit).
+    """
+
+    def __init__(self, serving: ServingModel) -> None:
+        super().__init__()
+        if serving.exclude_history:
+            raise ValueError("streaming graphs do not support exclude_history")
+        self.serving = serving
+        self.eval()
+
+    def forward(self, item_id: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
+        """``inputs``: ``exclude_items`` first when the head takes it, then the states in order."""
+        model = self.serving.model
+        exclude = inputs[0] if self.serving.exclude_items else None
+        states = inputs[1:] if self.serving.exclude_items else inputs
+        n_layers = len(model.mamba_layers)
+        if len(states) != 2 * n_layers + 1:
+            raise ValueError(f"expected {2 * n_layers + 1} state tensors, got {len(states)}")
+        convs, ssms, user_state = list(states[0:-1:2]), list(states[1:-1:2]), states[-1]
+        valid = (item_id >= 1) & (item_id < model.n_items)
+        ids = torch.where(valid, item_id, torch.zeros_like(item_id))
+        user, new_convs, new_ssms = model.step(ids, convs, ssms)
+        keep = valid[:, None, None]
+        new_states = [
+            torch.where(keep, new, old)
+            for new, old in zip(_interleave(new_convs, new_ssms), _interleave(convs, ssms), strict=True)
+        ]
+        user = torch.where(valid[:, None], user, user_state.to(user.dtype))
+        heads = self.serving.heads(user, None, exclude)
+        outs = tuple(o.float() if o.is_floating_point() else o for o in heads)
+        return (*outs, *new_states, user.float())

@@ -7,6 +7,11 @@ mamba-ssm's / causal-conv1d's kernels when they are installed.
 
 ``forward(x, lengths, last_only=True)`` is the serving shortcut: the scan returns only each row's
 state read-out at ``lengths - 1`` and ``out_proj`` runs on one row per sequence.
+
+Streaming (design.md, "Streaming state"): the recurrent state after position t is the conv input
+window (the last ``d_conv - 1`` conv inputs, zeros before the first position) and the SSM state
+``h`` (fp32). :meth:`Mamba.forward_with_state` returns them beside the output in one pass (closed
+form, no stepping), :meth:`Mamba.step` advances them by one position.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .scan import last_index, selective_scan
+from .scan import last_index, last_state, selective_scan, state_step
 
 
 def _causal_conv1d_fn() -> Callable[..., Tensor] | None:
@@ -83,17 +88,27 @@ class Mamba(nn.Module):
             return fn(x, w, self.conv1d.bias, activation="silu")
         return F.silu(self.conv1d(x)[..., : x.shape[-1]])
 
+    def _project(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """-> conv input x, conv output u, z, dt before bias (b, d_inner, L); B, C (b, L, N)."""
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (b, 2*d_inner, L)
+        x, z = xz.chunk(2, dim=1)
+        u = self._conv(x)
+        x_dbl = self.x_proj(u.transpose(1, 2))  # (b, L, dt_rank + 2N)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # bias is applied inside the scan
+        return x, u, z, dt, B, C
+
     def forward(
         self, hidden_states: Tensor, lengths: Tensor | None = None, last_only: bool = False
     ) -> Tensor:
         """(batch, L, d_model) -> (batch, L, d_model), or (batch, d_model) at ``lengths - 1``."""
-        seq_len = hidden_states.shape[1]
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (b, 2*d_inner, L)
-        x, z = xz.chunk(2, dim=1)
-        x = self._conv(x)
-        x_dbl = self.x_proj(x.transpose(1, 2))  # (b, L, dt_rank + 2N)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # bias is applied inside the scan
+        _, x, z, dt, B, C = self._project(hidden_states)
+        return self._scan_out(x, z, dt, B, C, lengths, last_only)
+
+    def _scan_out(
+        self, x: Tensor, z: Tensor, dt: Tensor, B: Tensor, C: Tensor, lengths: Tensor | None, last_only: bool
+    ) -> Tensor:
+        seq_len = x.shape[-1]
         A = -torch.exp(self.A_log.float())
         y = selective_scan(
             x,
@@ -113,6 +128,58 @@ class Mamba(nn.Module):
             return self.out_proj(y)  # (b, d_model)
         assert y.shape[-1] == seq_len
         return self.out_proj(y.transpose(1, 2))
+
+    def _dt(self, dt: Tensor) -> Tensor:
+        return F.softplus(dt.float() + self.dt_proj.bias.float().view(-1, *([1] * (dt.dim() - 2))))
+
+    def _read_out(self, h: Tensor, C: Tensor, u: Tensor, z: Tensor) -> Tensor:
+        """y = (C . h + D u) * silu(z) for one position: h (b, D, N) fp32, C (b, N), u/z (b, D)."""
+        y = (h * C.float()[:, None, :]).sum(-1) + self.D.float() * u.float()
+        return (y * F.silu(z.float())).to(u.dtype)
+
+    def forward_with_state(
+        self, hidden_states: Tensor, lengths: Tensor | None, last_only: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`forward` plus the state after position ``lengths - 1``, in one pass.
+
+        Returns ``(out, conv_state (b, d_inner, d_conv-1) in the input dtype, h (b, d_inner, N) fp32)``.
+        With ``last_only`` the read-out at ``lengths - 1`` comes from ``h`` itself (no scan call);
+        otherwise every position's output comes from the scan and ``h`` from the closed form.
+        """
+        batch, seq_len = hidden_states.shape[:2]
+        idx = last_index(lengths, batch, seq_len, hidden_states.device)
+        x, u, z, dt, B, C = self._project(hidden_states)
+        # conv window: conv inputs at positions idx-d_conv+2 .. idx (zeros before position 0)
+        width = self.d_conv - 1
+        padded = F.pad(x, (width, 0))
+        cols = (idx[:, None] + 1 + torch.arange(width, device=x.device)[None, :])[:, None, :]
+        conv_state = padded.gather(2, cols.expand(batch, x.shape[1], width))
+        A = -torch.exp(self.A_log.float())
+        h = last_state(self._dt(dt), u, A, B.transpose(1, 2), idx)
+        if last_only:
+            rows = torch.arange(batch, device=x.device)
+            y = self._read_out(h, C[rows, idx], u[rows, :, idx], z[rows, :, idx])
+            return self.out_proj(y), conv_state, h
+        return self._scan_out(u, z, dt, B, C, lengths, False), conv_state, h
+
+    def step(self, hidden: Tensor, conv_state: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One new position: hidden (b, d_model) + state -> (out (b, d_model), conv_state', h').
+
+        Exactly the computation of :meth:`forward` at that position given the state of the
+        history before it (``conv_state`` is cast to the input dtype, ``h`` stays fp32).
+        """
+        xz = self.in_proj(hidden)
+        x, z = xz.chunk(2, dim=-1)  # (b, d_inner)
+        window = torch.cat([conv_state.to(x.dtype), x.unsqueeze(-1)], dim=-1)  # (b, d_inner, d_conv)
+        u = (window * self.conv1d.weight[:, 0, :]).sum(-1)
+        if self.conv1d.bias is not None:
+            u = u + self.conv1d.bias
+        u = F.silu(u)
+        x_dbl = self.x_proj(u)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = self._dt(F.linear(dt, self.dt_proj.weight))
+        h = state_step(h, dt, u, -torch.exp(self.A_log.float()), B)
+        return self.out_proj(self._read_out(h, C, u, z)), window[:, :, 1:], h
 
 
 def gather_last(x: Tensor, lengths: Tensor | None) -> Tensor:

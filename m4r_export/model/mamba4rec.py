@@ -77,12 +77,26 @@ class MambaLayer(nn.Module):
 
     def forward(self, x: Tensor, lengths: Tensor | None = None, last_only: bool = False) -> Tensor:
         h = self.mamba(x, lengths, last_only=last_only)
+        return self._finish(h, gather_last(x, lengths) if last_only else x)
+
+    def _finish(self, h: Tensor, residual: Tensor) -> Tensor:
         if self.num_layers == 1:  # one Mamba layer: no residual (as the reference)
             h = self.LayerNorm(self.dropout(h))
         else:
-            residual = gather_last(x, lengths) if last_only else x
             h = self.LayerNorm(self.dropout(h) + residual)
         return self.ffn(h)
+
+    def forward_with_state(
+        self, x: Tensor, lengths: Tensor, last_only: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`forward` plus the Mamba block's state after ``lengths - 1`` (conv window, h)."""
+        h, conv_state, ssm_state = self.mamba.forward_with_state(x, lengths, last_only)
+        return self._finish(h, gather_last(x, lengths) if last_only else x), conv_state, ssm_state
+
+    def step(self, x: Tensor, conv_state: Tensor, ssm_state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One new position x (batch, d_model) -> (output, conv_state', ssm_state')."""
+        h, conv_state, ssm_state = self.mamba.step(x, conv_state, ssm_state)
+        return self._finish(h, x), conv_state, ssm_state
 
 
 class Mamba4Rec(nn.Module):
@@ -147,6 +161,45 @@ class Mamba4Rec(nn.Module):
         for i, layer in enumerate(self.mamba_layers):
             h = layer(h, item_seq_len, last_only=(i == last))
         return h
+
+    def encode_with_states(
+        self, item_seq: Tensor, item_seq_len: Tensor
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """:meth:`forward` plus every layer's recurrent state after position ``len - 1``, in one pass.
+
+        Returns ``(user (batch, hidden), conv_states, ssm_states)``: per layer the conv input window
+        (batch, d_inner, d_conv - 1) in the model dtype and the SSM state (batch, d_inner, d_state)
+        fp32. Same input semantics as :meth:`forward` (ids sanitized, lengths clamped).
+        """
+        item_seq, item_seq_len = self.sanitize(item_seq, item_seq_len)
+        h = self.LayerNorm(self.dropout(self.item_embedding(item_seq)))
+        last = len(self.mamba_layers) - 1
+        convs: list[Tensor] = []
+        ssms: list[Tensor] = []
+        for i, layer in enumerate(self.mamba_layers):
+            assert isinstance(layer, MambaLayer)
+            h, conv, ssm = layer.forward_with_state(h, item_seq_len, last_only=(i == last))
+            convs.append(conv)
+            ssms.append(ssm)
+        return h, convs, ssms
+
+    def step(
+        self, item_ids: Tensor, conv_states: list[Tensor], ssm_states: list[Tensor]
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """Append one item per row (batch,) to the histories the states summarise.
+
+        Returns the user representation after it and the new states; equal to :meth:`forward` on
+        the history extended by ``item_ids``. Ids must be valid (callers decide what to skip).
+        """
+        h = self.LayerNorm(self.dropout(self.item_embedding(item_ids)))
+        convs: list[Tensor] = []
+        ssms: list[Tensor] = []
+        for layer, conv, ssm in zip(self.mamba_layers, conv_states, ssm_states, strict=True):
+            assert isinstance(layer, MambaLayer)
+            h, conv, ssm = layer.step(h, conv, ssm)
+            convs.append(conv)
+            ssms.append(ssm)
+        return h, convs, ssms
 
     def forward_all_positions(self, item_seq: Tensor, item_seq_len: Tensor) -> Tensor:
         """Unpruned forward (every position, every layer), then gather; for parity tests."""

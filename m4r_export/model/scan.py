@@ -266,6 +266,33 @@ def _scan_last_fast(dt: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor, idx:
     return _ScanLast.apply(decay, dt_valid * u.float(), A.float(), BC)
 
 
+def last_state(dt: Tensor, u: Tensor, A: Tensor, B: Tensor, idx: Tensor) -> Tensor:
+    """The SSM state ``h`` (batch, D, N) fp32 after position ``idx`` (batch,), in one pass.
+
+    ``dt`` is the prepared step size (after bias and softplus), ``u`` (batch, D, L), ``B``
+    (batch, N, L). The closed form of the mode="last" scan before its read-out with ``C``:
+    ``h = sum_{s <= idx} exp(A * sum_{s<r<=idx} dt_r) * dt_s * u_s * B_s``, every exponent <= 0.
+    Plain out-of-place tensor ops (it is traced into ONNX by the streaming export); it builds a
+    (batch, D, L, N) temporary, so callers with long histories should work in batch chunks.
+    """
+    seq_len = u.shape[2]
+    valid = torch.arange(seq_len, device=u.device)[None, :] <= idx[:, None]  # (b, l)
+    dt_valid = dt.float() * valid[:, None, :]
+    decay = F.pad(dt_valid[..., 1:], (0, 1)).flip(-1).cumsum(-1).flip(-1)  # exclusive reverse cumsum
+    weights = torch.exp(torch.clamp(decay.unsqueeze(-1) * A.float()[None, :, None, :], min=EXP_CLAMP))
+    dBu = (dt_valid * u.float()).unsqueeze(-1) * B.float().transpose(1, 2)[:, None]  # (b, D, L, N)
+    return (weights * dBu).sum(2)
+
+
+def state_step(h: Tensor, dt: Tensor, u: Tensor, A: Tensor, B: Tensor) -> Tensor:
+    """One step of the recurrence: ``h' = exp(dt A) h + dt u B`` with h (batch, D, N) fp32.
+
+    ``dt``, ``u`` (batch, D); ``B`` (batch, N). Exponents are clamped as in every other form.
+    """
+    dA = torch.exp(torch.clamp(dt.float().unsqueeze(-1) * A.float()[None], min=EXP_CLAMP))
+    return dA * h + (dt.float() * u.float()).unsqueeze(-1) * B.float()[:, None, :]
+
+
 def selective_scan_fast(
     u: Tensor,
     delta: Tensor,

@@ -60,6 +60,12 @@ from ..errors import M4RError
     help="Interaction file the model was trained on; only needed for the item vocabulary of a RecBole "
     "checkpoint.",
 )
+@click.option(
+    "--streaming",
+    is_flag=True,
+    help="Also write init.onnx and step.onnx (and .fp16 variants with --fp16): recurrent-state "
+    "graphs for O(1) work per new event (docs/streaming.md).",
+)
 @click.option("--no-trt", is_flag=True, help="Do not try to build a TensorRT engine after --fp16.")
 def export(
     ckpt: Path,
@@ -73,12 +79,14 @@ def export(
     opset: int | None,
     body: str,
     dataset: Path | None,
+    streaming: bool,
     no_trt: bool,
 ) -> None:
     """Export a checkpoint to ONNX: one m4r::SelectiveScan node per layer with a portable function body.
 
     Writes DIR/model.onnx, DIR/model.fp16.onnx (--fp16), DIR/items.txt, DIR/item_embedding.npy
-    (--head embedding) and DIR/manifest.json, each atomically; the export measures ONNX Runtime
+    (--head embedding), DIR/init.onnx + DIR/step.onnx (--streaming) and DIR/manifest.json, each
+    atomically; the export measures ONNX Runtime
     against PyTorch and fails (writing nothing) when parity is outside the stated tolerance.
     """
     from ..checkpoint import read_checkpoint
@@ -103,6 +111,7 @@ def export(
         fp16=fp16,
         opset=DEFAULT_OPSET if opset is None else opset,
         body=body,
+        streaming=streaming,
     )
     opts.validate(model.n_items, engine=fp16 and not no_trt)
     ensure_writable_dir(out_dir)  # fail fast, before the slow parts
@@ -123,6 +132,11 @@ def export(
             f"parity {precision}: max abs diff {p['max_abs_diff']:.3g}, "
             f"top-10 overlap {p['top10_overlap']:.4f} "
             f"(tolerance atol {p['tolerance']['atol']}, rtol {p['tolerance']['rtol']})"
+        )
+    for precision, p in m.get("streaming", {}).get("parity", {}).items():
+        click.echo(
+            f"streaming parity {precision} (init + step vs full re-encode): max abs diff "
+            f"{p['max_abs_diff']:.3g}, top-10 overlap {p['top10_overlap']:.4f}"
         )
     trt = m["tensorrt"]
     if trt["status"] == "built":

@@ -162,6 +162,7 @@ class ExportOptions:
     fp16: bool = False
     opset: int = DEFAULT_OPSET
     body: str = bodies.DEFAULT_BODY
+    streaming: bool = False
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -190,6 +191,12 @@ class ExportOptions:
             raise UsageError(f"--max-seq-len {self.max_seq_len}: must be in [1, {MAX_SEQ_LEN_LIMIT}]")
         if self.body not in bodies.BODIES:
             raise UsageError(f"--body {self.body!r}: choose one of {', '.join(bodies.BODIES)}")
+        if self.streaming and self.exclude_history:
+            raise UsageError(
+                "--exclude-history cannot be combined with --streaming: the streaming state does not "
+                "record which items were seen; export without --exclude-history and filter seen items "
+                "in the client"
+            )
 
 
 def _serving_module(model: Mamba4Rec, opts: ExportOptions, fp16: bool) -> nn.Module:
@@ -633,12 +640,36 @@ def export_artifacts(
                 "This is a bug in m4r export: please report it with the checkpoint's config"
             )
 
+    streams: dict[str, tuple[Any, Any]] = {}
+    stream_blobs: dict[str, bytes] = {}
+    stream_parity: dict[str, Any] = {}
+    if opts.streaming:
+        from .streaming import FILE_NAMES, measure_streaming_parity, trace_streaming
+
+        for precision in precisions:
+            say(f"tracing the streaming init/step graphs ({precision}) ...")
+            streams[precision] = trace_streaming(model, opts, fp16=precision == "fp16")
+            init_b, step_b = (p.SerializeToString() for p in streams[precision])
+            stream_blobs.update({FILE_NAMES[precision][0]: init_b, FILE_NAMES[precision][1]: step_b})
+            say(f"checking streaming parity with PyTorch ({precision}) ...")
+            p = measure_streaming_parity(model, opts, init_b, step_b, precision)
+            stream_parity[precision] = p
+            if not p["passed"]:
+                raise M4RError(
+                    f"streaming parity check failed for {precision}: max abs diff {p['max_abs_diff']:.3g}, "
+                    f"top-10 overlap {p['top10_overlap']:.3f}; nothing was written. This is a bug in m4r "
+                    "export: please report it with the checkpoint's config"
+                )
+
     # everything validated: collect every file (name -> bytes), then publish them as one unit
     names = {"fp32": "model.onnx", "fp16": "model.fp16.onnx"}
     contents: dict[str, bytes] = {names[p]: blobs[p] for p in precisions}
     notes: dict[str, dict[str, Any]] = {names[p]: {"precision": p} for p in precisions}
     contents[ITEMS_FILE] = items_txt.encode("utf-8")
     notes[ITEMS_FILE] = {"format": ITEMS_FORMAT}
+    for name, blob in stream_blobs.items():
+        contents[name] = blob
+        notes[name] = {"precision": "fp16" if ".fp16." in name else "fp32"}
     if opts.head == "embedding":
         buf = io.BytesIO()
         np.save(buf, model.item_embedding.weight.detach().float().numpy())
@@ -713,6 +744,10 @@ def export_artifacts(
         "parity": parity,
         "tensorrt": trt,
     }
+    if opts.streaming:
+        from .streaming import streaming_manifest
+
+        manifest["streaming"] = {**streaming_manifest(model, opts, streams), "parity": stream_parity}
     contents[MANIFEST_NAME] = (json.dumps(manifest, indent=2) + "\n").encode("utf-8")
     publish_directory(out, contents, replaceable=_previous_export)
     return ExportResult(out, manifest, [out / name for name in contents])

@@ -276,6 +276,19 @@ def verify(
     default=None,
     help="Write a PNG of p50 latency: against sequence length with >= 3 lengths, else per grid point.",
 )
+@click.option(
+    "--streaming",
+    is_flag=True,
+    help="Per-event latency of step.onnx against a full re-encode with model.onnx (ORT CPU); "
+    "--artifact is the export directory of `m4r export --streaming`. Default: --batch 1 256.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16"]),
+    default="fp32",
+    show_default=True,
+    help="With --streaming: which graphs to time.",
+)
 def bench(
     artifact: Path,
     ckpt: Path | None,
@@ -293,11 +306,35 @@ def bench(
     json_path: Path | None,
     markdown: Path | None,
     plot: Path | None,
+    streaming: bool,
+    precision: str,
 ) -> None:
     """Latency of an artifact next to the PyTorch reference, with a sequence-length sweep.
 
     The artifact's files are checked against its manifest first (exit code 3 on a mismatch).
     """
+    if streaming:
+        from . import bench_streaming as bs
+
+        sresult = bs.run_streaming_bench(
+            artifact,
+            batches=list(batches) or list(bs.DEFAULT_BATCHES),
+            seqs=list(seqs) or list(bs.DEFAULT_SEQS),
+            precision=precision,
+            threads=threads,
+            warmup=warmup,
+            repeats=repeats,
+            max_seconds=max_seconds,
+            progress=lambda line: click.echo(line, err=True),
+        )
+        table = bs.render_table(sresult)
+        click.echo(table)
+        _write_json(json_path, sresult)
+        if markdown is not None:
+            from ..fileio import write_text_atomic
+
+            write_text_atomic(markdown, table + "\n")
+        return
     from .bench import DEFAULT_BATCHES, DEFAULT_SEQS, run_bench
     from .report import bench_markdown, plot_bench, render_bench, require_matplotlib
 

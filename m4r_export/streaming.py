@@ -1,0 +1,236 @@
+"""Drive an export's streaming graphs (``init.onnx``/``step.onnx``) from its manifest alone.
+
+    session = StreamingSession.from_dir("export_dir")
+    out = session.start([[3, 17, 9], [42]])   # head outputs for each history
+    out = session.push([5, 0])                # row 0 gets item 5, row 1 has no new event
+    saved = session.states                    # keep per user; session.load_states(saved) later
+
+Only numpy and onnxruntime are needed (no torch). Every tensor name, dtype and shape comes from
+the manifest's ``streaming`` section (see docs/streaming.md), so this is also the reference for
+a client in another language. Semantics: ids outside ``[1, n_items)`` are skipped (in ``start``
+they are dropped from the history; in ``push`` the row's state and outputs stay as they were);
+histories have no length limit (the result equals a full re-encode of the whole history).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import UsageError
+
+#: init's closed form holds a rows x history x d_inner x d_state fp32 temporary; calls are split
+#: into row chunks that keep it below this many bytes
+INIT_TEMP_BYTES = 256 << 20
+
+
+def init_chunk_rows(model_config: Mapping[str, Any], width: int) -> int:
+    """Rows per ``init.onnx`` call for histories ``width`` long (at least 1)."""
+    per_row = (
+        width
+        * int(model_config["expand"])
+        * int(model_config["hidden_size"])
+        * int(model_config["d_state"])
+        * 4
+    )
+    return max(1, INIT_TEMP_BYTES // max(1, per_row))
+
+
+def _load_manifest(directory: Path) -> dict[str, Any]:
+    """The checked manifest (every listed file present with its sha256) with a streaming section."""
+    from .integrity import check_artifact_files
+
+    if not (directory / "manifest.json").is_file():
+        raise UsageError(
+            f"{directory / 'manifest.json'} not found: pass the directory written by `m4r export --streaming`"
+        )
+    manifest = check_artifact_files(directory)
+    if "streaming" not in manifest:
+        raise UsageError(
+            f"{directory / 'manifest.json'} has no 'streaming' section: "
+            "re-export with `m4r export --streaming`"
+        )
+    return manifest
+
+
+class StreamingSession:
+    """One batch of users' streaming state on ONNX Runtime (CPU unless ``providers`` says otherwise)."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        precision: str = "fp32",
+        *,
+        threads: int | None = None,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+    ) -> None:
+        import onnxruntime as ort
+
+        self.directory = Path(directory)
+        self.manifest = _load_manifest(self.directory)
+        spec = self.manifest["streaming"]
+        if precision not in spec["files"]:
+            raise UsageError(
+                f"precision {precision!r} is not in {self.directory}/manifest.json (has "
+                f"{', '.join(spec['files'])}); re-export with --fp16 for fp16 graphs"
+            )
+        self.precision = precision
+        self.n_items = int(self.manifest["model"]["n_items"])
+        self.init_spec, self.step_spec = spec["init"], spec["step"]
+        self.state_pairs = [(s["step_input"], s["output"]) for s in spec["states"]]
+        self.head_names = [o["name"] for o in self.step_spec["outputs"] if o["role"] == "head_output"]
+        (self._seq_name,) = [i["name"] for i in self.init_spec["inputs"] if i["role"] == "item_ids"]
+        (self._len_name,) = [i["name"] for i in self.init_spec["inputs"] if i["role"] == "lengths"]
+        (self._item_name,) = [i["name"] for i in self.step_spec["inputs"] if i["role"] == "item_ids"]
+        excl = [i["name"] for i in self.step_spec["inputs"] if i["role"] == "exclude_items"]
+        self._exclude_name = excl[0] if excl else None
+        self._state_inputs = {i["name"]: i for i in self.step_spec["inputs"] if i["role"].endswith("_state")}
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = threads
+        files = spec["files"][precision]
+        self._init = ort.InferenceSession(str(self.directory / files["init"]), so, providers=list(providers))
+        self._step = ort.InferenceSession(str(self.directory / files["step"]), so, providers=list(providers))
+        self._states: dict[str, np.ndarray] | None = None
+
+    @classmethod
+    def from_dir(
+        cls, directory: str | os.PathLike[str], precision: str = "fp32", **kwargs: Any
+    ) -> StreamingSession:
+        return cls(directory, precision, **kwargs)
+
+    # ------------------------------------------------------------------------------------ state
+
+    @property
+    def batch(self) -> int:
+        if self._states is None:
+            return 0
+        return int(next(iter(self._states.values())).shape[0])
+
+    @property
+    def states(self) -> dict[str, np.ndarray]:
+        """The current states by step-input name (copies; feed them back with :meth:`load_states`)."""
+        if self._states is None:
+            raise UsageError("no state yet: call start(histories) first")
+        return {k: v.copy() for k, v in self._states.items()}
+
+    def load_states(self, states: Mapping[str, np.ndarray]) -> None:
+        """Replace the states (for example with ones saved earlier), after checking them.
+
+        Each tensor must be present, have the manifest's dtype and shape (one shared batch size)
+        and be finite; anything else raises :class:`UsageError` naming the tensor.
+        """
+        self._states = self._checked(states)
+
+    def _checked(self, states: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        missing = sorted(set(self._state_inputs) - set(states))
+        if missing:
+            raise UsageError(
+                f"state tensors missing: {', '.join(missing)}; pass every name in session.states"
+            )
+        unknown = sorted(set(states) - set(self._state_inputs))
+        if unknown:
+            raise UsageError(
+                f"unknown state tensors: {', '.join(unknown)}; expected {sorted(self._state_inputs)}"
+            )
+        out: dict[str, np.ndarray] = {}
+        batch: int | None = None
+        for name, spec in self._state_inputs.items():
+            value = states[name]
+            if not isinstance(value, np.ndarray) or value.dtype != np.dtype(spec["dtype"]):
+                got = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
+                raise UsageError(f"state {name!r}: dtype {got}, expected {spec['dtype']} (manifest)")
+            want = [batch if d == "batch" else d for d in spec["shape"]]
+            if value.ndim != len(want) or any(
+                w is not None and w != g for w, g in zip(want, value.shape, strict=True)
+            ):
+                shape = ["batch" if d == "batch" else d for d in spec["shape"]]
+                raise UsageError(
+                    f"state {name!r}: shape {list(value.shape)}, expected {shape}"
+                    + (f" with batch {batch}" if batch is not None else "")
+                    + " (manifest); states of one session share the batch size"
+                )
+            batch = int(value.shape[0])
+            if not np.isfinite(value).all():
+                raise UsageError(
+                    f"state {name!r} contains NaN or Inf: it is corrupt; rebuild it with start()"
+                )
+            out[name] = value
+        return out
+
+    # ------------------------------------------------------------------------------------ calls
+
+    def _outputs(self, names: list[str], values: list[np.ndarray]) -> dict[str, np.ndarray]:
+        got = dict(zip(names, values, strict=True))
+        self._states = {i: got[o] for i, o in self.state_pairs}
+        return {n: got[n] for n in self.head_names}
+
+    def _exclude(self, exclude: Sequence[Sequence[int]] | None, batch: int) -> dict[str, np.ndarray]:
+        """The ``exclude_items`` feed (zeros [batch, 1] when None) or nothing if the graphs lack it."""
+        if self._exclude_name is None:
+            if exclude is not None:
+                raise UsageError(
+                    "exclude=...: this export's head has no exclude_items input (embedding head, "
+                    "or exported with --no-exclude-items)"
+                )
+            return {}
+        from .onnx.inputs import exclude_inputs
+
+        return {self._exclude_name: exclude_inputs(exclude if exclude is not None else [], batch)}
+
+    def start(
+        self, histories: Sequence[Sequence[int]], exclude: Sequence[Sequence[int]] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Encode one history per row (item indices, oldest first) -> head outputs; keeps the states.
+
+        Ids outside ``[1, n_items)`` are dropped first (streaming skips them); an empty history
+        gives the empty state (the outputs are then those the model gives an empty input).
+        ``exclude``: per row, items never to rank in these outputs (ranking heads; not kept).
+        """
+        if len(histories) == 0:
+            raise UsageError("start(histories): need at least one history")
+        excl = self._exclude(exclude, len(histories))
+        rows = [[int(i) for i in h if 1 <= int(i) < self.n_items] for h in histories]
+        names = [o.name for o in self._init.get_outputs()]
+        parts: list[list[np.ndarray]] = []
+        step = init_chunk_rows(self.manifest["model"], max(1, max(len(r) for r in rows)))
+        for lo in range(0, len(rows), step):
+            chunk = rows[lo : lo + step]
+            width = max(1, max(len(r) for r in chunk))
+            seq = np.zeros((len(chunk), width), dtype=np.int64)
+            for r, h in enumerate(chunk):
+                seq[r, : len(h)] = h
+            lengths = np.array([len(h) for h in chunk], dtype=np.int64)
+            feeds = {self._seq_name: seq, self._len_name: lengths}
+            feeds.update({k: v[lo : lo + step] for k, v in excl.items()})
+            parts.append(self._init.run(None, feeds))
+        return self._outputs(names, [np.concatenate(col) for col in zip(*parts, strict=True)])
+
+    def push(
+        self, item_ids: Sequence[int] | np.ndarray, exclude: Sequence[Sequence[int]] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Fold one new item per row into the states -> head outputs for the longer histories.
+
+        ``item_ids`` has one id per row of the batch; ids outside ``[1, n_items)`` (use 0 for "no
+        event") leave that row's state and outputs unchanged. ``exclude`` as for :meth:`start`.
+        """
+        if self._states is None:
+            raise UsageError("push() before start(): call start(histories) first")
+        ids = np.asarray(item_ids)
+        if ids.ndim != 1 or ids.shape[0] != self.batch or not np.issubdtype(ids.dtype, np.integer):
+            raise UsageError(
+                f"push(item_ids): need {self.batch} integer ids (one per row), got shape {list(ids.shape)} "
+                f"of {ids.dtype}"
+            )
+        feeds = {
+            self._item_name: ids.astype(np.int64),
+            **self._exclude(exclude, self.batch),
+            **self._checked(self._states),
+        }
+        names = [o.name for o in self._step.get_outputs()]
+        return self._outputs(names, self._step.run(None, feeds))
