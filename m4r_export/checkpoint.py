@@ -389,21 +389,8 @@ def check_against_tensors(config: Mamba4RecConfig, state_dict: Any, source: str)
             "come from different models"
         )
     expected = expected_shapes(config)
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    if missing or unexpected:
-        raise UsageError(
-            f"{source}: state dict does not match its config "
-            f"(missing {missing[:5]}, unexpected {unexpected[:5]}); "
-            "the checkpoint's config and weights come from different models"
-        )
-    for name, shape in expected.items():
-        got = tuple(state_dict[name].shape)
-        if got != shape:
-            raise UsageError(
-                f"{source}: tensor {name} has shape {got} but the config implies {shape}; "
-                "the checkpoint's config and weights come from different models"
-            )
+    _check_names_and_shapes(expected, state_dict, source)
+    for name in expected:
         if not state_dict[name].is_floating_point():
             raise UsageError(
                 f"{source}: tensor {name} has dtype {state_dict[name].dtype}, not floating point"
@@ -578,7 +565,14 @@ def _from_recbole(path: Path, obj: dict[str, Any], dataset: Any) -> Checkpoint:
 
 def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """Refuse a state dict whose keys or shapes contradict the config, naming the tensor."""
-    expected = model.state_dict()
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    _check_names_and_shapes(expected, state_dict, source)
+
+
+def _check_names_and_shapes(
+    expected: dict[str, tuple[int, ...]], state_dict: dict[str, torch.Tensor], source: str
+) -> None:
+    """Refuse missing/unexpected tensors and shape mismatches, naming the first offender."""
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:
@@ -587,11 +581,11 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
             f"(missing {missing[:5]}, unexpected {unexpected[:5]}); "
             "the checkpoint's config and weights come from different models"
         )
-    for name, tensor in expected.items():
+    for name, shape in expected.items():
         got = tuple(state_dict[name].shape)
-        if got != tuple(tensor.shape):
+        if got != shape:
             raise UsageError(
-                f"{source}: tensor {name} has shape {got} but the config implies {tuple(tensor.shape)}; "
+                f"{source}: tensor {name} has shape {got} but the config implies {shape}; "
                 "the checkpoint's config and weights come from different models"
             )
 

@@ -45,6 +45,26 @@ from .repository import BACKENDS, TritonOptions, write_repository
 @click.option(
     "--engine", default=None, help="Engine file in --artifacts (default: the manifest's, model.plan)."
 )
+@click.option(
+    "--streaming",
+    is_flag=True,
+    help="Stateful model on Triton's sequence batcher from an `m4r export --streaming` export "
+    "(see docs/triton.md).",
+)
+@click.option(
+    "--sequence-idle-us",
+    type=int,
+    default=60_000_000,
+    show_default=True,
+    help="--streaming: a sequence idle this long is reclaimed with its state.",
+)
+@click.option(
+    "--max-sequences",
+    type=int,
+    default=1024,
+    show_default=True,
+    help="--streaming --backend python: sequences in flight at once (more wait for a free one).",
+)
 def triton(
     artifacts: Path,
     repo: Path,
@@ -58,6 +78,9 @@ def triton(
     ort_ops: Path | None,
     plugin: Path | None,
     engine: str | None,
+    streaming: bool,
+    sequence_idle_us: int,
+    max_sequences: int,
 ) -> None:
     """Write a Triton model repository (configs checked against Triton's schema, written atomically)."""
     opts = TritonOptions(
@@ -71,6 +94,9 @@ def triton(
         ort_ops=ort_ops,
         plugin=plugin,
         engine=engine,
+        streaming=streaming,
+        sequence_idle_us=sequence_idle_us,
+        max_sequences=max_sequences,
     )
     out = write_repository(artifacts, repo, opts)
     models = sorted(p.parent.name for p in out.glob("*/config.pbtxt"))

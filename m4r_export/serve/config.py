@@ -77,6 +77,7 @@ def model_config(
     parameters: dict[str, str] | None = None,
     op_library: str | None = None,
     ensemble_steps: list[dict[str, Any]] | None = None,
+    sequence_batching: dict[str, Any] | None = None,
 ) -> Any:
     """A ``ModelConfig`` message (not yet checked; :func:`render` checks)."""
     from google.protobuf import json_format
@@ -96,7 +97,9 @@ def model_config(
     else:
         cfg["version_policy"] = {"latest": {"num_versions": 1}}
         cfg["instance_group"] = [{"count": instances, "kind": "KIND_GPU" if kind == "gpu" else "KIND_CPU"}]
-        if queue_delay_us is not None and max_batch > 0:
+        if sequence_batching is not None:  # stateful: the sequence batcher replaces the dynamic one
+            cfg["sequence_batching"] = sequence_batching
+        elif queue_delay_us is not None and max_batch > 0:
             cfg["dynamic_batching"] = {
                 "preferred_batch_size": preferred_batch_sizes(max_batch),
                 "max_queue_delay_microseconds": queue_delay_us,
@@ -157,6 +160,29 @@ def check(cfg: Any, known_models: dict[str, Any]) -> None:
         _check_ensemble(cfg, known_models, where)
     elif cfg.max_batch_size > 0 and cfg.HasField("dynamic_batching"):
         for size in cfg.dynamic_batching.preferred_batch_size:
+            if not 1 <= size <= cfg.max_batch_size:
+                raise M4RError(f"{where}: preferred batch size {size} outside [1, {cfg.max_batch_size}]")
+    if cfg.HasField("sequence_batching"):
+        _check_sequence_batching(cfg, where)
+
+
+def _check_sequence_batching(cfg: Any, where: str) -> None:
+    """Implicit state: each pair must name a model input and output (Triton feeds and reads them)."""
+    sb = cfg.sequence_batching
+    inputs, outputs = {t.name for t in cfg.input}, {t.name for t in cfg.output}
+    controls = {c.name for c in sb.control_input}
+    if clash := (inputs | outputs) & controls:
+        raise M4RError(f"{where}: control inputs {sorted(clash)} clash with model tensors")
+    for st in sb.state:
+        if st.input_name in inputs or st.output_name in outputs:
+            raise M4RError(f"{where}: state {st.input_name!r} is also declared as a model input/output")
+        if not st.dims or any(d < 1 for d in st.dims):
+            raise M4RError(f"{where}: state {st.input_name!r} needs fixed dims, got {list(st.dims)}")
+        for init in st.initial_state:
+            if list(init.dims) != list(st.dims) or init.data_type != st.data_type:
+                raise M4RError(f"{where}: initial state of {st.input_name!r} does not match its dims/type")
+    if sb.HasField("oldest"):
+        for size in sb.oldest.preferred_batch_size:
             if not 1 <= size <= cfg.max_batch_size:
                 raise M4RError(f"{where}: preferred batch size {size} outside [1, {cfg.max_batch_size}]")
 

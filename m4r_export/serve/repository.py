@@ -54,6 +54,9 @@ class TritonOptions:
     ort_ops: Path | None = None  # native ONNX Runtime custom-op library (onnxruntime backend)
     plugin: Path | None = None  # TensorRT plugin library (tensorrt backend)
     engine: str | None = None  # TensorRT engine file in the export directory
+    streaming: bool = False  # stateful model on the sequence batcher (serve/streaming.py)
+    sequence_idle_us: int = 60_000_000  # max_sequence_idle_microseconds
+    max_sequences: int = 1024  # python backend: sequences in flight (oldest max_candidate_sequences)
 
     @property
     def device_kind(self) -> str:
@@ -76,6 +79,10 @@ class TritonOptions:
             raise UsageError(f"--max-queue-delay-us {self.max_queue_delay_us}: must be >= 0")
         if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):
             raise UsageError(f"--name {self.name!r}: use a plain directory name (letters, digits, _ or -)")
+        if self.streaming and self.with_tokens:
+            raise UsageError("--streaming with --with-tokens: the streaming model takes item ids; drop one")
+        if self.sequence_idle_us < 1 or self.max_sequences < 1:
+            raise UsageError("--sequence-idle-us and --max-sequences must be >= 1")
         if self.ort_ops is not None and self.backend != "onnxruntime":
             raise UsageError("--ort-ops only applies to --backend onnxruntime")
 
@@ -130,8 +137,14 @@ def plan_repository(artifacts: Path, opts: TritonOptions, manifest: dict[str, An
     for key in ("inputs", "outputs", "max_seq_len"):
         if key not in manifest:
             raise UsageError(f"{artifacts}/manifest.json has no {key!r}; re-export with `m4r export`")
-    name = opts.name or f"m4r_{manifest.get('head', 'model')}"
+    name = opts.name or f"m4r_{manifest.get('head', 'model')}" + ("_streaming" if opts.streaming else "")
     plan = RepositoryPlan()
+    if opts.streaming:
+        from .streaming import plan_streaming, streaming_readme
+
+        plan_streaming(plan, artifacts, manifest, opts, name)
+        plan.texts["README.md"] = streaming_readme(name, opts, manifest)
+        return plan
     inputs, outputs = _model_tensors(manifest, opts.backend)
     common: dict[str, Any] = {
         "name": name,
