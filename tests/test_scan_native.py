@@ -17,6 +17,7 @@ import torch
 from m4r_export.errors import M4RError, UsageError
 from m4r_export.model import Mamba4Rec, scan_native
 from m4r_export.model.scan import resolve_backend, selective_scan, selective_scan_ref
+from m4r_export.onnx.export import flush_denormal_enabled
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -117,6 +118,33 @@ def test_small_shapes_and_null_optionals(
         _assert_close_scaled(y_nat, y_ref, 1e-6, f"y {batch}x{dim}x{seq_len}")
         for name, a, b in zip(names, g_nat, g_ref, strict=True):
             _assert_close_scaled(a, b, 2e-6, f"d{name} {batch}x{dim}x{seq_len}x{d_state} ({mode})")
+
+
+@pytest.mark.parametrize("flush", [False, True])
+def test_denormals_flushed_and_callers_setting_kept(flush: bool) -> None:
+    """Inputs whose every state update is denormal (dt*u*B ~ 1e-40): the kernel flushes them inside the
+    call (all outputs 0, within FLT_MIN of the unflushed reference) and leaves the calling thread's
+    flush-denormal setting as it was, off or on."""
+    ins = _inputs(2, 9, 20, 4, optionals=False, seed=4)
+    ins["u"] = ins["u"] * 1e-30  # type: ignore[operator]
+    ins["B"] = ins["B"] * 1e-9  # type: ignore[operator]
+    args = [ins[k] for k in NAMES]
+    before = flush_denormal_enabled()  # an earlier test may have left it on
+    try:
+        torch.set_flush_denormal(False)
+        y_ref = selective_scan_ref(*args, delta_softplus=True, mode="all")
+        torch.set_flush_denormal(flush)
+        y = selective_scan(*args, delta_softplus=True, mode="all", backend="native")
+        kept = flush_denormal_enabled() == flush
+        torch.set_flush_denormal(False)  # inspect denormals without DAZ (which reads them as 0)
+        ref_nonzero, nonzero = int(torch.count_nonzero(y_ref)), int(torch.count_nonzero(y))
+        err = float((y - y_ref).abs().max())
+    finally:
+        torch.set_flush_denormal(before)
+    assert kept, "the caller's flush-denormal setting changed"
+    assert ref_nonzero > y_ref.numel() // 2  # denormal, not flushed, in the reference
+    assert nonzero == 0
+    assert 0.0 < err < 1.2e-38
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -18,8 +18,6 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <xmmintrin.h>
-#else
-#include <cfenv>
 #endif
 
 namespace
@@ -364,36 +362,84 @@ int32_t threadsFor(int32_t requested, int64_t items, int64_t work)
     return static_cast<int32_t>(std::max<int64_t>(1, n));
 }
 
-//! The calling thread's floating-point mode (flush-to-zero / denormals-are-zero, rounding): worker threads
-//! start with the default mode, so they adopt the caller's (e.g. torch.set_flush_denormal(True)).
-struct FpMode
+//! Flush-to-zero + denormals-are-zero on the current thread while the guard lives; the thread's previous mode
+//! is restored when it ends. The decaying state (exp(dt*A) products over many steps, a state fed by tiny
+//! dt*u*B) can sit in the fp32 denormal range, where every operation takes a microcode assist (2x slower on
+//! Zen 3 with denormal-heavy inputs, far more on Intel cores). Flushing changes results only below
+//! FLT_MIN (1.2e-38). One guard per C call on the calling thread (the whole call, reductions included) and one
+//! per worker thread, which adopts the caller's flushed mode, rounding bits included (Linux threads inherit
+//! the creating thread's mode anyway; the worker guard does not rely on that).
+class FlushDenormals
 {
+public:
 #if defined(__x86_64__) || defined(_M_X64)
-    unsigned int csr = _mm_getcsr();
-    void apply() const
+    using Mode = unsigned int;
+    static constexpr Mode kBits = 0x8040U; // MXCSR bit 15 FTZ, bit 6 DAZ
+    static Mode read()
     {
-        _mm_setcsr(csr);
+        return _mm_getcsr();
+    }
+    static void write(Mode m)
+    {
+        _mm_setcsr(m);
+    }
+#elif defined(__aarch64__)
+    using Mode = uint64_t;
+    static constexpr Mode kBits = Mode{1} << 24; // FPCR.FZ: denormal inputs and results are flushed
+    static Mode read()
+    {
+        Mode m;
+        __asm__ __volatile__("mrs %0, fpcr" : "=r"(m));
+        return m;
+    }
+    static void write(Mode m)
+    {
+        __asm__ __volatile__("msr fpcr, %0" : : "r"(m));
     }
 #else
-    std::fenv_t env{};
-    FpMode()
+    using Mode = unsigned int; // other targets: no-op
+    static constexpr Mode kBits = 0U;
+    static Mode read()
     {
-        std::fegetenv(&env);
+        return 0U;
     }
-    void apply() const
+    static void write(Mode)
     {
-        std::fesetenv(&env);
     }
 #endif
+
+    //! Adds FTZ + DAZ to this thread's mode.
+    FlushDenormals()
+        : FlushDenormals(read() | kBits)
+    {
+    }
+    //! Sets `mode` (a worker adopting the caller's flushed mode).
+    explicit FlushDenormals(Mode mode)
+        : mSaved(read())
+    {
+        write(mode);
+    }
+    FlushDenormals(FlushDenormals const&) = delete;
+    FlushDenormals& operator=(FlushDenormals const&) = delete;
+    //! Writes back the whole saved register (x86: the MXCSR status flags too, so they are as before the call).
+    ~FlushDenormals()
+    {
+        write(mSaved);
+    }
+
+private:
+    Mode mSaved;
 };
 
 //! Runs fn(thread, first, last) over [0, items) split into `threads` contiguous ranges; the calling thread
-//! takes the first range. Returns false when a thread could not be started (nothing is left running).
+//! takes the first range. The workers adopt the caller's floating-point mode, which the C entry points have set
+//! to flush denormals (FlushDenormals). Returns false when a thread could not be started (nothing is left
+//! running).
 template <typename Fn>
 bool parallelFor(int32_t threads, int64_t items, Fn&& fn)
 {
+    FlushDenormals::Mode const mode = FlushDenormals::read();
     std::vector<std::thread> pool;
-    FpMode const mode;
     bool ok = true;
     auto range = [&](int32_t i) { return items * i / threads; };
     try
@@ -401,8 +447,8 @@ bool parallelFor(int32_t threads, int64_t items, Fn&& fn)
         pool.reserve(static_cast<std::size_t>(threads - 1));
         for (int32_t i = 1; i < threads; ++i)
         {
-            pool.emplace_back([&fn, &mode, i, lo = range(i), hi = range(i + 1)] {
-                mode.apply();
+            pool.emplace_back([&fn, mode, i, lo = range(i), hi = range(i + 1)] {
+                FlushDenormals const workerFlush(mode);
                 fn(i, lo, hi);
             });
         }
@@ -702,6 +748,7 @@ extern "C" int m4r_scan_native_forward(void const* u, void const* delta, float c
     }
     Problem const p{u, delta, A, B, C, D, z, deltaBias, lengths, batch, dim, seqlen, dstate, deltaSoftplus != 0,
         lastOnly != 0, dtype};
+    FlushDenormals const flush; // this thread's mode is restored on return
     try
     {
         return forward(p, y, numThreads);
@@ -728,6 +775,7 @@ extern "C" int m4r_scan_native_backward_f32(float const* u, float const* delta, 
     Problem const p{u, delta, A, B, C, D, z, deltaBias, lengths, batch, dim, seqlen, dstate, deltaSoftplus != 0,
         lastOnly != 0, M4R_SCAN_F32};
     Grads const g{dy, du, ddelta, dA, dB, dC, dD, dz, dDeltaBias};
+    FlushDenormals const flush; // this thread's mode is restored on return
     try
     {
         return backward(p, g, numThreads);

@@ -12,6 +12,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
+
 namespace
 {
 int gFailures = 0;
@@ -331,6 +335,105 @@ void badArguments()
         "unknown dtype is rejected");
     check(m4r_scan_native_abi_version() == M4R_SCAN_NATIVE_ABI_VERSION, "ABI version");
 }
+
+// ---- floating-point mode: denormals flushed inside a call, the caller's mode restored after ----------------
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define M4R_TEST_FP_MODE 1
+using FpMode = unsigned int;
+constexpr FpMode kFlush = 0x8040U;     // MXCSR FTZ | DAZ
+constexpr FpMode kRoundZero = 0x6000U; // MXCSR rounding control: toward zero
+FpMode getMode()
+{
+    return _mm_getcsr();
+}
+void setMode(FpMode m)
+{
+    _mm_setcsr(m);
+}
+#elif defined(__aarch64__)
+#define M4R_TEST_FP_MODE 1
+using FpMode = uint64_t;
+constexpr FpMode kFlush = FpMode{1} << 24;     // FPCR.FZ
+constexpr FpMode kRoundZero = FpMode{3} << 22; // FPCR.RMode: toward zero
+FpMode getMode()
+{
+    FpMode m;
+    __asm__ __volatile__("mrs %0, fpcr" : "=r"(m));
+    return m;
+}
+void setMode(FpMode m)
+{
+    __asm__ __volatile__("msr fpcr, %0" : : "r"(m));
+}
+#endif
+
+//! Inputs whose every state update is denormal: dt*u*B ~ 5e-41 and the states stay below FLT_MIN. Called
+//! from a thread without FTZ/DAZ, the kernel must still flush them (all outputs exactly 0: the speed
+//! guarantee), stay within FLT_MIN-sized amounts of the unflushed reference, and leave the caller's
+//! floating-point mode as it was, for forward and backward, threaded and not.
+void denormalInputs()
+{
+#if defined(M4R_TEST_FP_MODE)
+    Case const c{2, 9, 50, 8, false, false, false, false, false, false};
+    Inputs in = makeInputs(c, 5U);
+    for (auto& v : in.u)
+    {
+        v *= 1e-30F;
+    }
+    for (auto& v : in.B)
+    {
+        v *= 1e-9F;
+    }
+    FpMode const plain = getMode() & ~kFlush;
+    setMode(plain);
+    std::vector<float> ref(in.u.size());
+    int rc = m4r_scan_cpu_f32(in.u.data(), in.delta.data(), in.A.data(), in.B.data(), in.C.data(), nullptr,
+        nullptr, nullptr, nullptr, c.Bn, c.Dn, c.L, c.N, 0, 0, ref.data());
+    check(rc == M4R_SCAN_OK, "denormal inputs: reference rc");
+    std::size_t refDenormals = 0;
+    for (float v : ref)
+    {
+        refDenormals += (v != 0.F && std::fabs(v) < 1.2e-38F) ? 1 : 0;
+    }
+    check(refDenormals > ref.size() / 2, "denormal inputs: the unflushed reference has denormal outputs");
+    for (FpMode const caller : {plain, plain | kFlush | kRoundZero})
+    {
+        for (int threads : {1, 3})
+        {
+            std::string const tag = "denormal inputs, caller mode " + std::to_string(static_cast<unsigned long long>(caller))
+                + ", threads " + std::to_string(threads) + ": ";
+            std::vector<float> y(in.u.size(), std::nanf(""));
+            setMode(caller);
+            rc = m4r_scan_native_forward(in.u.data(), in.delta.data(), in.A.data(), in.B.data(), in.C.data(), nullptr,
+                nullptr, nullptr, nullptr, c.Bn, c.Dn, c.L, c.N, 0, 0, M4R_SCAN_F32, y.data(), threads);
+            FpMode const afterForward = getMode();
+            std::vector<float> dy(y.size(), 1.F), du(y.size()), dd(y.size()), dA(in.A.size()), dB(in.B.size()),
+                dC(in.C.size());
+            int const rcb = m4r_scan_native_backward_f32(in.u.data(), in.delta.data(), in.A.data(), in.B.data(),
+                in.C.data(), nullptr, nullptr, nullptr, nullptr, c.Bn, c.Dn, c.L, c.N, 0, 0, dy.data(), du.data(),
+                dd.data(), dA.data(), dB.data(), dC.data(), nullptr, nullptr, nullptr, threads);
+            FpMode const afterBackward = getMode();
+            setMode(plain);
+            check(rc == M4R_SCAN_OK && rcb == M4R_SCAN_OK, tag + "rc");
+            check(afterForward == caller, tag + "forward restores the caller's mode");
+            check(afterBackward == caller, tag + "backward restores the caller's mode");
+            double worst = 0.0;
+            std::size_t nonzero = 0;
+            for (std::size_t i = 0; i < y.size(); ++i)
+            {
+                double const d = std::fabs(static_cast<double>(y[i]) - ref[i]);
+                worst = std::isnan(d) ? 1e30 : std::max(worst, d);
+                nonzero += y[i] != 0.F ? 1 : 0;
+            }
+            check(worst < 1.2e-38, tag + "within FLT_MIN of the reference, error " + std::to_string(worst));
+            check(nonzero == 0, tag + "denormal states flushed (" + std::to_string(nonzero) + " nonzero outputs)");
+        }
+    }
+#else
+    std::printf("denormal inputs: no floating-point mode access on this target, skipped\n");
+#endif
+}
 } // namespace
 
 int main()
@@ -339,6 +442,7 @@ int main()
     setenv("M4R_SCAN_GRAIN", "1", 1);
     std::printf("m4r_scan_native: isa %s, default threads %d\n", m4r_scan_native_isa(), m4r_scan_native_default_threads());
     badArguments();
+    denormalInputs();
     // Lengths 1, 50, 200, 1000; channel counts that are and are not multiples of the vector width; ragged
     // lengths; every optional input present and absent; 1 and 3 threads (row split and channel split).
     for (int L : {1, 50, 200, 1000})
