@@ -294,8 +294,11 @@ def _cli(*args: object) -> tuple[int, str]:
 
 
 def test_verify_and_bench_record_the_library(
-    lib: Path, exported: tuple[Path, Mamba4Rec], tmp_path: Path
+    lib: Path, exported: tuple[Path, Mamba4Rec], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # --ort-ops alone must do: no $M4R_ORT_OPS and no `m4r build-ort-ops` output to fall back on
+    monkeypatch.delenv(ort_ops.ORT_OPS_ENV, raising=False)
+    monkeypatch.setenv("M4R_CACHE_DIR", str(tmp_path / "empty-cache"))
     out, _ = exported
     art = out / "art" / "model.onnx"
     code, text = _cli(

@@ -301,6 +301,11 @@ class OrtRunner(ArtifactRunner):
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
+        return cls.provider_unavailable_reason()
+
+    @classmethod
+    def provider_unavailable_reason(cls) -> str | None:
+        """Why this ONNX Runtime lacks the execution provider (what every instance needs)."""
         try:
             providers = _ort_available_providers()
         except ImportError as exc:
@@ -313,7 +318,8 @@ class OrtRunner(ArtifactRunner):
     def __init__(self, artifact: ArtifactInfo, *, threads: int | None = None) -> None:
         import onnxruntime as ort
 
-        reason = self.unavailable_reason()
+        # the provider only: a runner given its custom-op library explicitly needs no default one
+        reason = self.provider_unavailable_reason()
         if reason:
             raise UsageError(f"backend {self.backend} cannot run here: {reason}")
         path = artifact.onnx_path or artifact.path
