@@ -1,0 +1,123 @@
+"""Open user-supplied input files safely: regular files only, bounded reads.
+
+A path a user passes (a checkpoint, an interaction file) may name a FIFO (reading blocks forever),
+a device (``/dev/zero`` never ends), a directory, or a symlink to one of these. :func:`open_regular`
+opens without blocking, checks what the *opened* descriptor is (no window between a check and the
+open), and refuses anything but a regular file with a one-line :class:`UsageError`.
+:func:`read_line` and :func:`line_blocks` read text line by line with a cap on the line length, so
+a file without newlines (a sparse file of zeros) is refused after the cap instead of being read
+whole into memory.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import UsageError
+
+_KINDS = (
+    (stat.S_ISDIR, "is a directory"),
+    (stat.S_ISFIFO, "is a FIFO (named pipe)"),
+    (stat.S_ISCHR, "is a character device"),
+    (stat.S_ISBLK, "is a block device"),
+    (stat.S_ISSOCK, "is a socket"),
+)
+
+
+def describe_mode(mode: int) -> str | None:
+    """What a file of ``mode`` is when it is not a regular file (None when it is one)."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((text for test, text in _KINDS if test(mode)), "is not a regular file")
+
+
+def describe_non_file(path: str | os.PathLike[str]) -> str | None:
+    """What ``path`` (symlinks followed) is when it is not a readable regular file; None when it is."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    return describe_mode(st.st_mode)
+
+
+def open_regular(path: str | os.PathLike[str], what: str, fix: str) -> io.BufferedReader:
+    """Open ``path`` for binary reading if it is a regular file, else raise ``UsageError``.
+
+    The message reads ``{what} {path} {problem}; {fix}``. The open uses ``O_NONBLOCK`` (a FIFO
+    without a writer would block a plain open) and the check is made on the opened descriptor.
+    """
+    p = Path(path)
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise UsageError(f"{what} {p} does not exist; {fix}") from None
+    except IsADirectoryError:
+        raise UsageError(f"{what} {p} is a directory; {fix}") from None
+    except OSError as exc:
+        raise UsageError(f"{what} {p} cannot be read ({exc.strerror}); {fix}") from None
+    try:
+        problem = describe_mode(os.fstat(fd).st_mode)
+        if problem is not None:
+            raise UsageError(f"{what} {p} {problem}; {fix}")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def line_too_long(path: Path, lineno: int, limit: int) -> UsageError:
+    return UsageError(
+        f"{path}, line {lineno}: longer than {limit:,} bytes without a line break; this is not a "
+        "text interaction file (a binary, sparse or truncated file?). Pass the right file"
+    )
+
+
+def read_line(fh: io.BufferedReader, limit: int, path: Path, lineno: int = 1) -> bytes:
+    """One line (with its ``\\n``, if any) of at most ``limit`` bytes; longer lines are refused."""
+    line = fh.readline(limit + 1)
+    if len(line) > limit:
+        raise line_too_long(path, lineno, limit)
+    return line
+
+
+def line_blocks(
+    fh: io.BufferedReader, path: Path, max_line: int, block: int = 8 << 20, first_lineno: int = 1
+) -> Iterator[tuple[int, bytes]]:
+    """``(number of the block's first line, block)``: the rest of ``fh`` in blocks of whole lines.
+
+    A block holds about ``block`` bytes and ends with ``\\n`` (except the file's last one); memory
+    stays at about one block whatever the file's size. A line longer than ``max_line`` bytes is
+    refused before more than ``block + max_line`` bytes are held.
+    """
+    lineno = first_lineno
+    carry = b""
+    while True:
+        chunk = fh.read(block)
+        if not chunk:
+            break
+        data = carry + chunk
+        cut = data.rfind(b"\n") + 1
+        if cut == 0:
+            if len(data) > max_line:
+                raise line_too_long(path, lineno, max_line)
+            carry = data
+            continue
+        done, carry = data[:cut], data[cut:]
+        if len(carry) > max_line:
+            raise line_too_long(path, lineno + done.count(b"\n"), max_line)
+        if len(done) > max_line:
+            lengths = [len(ln) for ln in done.split(b"\n")]
+            if max(lengths) > max_line:
+                k = next(k for k, n in enumerate(lengths) if n > max_line)
+                raise line_too_long(path, lineno + k, max_line)
+        yield lineno, done
+        lineno += done.count(b"\n")
+    if carry:
+        yield lineno, carry
