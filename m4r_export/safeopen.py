@@ -88,35 +88,30 @@ def read_line(fh: io.BufferedReader, limit: int, path: Path, lineno: int = 1) ->
 
 
 def line_blocks(
-    fh: io.BufferedReader, path: Path, max_line: int, block: int = 8 << 20, first_lineno: int = 1
+    fh: io.BufferedReader, path: Path, max_line: int, first_lineno: int = 1
 ) -> Iterator[tuple[int, bytes]]:
     """``(number of the block's first line, block)``: the rest of ``fh`` in blocks of whole lines.
 
-    A block holds about ``block`` bytes and ends with ``\\n`` (except the file's last one); memory
-    stays at about one block whatever the file's size. A line longer than ``max_line`` bytes is
-    refused before more than ``block + max_line`` bytes are held.
+    Reads ``max_line`` bytes at a time; a block ends with ``\\n`` (except the file's last one), so
+    memory stays at about two reads whatever the file's size. A line longer than ``max_line`` bytes
+    is refused: only a block's first line (which joins the previous read's tail) can exceed a read,
+    and the tail itself is checked before it grows.
     """
     lineno = first_lineno
-    carry = b""
+    carry = b""  # the tail of the last read: never holds a line break, at most max_line bytes
     while True:
-        chunk = fh.read(block)
+        chunk = fh.read(max_line)
         if not chunk:
             break
         data = carry + chunk
-        cut = data.rfind(b"\n") + 1
-        if cut == 0:
-            if len(data) > max_line:
-                raise line_too_long(path, lineno, max_line)
+        first = data.find(b"\n")
+        if first == -1 and len(data) <= max_line:
             carry = data
             continue
+        if first == -1 or first > max_line:
+            raise line_too_long(path, lineno, max_line)
+        cut = data.rfind(b"\n") + 1
         done, carry = data[:cut], data[cut:]
-        if len(carry) > max_line:
-            raise line_too_long(path, lineno + done.count(b"\n"), max_line)
-        if len(done) > max_line:
-            lengths = [len(ln) for ln in done.split(b"\n")]
-            if max(lengths) > max_line:
-                k = next(k for k, n in enumerate(lengths) if n > max_line)
-                raise line_too_long(path, lineno + k, max_line)
         yield lineno, done
         lineno += done.count(b"\n")
     if carry:
