@@ -35,17 +35,6 @@ def describe_mode(mode: int) -> str | None:
     return next((text for test, text in _KINDS if test(mode)), "is not a regular file")
 
 
-def describe_non_file(path: str | os.PathLike[str]) -> str | None:
-    """What ``path`` (symlinks followed) is when it is not a readable regular file; None when it is."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return "does not exist"
-    except OSError as exc:
-        return f"cannot be read ({exc.strerror})"
-    return describe_mode(st.st_mode)
-
-
 def open_regular(path: str | os.PathLike[str], what: str, fix: str) -> io.BufferedReader:
     """Open ``path`` for binary reading if it is a regular file, else raise ``UsageError``.
 
@@ -80,9 +69,9 @@ def line_too_long(path: Path, lineno: int, limit: int) -> UsageError:
 
 
 def read_line(fh: io.BufferedReader, limit: int, path: Path, lineno: int = 1) -> bytes:
-    """One line (with its ``\\n``, if any) of at most ``limit`` bytes; longer lines are refused."""
+    """One line (with its ``\\n``, if any) of at most ``limit`` bytes before the ``\\n``; longer: refused."""
     line = fh.readline(limit + 1)
-    if len(line) > limit:
+    if len(line) > limit and not line.endswith(b"\n"):
         raise line_too_long(path, lineno, limit)
     return line
 

@@ -193,3 +193,29 @@ def test_an_encoding_whose_line_break_is_not_the_newline_byte_is_refused(tmp_pat
     path.write_text(HEADER + "1\t2\t3\n", encoding="utf-16")
     with pytest.raises(UsageError, match="encoding 'utf-16' .* is not supported"):
         read_interactions(path, encoding="utf-16")
+
+
+def test_line_blocks_reassembles_any_file_and_refuses_exactly_the_long_lines() -> None:
+    """The shared helper on random small files and limits: blocks rejoin to the file; a refusal names
+    the first line over the limit (each read is `limit` bytes, so lines straddle reads constantly)."""
+    import io
+    import random
+
+    from m4r_export.safeopen import line_blocks
+
+    rng = random.Random(0)
+    for _ in range(500):
+        lines = [b"x" * rng.randint(0, 12) for _ in range(rng.randint(0, 30))]
+        data = b"\n".join(lines) + (b"\n" if rng.random() < 0.5 else b"")
+        limit = rng.randint(1, 12)
+        too_long = [k + 1 for k, ln in enumerate(data.split(b"\n")) if len(ln) > limit]
+        reader = io.BufferedReader(io.BytesIO(data))  # type: ignore[arg-type]
+        if too_long:
+            with pytest.raises(UsageError, match=rf"line {too_long[0]}: longer than {limit} bytes"):
+                list(line_blocks(reader, Path("x"), limit))
+        else:
+            blocks = list(line_blocks(reader, Path("x"), limit))
+            assert b"".join(b for _, b in blocks) == data
+            assert [n for n, _ in blocks] == [
+                1 + b"".join(b for _, b in blocks[:i]).count(b"\n") for i in range(len(blocks))
+            ]
