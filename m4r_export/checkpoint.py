@@ -7,23 +7,31 @@ Own format (``torch.load(weights_only=True)`` loads it; no code can run on load)
      "meta": {...plain values: epoch, metrics, data path, max_seq_len, tool version...}}
 
 Reference checkpoints (RecBole's ``Trainer._save_checkpoint``) pickle a ``recbole`` ``Config``
-object next to the ``state_dict``. They are read with :class:`RestrictedUnpickler`, which never
+object next to the ``state_dict``. Both kinds are read with :class:`RestrictedUnpickler`, which never
 imports or calls anything outside a short allowlist: every ``recbole.*`` global becomes an inert
 :class:`CapturedObject` whose fields we read, tensors are rebuilt by torch's own rebuild helpers,
 and any other global (``os.system``, ``builtins.eval``, ...) aborts the load with an error.
 RecBole checkpoints carry no item vocabulary: pass the dataset they were trained on to map raw
 item tokens (RecBole assigns indices in order of first appearance after filtering, as we do).
+
+Memory is bounded by the file's size whatever it claims: every zip record must be stored
+uncompressed (checked in the central directory before anything is read), every tensor must lie in
+bytes the file holds (no zero strides, no overlapping or shared data claiming more than its
+storage), and containers may nest at most :data:`MAX_NESTING` deep (checked without recursion).
 """
 
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import io
 import math
+import os
 import pickle
-import stat
+import struct
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +42,7 @@ from . import __version__
 from .errors import M4RError, UsageError
 from .fileio import atomic_write
 from .model import Mamba4Rec, Mamba4RecConfig
+from .safeopen import open_regular
 
 FORMAT_TAG = "m4r-checkpoint"
 FORMAT_VERSION = 1
@@ -142,6 +151,40 @@ _NAMED_ONLY: dict[str, Any] = {
 }
 
 
+#: how deep containers (lists, tuples, dicts, sets, captured objects) may nest in a checkpoint's pickle;
+#: m4r's own files nest 4 deep, RecBole's Config about 6
+MAX_NESTING = 100
+
+
+def _too_deep(source: str, what: str) -> UsageError:
+    return UsageError(
+        f"{source}: refusing to load: its pickle {what} (checkpoints nest a few levels). The file is "
+        "corrupt or hostile; re-save it with `m4r train`"
+    )
+
+
+def brief(value: Any, width: int = 40) -> str:
+    """A short description of an untrusted value that never recurses or expands (for messages).
+
+    Scalars are shown (strings and numbers cut to ``width`` characters, integers too large to print
+    by their size); containers by type and length only: ``repr`` of a deeply nested or huge
+    container would recurse or allocate without bound.
+    """
+    if value is None or isinstance(value, (bool, float)):
+        return repr(value)[:width]
+    if isinstance(value, int):
+        return (
+            repr(value)[:width] if value.bit_length() <= 256 else f"<an integer of {value.bit_length()} bits>"
+        )
+    if isinstance(value, (str, bytes)):
+        return repr(value[:width])[: width + 3]
+    try:
+        size = f" of {len(value)}"
+    except Exception:
+        size = ""
+    return f"<{type(value).__name__}{size}>"
+
+
 def _refuse(what: str) -> UnsafeCheckpointError:
     return UnsafeCheckpointError(
         f"refusing to load: the checkpoint's pickle {what}. A RecBole checkpoint only needs recbole "
@@ -165,13 +208,25 @@ class RestrictedUnpickler(_PyUnpickler):
       state) or an ``OrderedDict`` (a state_dict's ``_metadata``, dropped). Anything else, a class
       in particular (``torch.TypedStorage.dump_patches = True``), is refused: nothing allowlisted
       can be mutated.
+    * Protocol 0-2 pickles name Python 2 modules (``__builtin__.set``, ``copy_reg._reconstructor``):
+      they are mapped onto Python 3 names with pickle's own table (``_compat_pickle``), exactly as
+      ``pickle.Unpickler`` does, and then checked against the same allowlist.
+    * Tuples may nest at most :data:`MAX_NESTING` deep: hashing a tuple (a dict key, a set member)
+      recurses in C without a limit, and a 200,000-deep one crashes the interpreter.
     The C unpickler cannot be restricted per opcode, hence the Python one (the tensors' bytes are
     not in the pickle, so speed does not matter).
     """
 
     dispatch: dict[int, Any] = dict(_PyUnpickler.dispatch)
+    #: the file, for messages
+    source = "checkpoint"
 
     def find_class(self, module: str, name: str) -> Any:
+        if self.proto < 3 and self.fix_imports:  # as pickle.Unpickler.find_class
+            if (module, name) in _compat_pickle.NAME_MAPPING:
+                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+            elif module in _compat_pickle.IMPORT_MAPPING:
+                module = _compat_pickle.IMPORT_MAPPING[module]
         key = f"{module}.{name}"
         if key in _CALLABLE:
             return _CALLABLE[key]
@@ -221,24 +276,97 @@ class RestrictedUnpickler(_PyUnpickler):
             pass  # a state_dict's ``_metadata`` attribute: not needed, not applied
         else:
             raise _refuse(
-                f"sets state on {type(inst).__name__} {inst!r:.80}, which is not a plain data record"
+                f"sets state on {type(inst).__name__} {brief(inst, 80)}, which is not a plain data record"
             )
 
+    def _track_tuple(self) -> None:
+        """Record the depth of the tuple just built (the stack top); refuse beyond MAX_NESTING."""
+        top = self.stack[-1]
+        depths = self.__dict__.setdefault("_tuple_depths", {})
+        depth = 1 + max((depths.get(id(x), (None, 1))[1] for x in top if type(x) is tuple), default=0)
+        if depth > MAX_NESTING:
+            raise _too_deep(self.source, f"nests tuples more than {MAX_NESTING} levels deep")
+        if depth > 1:
+            depths[id(top)] = (top, depth)  # the tuple is kept alive, so its id stays its own
+
+    def load_tuple(self) -> None:
+        _PyUnpickler.load_tuple(self)
+        self._track_tuple()
+
+    def load_tuple1(self) -> None:
+        _PyUnpickler.load_tuple1(self)
+        self._track_tuple()
+
+    def load_tuple2(self) -> None:
+        _PyUnpickler.load_tuple2(self)
+        self._track_tuple()
+
+    def load_tuple3(self) -> None:
+        _PyUnpickler.load_tuple3(self)
+        self._track_tuple()
+
+    dispatch[pickle.TUPLE[0]] = load_tuple
+    dispatch[pickle.TUPLE1[0]] = load_tuple1
+    dispatch[pickle.TUPLE2[0]] = load_tuple2
+    dispatch[pickle.TUPLE3[0]] = load_tuple3
     dispatch[pickle.REDUCE[0]] = load_reduce
     dispatch[pickle.NEWOBJ[0]] = load_newobj
     dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex
     dispatch[pickle.BUILD[0]] = load_build
 
 
-def _restricted_zip_load(path: Path) -> Any:
+#: a zip local file header: signature, versions/flags/method/time/date, crc, sizes, name/extra lengths
+_LOCAL_HEADER = struct.Struct("<4s5H3L2H")
+
+
+def _check_records(zf: zipfile.ZipFile, path: Path, size: int) -> None:
+    """Every record stored uncompressed and inside the file, read from the central directory alone.
+
+    ``torch.save`` stores records uncompressed; a deflated record could inflate to any size (a 1 MB
+    file to 1 GB), so it is refused before anything is read or inflated.
+    """
+    for info in zf.infolist():
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise UsageError(
+                f"checkpoint {path}: record {brief(info.filename, 80)} is compressed (zip method "
+                f"{info.compress_type}); m4r reads only uncompressed records, as torch.save writes them, so "
+                "that no record expands beyond the file. Re-save the checkpoint with torch.save"
+            )
+        if info.file_size != info.compress_size or info.header_offset + info.file_size > size:
+            raise UsageError(
+                f"checkpoint {path} is truncated or corrupt (record {brief(info.filename, 80)} claims "
+                f"{info.file_size} bytes the file does not hold); re-copy it or re-run `m4r train`"
+            )
+
+
+def _read_stored(fh: io.BufferedReader, info: zipfile.ZipInfo, path: Path) -> bytearray:
+    """A stored record's bytes, read straight into one buffer (one copy in memory, CRC checked)."""
+    fh.seek(info.header_offset)
+    header = fh.read(_LOCAL_HEADER.size)
+    if len(header) != _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
+        raise UsageError(f"checkpoint {path} is truncated or corrupt; re-copy it or re-run `m4r train`")
+    name_len, extra_len = _LOCAL_HEADER.unpack(header)[-2:]
+    fh.seek(info.header_offset + _LOCAL_HEADER.size + name_len + extra_len)
+    buf = bytearray(info.file_size)
+    if fh.readinto(buf) != info.file_size or zlib.crc32(buf) != info.CRC:
+        raise UsageError(
+            f"checkpoint {path}: record {brief(info.filename, 80)} is truncated or corrupt; re-copy it or "
+            "re-run `m4r train`"
+        )
+    return buf
+
+
+def _restricted_zip_load(fh: io.BufferedReader, path: Path) -> Any:
     """Read a torch zip checkpoint with :class:`RestrictedUnpickler` (no ``torch.load``).
 
     torch's own loader acts on module-level state for some pickles (``dump_patches``, source
-    checks writing ``.patch`` files); this reader only maps each storage record of the zip to a
-    tensor storage. Records must be stored uncompressed (as ``torch.save`` writes them), so no
-    record can expand beyond the file's own size.
+    checks writing ``.patch`` files), inflates compressed records, and hashes dict keys of any depth
+    (a deep tuple crashes it); this reader only maps each storage record of the zip to a tensor
+    storage, after :func:`_check_records`, so no record can expand beyond the file's own size.
     """
-    with zipfile.ZipFile(path) as zf:
+    size = os.fstat(fh.fileno()).st_size
+    with zipfile.ZipFile(fh) as zf:
+        _check_records(zf, path, size)
         pickles = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pickles) != 1:
             raise UsageError(f"checkpoint {path} is not a PyTorch checkpoint (no single */data.pkl record)")
@@ -250,10 +378,10 @@ def _restricted_zip_load(path: Path) -> Any:
 
         def persistent_load(pid: Any) -> Any:
             if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] in ("storage", b"storage")):
-                raise _refuse(f"uses persistent id {str(pid)[:80]!r} (only tensor storages are allowed)")
+                raise _refuse(f"uses persistent id {brief(pid)} (only tensor storages are allowed)")
             storage_type, key, _location, numel = pid[1:]
             if not any(storage_type is t for t in _NAMED_ONLY.values() if isinstance(t, type)):
-                raise _refuse(f"names storage type {storage_type!r}")
+                raise _refuse(f"names storage type {brief(storage_type)}")
             key = str(key)
             if key not in storages:
                 with warnings.catch_warnings():  # TypedStorage.dtype warns that TypedStorage is deprecated
@@ -261,9 +389,9 @@ def _restricted_zip_load(path: Path) -> Any:
                     dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
                 info = zf.getinfo(f"{prefix}data/{key}")
                 itemsize = torch.empty((), dtype=dtype).element_size()
-                if info.compress_type != zipfile.ZIP_STORED or info.file_size != int(numel) * itemsize:
-                    raise UsageError(f"checkpoint {path}: storage record {key} is corrupt")
-                raw = bytearray(zf.read(info))
+                if not isinstance(numel, int) or info.file_size != numel * itemsize:
+                    raise UsageError(f"checkpoint {path}: storage record {brief(key)} is corrupt")
+                raw = _read_stored(fh, info, path)
                 untyped = torch.frombuffer(raw, dtype=torch.uint8).untyped_storage() if raw else None
                 if untyped is None:
                     untyped = torch.UntypedStorage(0)
@@ -274,10 +402,59 @@ def _restricted_zip_load(path: Path) -> Any:
                     )
             return storages[key]
 
-        with zf.open(pickles[0]) as fh:
-            unpickler = RestrictedUnpickler(fh)
+        # read whole (it is stored, so no larger than the file): unpickling from a zip stream costs a
+        # Python-level zip read per opcode, twice the time of the whole load for a large vocabulary
+        data = _read_stored(fh, zf.getinfo(pickles[0]), path)
+        with io.BytesIO(data) as stream:
+            unpickler = RestrictedUnpickler(stream)
             unpickler.persistent_load = persistent_load
+            unpickler.source = f"checkpoint {path}"
             return unpickler.load()
+
+
+def check_nesting(obj: Any, source: str) -> None:
+    """Refuse containers nested deeper than :data:`MAX_NESTING`, or a container holding itself.
+
+    Iterative (an explicit stack; each container's height is computed once, so shared containers
+    cost nothing twice): a 200,000-deep list is refused without recursion. Nothing formats, compares
+    or walks an untrusted value before this check.
+    """
+
+    kinds = (list, tuple, dict, set, frozenset, CapturedObject)
+
+    def frame(x: Any) -> list[Any]:
+        if isinstance(x, dict):
+            inner = [v for kv in x.items() for v in kv if isinstance(v, kinds)]
+        else:
+            values = vars(x).values() if isinstance(x, CapturedObject) else x
+            inner = [v for v in values if isinstance(v, kinds)]
+        return [x, iter(inner), 0]  # node, the containers in it, the greatest height among them so far
+
+    if not isinstance(obj, kinds):
+        return
+    height: dict[int, int] = {}  # id -> levels of nesting from that container down (1: flat)
+    on_path = {id(obj)}
+    stack = [frame(obj)]
+    while stack:
+        top = stack[-1]
+        child = next(top[1], stack)  # the stack itself marks the end: it is never an element
+        if child is stack:
+            stack.pop()
+            on_path.discard(id(top[0]))
+            height[id(top[0])] = h = top[2] + 1
+            if stack:
+                stack[-1][2] = max(stack[-1][2], h)
+        elif id(child) in on_path:
+            raise _too_deep(source, "holds a container that contains itself")
+        elif id(child) in height:  # met before: its height is known
+            top[2] = max(top[2], height[id(child)])
+            if len(stack) + top[2] > MAX_NESTING:
+                raise _too_deep(source, f"nests containers more than {MAX_NESTING} levels deep")
+        elif len(stack) >= MAX_NESTING:
+            raise _too_deep(source, f"nests containers more than {MAX_NESTING} levels deep")
+        else:
+            on_path.add(id(child))
+            stack.append(frame(child))
 
 
 # --------------------------------------------------------------------------------------- reading
@@ -307,11 +484,11 @@ def checked_number(value: Any, field_name: str, kind: type, lo: float, hi: float
         ok_type = ok_type or isinstance(value, float)
     if not ok_type:
         raise UsageError(
-            f"{source}: {field_name} is {value!r:.40} ({type(value).__name__}); it must be {what} in {rng}"
+            f"{source}: {field_name} is {brief(value)} ({type(value).__name__}); it must be {what} in {rng}"
         )
     inside = lo <= value <= hi if kind is int else (math.isfinite(value) and lo <= value < hi)
     if not inside:
-        raise UsageError(f"{source}: {field_name} = {value!r:.40} is out of range; allowed: {what} in {rng}")
+        raise UsageError(f"{source}: {field_name} = {brief(value)} is out of range; allowed: {what} in {rng}")
     return kind(value)
 
 
@@ -369,12 +546,14 @@ def check_against_tensors(config: Mamba4RecConfig, state_dict: Any, source: str)
 
     The layer count is compared first (a config asking for 100000 layers fails here without
     computing 100000 layers' shapes); then every name and shape. The model built afterwards has
-    exactly the file's tensors' sizes, so a small file cannot make us allocate a large model.
+    exactly the file's tensors' sizes, and :func:`check_tensor_data` makes those sizes real bytes of
+    the file, so a small file cannot make us allocate a large model.
     """
     if not isinstance(state_dict, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()
     ):
         raise UsageError(f"{source}: the checkpoint's state_dict is not a mapping of names to tensors")
+    check_tensor_data(state_dict, source)
     layers = {k.split(".")[1] for k in state_dict if k.startswith("mamba_layers.") and k.count(".") >= 2}
     if len(layers) != config.num_layers:
         raise UsageError(
@@ -397,44 +576,36 @@ def check_against_tensors(config: Mamba4RecConfig, state_dict: Any, source: str)
             )
 
 
-def _describe_non_file(p: Path) -> str | None:
-    """What ``p`` is when it is not a regular file (None when it is one)."""
-    try:
-        st = p.stat()
-    except FileNotFoundError:
-        return "does not exist"
-    except OSError as exc:
-        return f"cannot be read ({exc.strerror})"
-    if stat.S_ISREG(st.st_mode):
-        return None
-    kinds = [
-        (stat.S_ISDIR, "is a directory"),
-        (stat.S_ISFIFO, "is a FIFO (named pipe)"),
-        (stat.S_ISCHR, "is a character device"),
-        (stat.S_ISBLK, "is a block device"),
-        (stat.S_ISSOCK, "is a socket"),
-    ]
-    return next((text for test, text in kinds if test(st.st_mode)), "is not a regular file")
-
-
 def read_checkpoint(path: str | Path, dataset: Any = None) -> Checkpoint:
     """Read an own-format or RecBole checkpoint (no model is built).
 
     Only torch's zip format is read (``torch.save`` has written it since torch 1.6): the legacy
-    format's loader acts on module-level state for some pickles. Own-format files load with
-    ``torch.load(weights_only=True)``; anything else (a RecBole Config) with
-    :func:`_restricted_zip_load`. ``dataset`` (a :class:`m4r_export.data.SequenceDataset`)
-    supplies the item vocabulary of a RecBole checkpoint.
+    format's loader acts on module-level state for some pickles. Both formats are read with
+    :func:`_restricted_zip_load` (own-format files are also loadable with
+    ``torch.load(weights_only=True)``, which this reader is stricter than), then checked with
+    :func:`check_nesting` before anything looks at a value. ``dataset`` (a
+    :class:`m4r_export.data.SequenceDataset`) supplies the item vocabulary of a RecBole checkpoint.
     """
     p = Path(path)
-    problem = _describe_non_file(p)
-    if problem is not None:
-        raise UsageError(f"checkpoint {p} {problem}; pass the model.pt file written by `m4r train`")
-    if p.stat().st_size == 0:
+    with open_regular(p, "checkpoint", "pass the model.pt file written by `m4r train`") as fh:
+        obj = _load_zip(fh, p)
+    check_nesting(obj, f"checkpoint {p}")
+    if not isinstance(obj, dict):
+        raise UsageError(f"{p} holds a {type(obj).__name__}, not a checkpoint dict; {_FORMATS_HINT}")
+    if obj.get("format") == FORMAT_TAG:
+        return _from_own(p, obj)
+    if "state_dict" in obj and "config" in obj:
+        return _from_recbole(p, obj, dataset)
+    keys = sorted(brief(k, 20) for k in list(obj)[:8])
+    raise UsageError(f"{p} is a dict with keys {keys}, not a known checkpoint; {_FORMATS_HINT}")
+
+
+def _load_zip(fh: io.BufferedReader, p: Path) -> Any:
+    if os.fstat(fh.fileno()).st_size == 0:
         raise UsageError(f"checkpoint {p} is empty (0 bytes); re-copy it or re-run `m4r train`")
-    if not zipfile.is_zipfile(p):
-        with open(p, "rb") as fh:
-            head = fh.read(4)
+    if not zipfile.is_zipfile(fh):
+        fh.seek(0)
+        head = fh.read(4)
         if head == b"PK\x03\x04":  # a zip whose central directory (at the end) is missing
             raise UsageError(f"checkpoint {p} is truncated or corrupt; re-copy it or re-run `m4r train`")
         if head[:1] == b"\x80":
@@ -447,23 +618,7 @@ def read_checkpoint(path: str | Path, dataset: Any = None) -> Checkpoint:
             "RecBole checkpoint of the reference Mamba4Rec code)"
         )
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception:
-        obj = _load_restricted(p)  # RecBole: pickled Config -> restricted unpickler
-    if not isinstance(obj, dict):
-        raise UsageError(f"{p} holds a {type(obj).__name__}, not a checkpoint dict; {_FORMATS_HINT}")
-    if obj.get("format") == FORMAT_TAG:
-        return _from_own(p, obj)
-    if "state_dict" in obj and "config" in obj:
-        return _from_recbole(p, obj, dataset)
-    raise UsageError(
-        f"{p} is a dict with keys {sorted(map(str, obj))[:8]}, not a known checkpoint; {_FORMATS_HINT}"
-    )
-
-
-def _load_restricted(p: Path) -> Any:
-    try:
-        return _restricted_zip_load(p)
+        return _restricted_zip_load(fh, p)
     except M4RError:
         raise
     except Exception as exc:
@@ -561,6 +716,38 @@ def _from_recbole(path: Path, obj: dict[str, Any], dataset: Any) -> Checkpoint:
         "epoch": obj.get("epoch"),
     }
     return Checkpoint(config, state_dict, tokens, meta, "recbole")
+
+
+def check_tensor_data(state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Every tensor's values must be bytes its storage holds: no repeats, no sharing beyond it.
+
+    A stride-0 view (``expand``) of one stored element can claim 4M x 64 values; so can rows that
+    overlap (stride 1 for a 64-wide row), or many tensors viewing the same bytes. Building the model
+    copies every claimed value, so each is refused here: no zero stride along a dimension longer than
+    1, no tensor needing more bytes than its storage, and no more bytes claimed in all than the
+    distinct storages hold.
+    """
+    held: dict[tuple[int, int], int] = {}
+    claimed = 0
+    for name, t in state_dict.items():
+        if t.layout != torch.strided or t.is_quantized or t.device.type == "meta":
+            raise UsageError(f"{source}: tensor {brief(name, 80)} is not a plain dense tensor ({t.layout})")
+        need = t.numel() * t.element_size()
+        storage = t.untyped_storage()
+        repeats = any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride(), strict=True))
+        if repeats or need > storage.nbytes() - t.storage_offset() * t.element_size():
+            raise UsageError(
+                f"{source}: tensor {brief(name, 80)} claims shape {tuple(t.shape)} ({need:,} bytes) over "
+                f"{storage.nbytes():,} bytes of data (strides {t.stride()}); the file is corrupt or built to "
+                "exhaust memory. Re-save the checkpoint with `m4r train` or torch.save"
+            )
+        held[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
+        claimed += need
+    if claimed > sum(held.values()):
+        raise UsageError(
+            f"{source}: its tensors claim {claimed:,} bytes but share {sum(held.values()):,} bytes of data; "
+            "the file is corrupt or built to exhaust memory. Re-save the checkpoint with `m4r train`"
+        )
 
 
 def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:

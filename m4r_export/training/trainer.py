@@ -299,8 +299,15 @@ class Trainer:
         if changed:
             diffs = ", ".join(f"{k}: {st['config'].get(k)!r} -> {getattr(self.cfg, k)!r}" for k in changed)
             raise UsageError(f"cannot resume from {p}: the config changed ({diffs}); use the run's config")
+        if st["config"].get("valid_metric") != self.cfg.valid_metric:
+            raise UsageError(
+                f"cannot resume from {p}: valid_metric changed ({st['config'].get('valid_metric')!r} -> "
+                f"{self.cfg.valid_metric!r}), but the best epoch so far was chosen by the old one; use the "
+                "run's valid_metric"
+            )
         self.model.load_state_dict(st["model"])
         self.optimizer.load_state_dict(st["optimizer"])
+        self._apply_optimizer_settings(st["config"])
         self.epoch, self.next_batch = int(st["epoch"]), int(st["next_batch"])
         self.best_score, self.best_epoch = float(st["best_score"]), int(st["best_epoch"])
         self.best_valid, self.best_test = dict(st["best_valid"]), dict(st["best_test"])
@@ -313,6 +320,16 @@ class Trainer:
             )
             self.next_batch = 0
         self._rng_states = list(st["rng"]) if self.next_batch else None
+
+    def _apply_optimizer_settings(self, saved: dict[str, Any]) -> None:
+        """This run's learning_rate / weight_decay win over the state file's (which Adam's
+        ``load_state_dict`` restores); Adam's moments are kept. A change is logged."""
+        for key, group_key in (("learning_rate", "lr"), ("weight_decay", "weight_decay")):
+            value = getattr(self.cfg, key)
+            for group in self.optimizer.param_groups:
+                group[group_key] = value
+            if saved.get(key) != value:
+                self.log(f"resume: {key} {saved.get(key)} -> {value} (this run's value applies from now on)")
 
     # ------------------------------------------------------------------ checkpoint
     def _meta(self) -> dict[str, Any]:
