@@ -22,11 +22,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import UsageError
+
+if TYPE_CHECKING:
+    from .tables import Columns
 
 PAD_TOKEN = "[PAD]"
 
@@ -346,13 +349,15 @@ def load_dataset(
     min_user_inter: int = 5,
     min_item_inter: int = 5,
     encoding: str = "utf-8",
+    columns: Columns | None = None,
 ) -> SequenceDataset:
-    """Read an interaction file (RecBole ``.inter``, MovieLens ``u.data``/``ratings.dat``, or a directory
-    holding one; text in ``encoding``, strictly) and apply the reference protocol (module docstring)."""
-    from .readers import read_interactions
+    """Read an interaction file (RecBole ``.inter``, MovieLens ``u.data``/``ratings.dat``, CSV/TSV or
+    Parquet with the column names in ``columns``, or a directory holding one; text in ``encoding``,
+    strictly) and apply the reference protocol (module docstring)."""
+    from .tables import read_log
 
     t0 = time.perf_counter()
-    inter = read_interactions(path, encoding)
+    inter = read_log(path, columns, encoding)
     ds = build_dataset(
         inter.users,
         inter.items,
