@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from ..data.cli import column_options, columns_from
 from ..errors import M4RError, UsageError
 
 #: options that take several values after one flag (``--batch 1 32 256``)
@@ -133,6 +134,7 @@ def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
     help="Compare even when --ckpt is not the checkpoint the artifact was exported from (its sha256 differs "
     "from the manifest's); the report notes it.",
 )
+@column_options
 def verify(
     ckpt: Path,
     artifact: Path,
@@ -158,6 +160,7 @@ def verify(
     max_ndcg_delta: float | None,
     max_hit_delta: float | None,
     allow_other_checkpoint: bool,
+    **cols: Any,
 ) -> None:
     """Check that an exported artifact ranks items like the PyTorch model.
 
@@ -198,6 +201,8 @@ def verify(
         ort_ops=ort_ops,
         exclude=exclude,
         allow_other_checkpoint=allow_other_checkpoint,
+        columns=columns_from(cols),
+        log=lambda line: click.echo(line, err=True),
     )
     render_verify(report)
     _write_json(json_path, report.to_dict())
