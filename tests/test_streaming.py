@@ -385,7 +385,11 @@ def test_bench_streaming_command(export_dir: tuple[Path, Mamba4Rec], tmp_path: P
         ],
     )
     assert res.exit_code == 0, res.output
-    assert "| batch | history | re-encode ms | step ms" in res.output
+    # the header once, before the rows; each row once (issue 22.7: rows came first, then the table again)
+    lines = res.output.splitlines()
+    heads = [n for n, ln in enumerate(lines) if ln.startswith("| batch | history | re-encode ms | step ms")]
+    rows = [n for n, ln in enumerate(lines) if re.match(r"\|\s+\d+ \|", ln)]
+    assert len(heads) == 1 and len(rows) == 4 and heads[0] < rows[0], res.output
     report = json.loads(out.read_text())
     assert [(p["batch"], p["history"]) for p in report["points"]] == [(1, 4), (1, 20), (3, 4), (3, 20)]
     for p in report["points"]:

@@ -39,7 +39,8 @@ def _threads_option(f: Any) -> Any:
         "--threads",
         type=click.IntRange(min=1),
         default=None,
-        help="CPU threads for every backend (default: the cores this process may use).",
+        help="CPU threads for every backend (default: 1, the number that stays comparable on a shared "
+        "machine; pass --threads N for multi-threaded numbers).",
     )(f)
 
 
@@ -321,6 +322,7 @@ def bench(
     if streaming:
         from . import bench_streaming as bs
 
+        click.echo(bs.TABLE_HEAD)  # once, then each row as it is measured, then the footer
         sresult = bs.run_streaming_bench(
             artifact,
             batches=list(batches) or list(bs.DEFAULT_BATCHES),
@@ -330,10 +332,10 @@ def bench(
             warmup=warmup,
             repeats=repeats,
             max_seconds=max_seconds,
-            progress=lambda line: click.echo(line, err=True),
+            progress=click.echo,
         )
         table = bs.render_table(sresult)
-        click.echo(table)
+        click.echo(f"\n{bs.render_footer(sresult)}")
         _write_json(json_path, sresult)
         if markdown is not None:
             from ..fileio import write_text_atomic
