@@ -178,3 +178,21 @@ def render_table(result: dict[str, Any]) -> str:
     """The markdown table of ``result`` (what README's streaming table is generated from)."""
     rows = "\n".join(format_point(p) for p in result["points"])
     return f"{TABLE_HEAD}\n{rows}\n\n{render_footer(result)}"
+
+
+def summary_table(result: dict[str, Any]) -> str:
+    """README's streaming table (p50 per call; generated from a `m4r bench --streaming --json` report by
+    scripts/doc_tables.py, and checked against it by tests/test_doc_tables.py)."""
+    lines = [
+        "| batch | history | re-encode ms | step ms | speed-up per event |",
+        "|------:|--------:|-------------:|--------:|---------:|",
+    ]
+    for p in result["points"]:
+        r, s = p["reencode"]["p50_ms"], p["step"]["p50_ms"]
+        lines.append(f"| {p['batch']} | {p['history']} | {_ms(r)} | {_ms(s)} | {p['speedup']:.1f}x |")
+    return "\n".join(lines)
+
+
+def _ms(value: float) -> str:
+    """Three significant digits (0.133, 1.84, 13.0, 890, 3562)."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}" if value >= 1 else f"{value:.3f}"
