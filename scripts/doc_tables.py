@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's m4r_export, whatever is installed
 DOCS = (ROOT / "README.md", ROOT / "docs" / "streaming.md")
 
 
@@ -41,7 +42,7 @@ def regenerate(text: str) -> str:
         name = m.group(1)
         return f"<!-- table:{name} -->\n{render[name](json_for(name))}\n<!-- /table:{name} -->"
 
-    return re.sub(r"<!-- table:([\w-]+) -->\n.*?\n<!-- /table:\1 -->", sub, text, flags=re.S)
+    return re.sub(r"<!-- table:([\w-]+) -->\n(?:.*?\n)?<!-- /table:\1 -->", sub, text, flags=re.S)
 
 
 def main(argv: list[str]) -> int:

@@ -156,8 +156,8 @@ def run_streaming_bench(
 def format_point(p: dict[str, Any]) -> str:
     r, s = p["reencode"], p["step"]
     return (
-        f"| {p['batch']:>5} | {p['history']:>7} | {r['p50_ms']:>12.3f} | {s['p50_ms']:>9.3f} | "
-        f"{r['events_per_s']:>14.0f} | {s['events_per_s']:>11.0f} | {p['speedup']:>7.1f}x | {p['runs']:>4} |"
+        f"| {p['batch']:>5} | {p['history']:>7} | {r['p50_ms']:>12.3f} | {s['p50_ms']:>7.3f} | "
+        f"{r['events_per_s']:>14.0f} | {s['events_per_s']:>9.0f} | {p['speedup']:>7.1f}x | {p['runs']:>4} |"
     )
 
 
