@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "bench-train": "m4r_export.training.bench:bench_train",
     "demo": "m4r_export.demo:demo",
     "triton": "m4r_export.serve.cli:triton",
+    "serve": "m4r_export.serve.run:serve_cmd",
 }
 
 

@@ -192,10 +192,13 @@ class StreamingSession:
         gives the empty state (the outputs are then those the model gives an empty input).
         ``exclude``: per row, items never to rank in these outputs (ranking heads; not kept).
         """
-        if len(histories) == 0:
+        from .data.protocol import index_rows
+
+        given = index_rows(histories, "start(histories)")  # None, raw tokens, floats: a clear error
+        if len(given) == 0:
             raise UsageError("start(histories): need at least one history")
-        excl = self._exclude(exclude, len(histories))
-        rows = [[int(i) for i in h if 1 <= int(i) < self.n_items] for h in histories]
+        excl = self._exclude(exclude, len(given))
+        rows = [[i for i in h if 1 <= i < self.n_items] for h in given]
         names = [o.name for o in self._init.get_outputs()]
         parts: list[list[np.ndarray]] = []
         step = init_chunk_rows(self.manifest["model"], max(1, max(len(r) for r in rows)))

@@ -292,7 +292,9 @@ def test_header_sniffing_for_other_names(tmp_path):
         ),
         ("u.data", "1\t2\t3\tlater\n", ["u.data", "line 1", "'later'"]),
         ("ratings.dat", "", ["ratings.dat", "empty"]),
-        ("notes.csv", "user,item,time\n1,2,3\n", ["notes.csv", "unsupported", "RecBole"]),
+        # a CSV log is read (issue 22); a missing column is named with what was found
+        ("notes.csv", "user,item,time\n1,2,3\n", ["notes.csv", "no user column 'user_id'", "'user', 'item'"]),
+        ("notes.xyz", "user,item,time\n1,2,3\n", ["notes.xyz", "unsupported", "RecBole", "CSV/TSV"]),
     ],
 )
 def test_bad_files_raise_clear_errors(tmp_path, name, text, needles):

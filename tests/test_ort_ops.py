@@ -374,3 +374,21 @@ def test_ort_recommend_prints_the_python_top_k(
 
     bad = subprocess.run([*cmd[:-1], "not-an-item"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "Error: item token 'not-an-item' is not in items.txt" in bad.stderr
+
+
+def test_ort_recommend_names_a_missing_model_and_is_quiet_on_fp16(
+    ort_recommend: Path, exported: tuple[Path, Mamba4Rec]
+) -> None:
+    """Issue 22.7: the missing file named is the model (not items.txt looked for beside it), and an fp16
+    model prints no ONNX Runtime optimizer warnings."""
+    import subprocess
+
+    proc = subprocess.run([str(ort_recommend), "--model", "nope.onnx", "5"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("Error: --model nope.onnx: cannot read it") and "--items" not in proc.stderr
+    out, model = exported
+    ex.export_artifacts(model, out / "art16", ex.ExportOptions(head="scores", max_seq_len=12, fp16=True))
+    cmd = [str(ort_recommend), "--model", str(out / "art16" / "model.fp16.onnx"), "--k", "3", "i3", "i5"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.splitlines()) == 3 and proc.stderr == ""

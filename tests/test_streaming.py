@@ -385,9 +385,42 @@ def test_bench_streaming_command(export_dir: tuple[Path, Mamba4Rec], tmp_path: P
         ],
     )
     assert res.exit_code == 0, res.output
-    assert "| batch | history | re-encode ms | step ms" in res.output
+    # the header once, before the rows; each row once (issue 22.7: rows came first, then the table again)
+    lines = res.output.splitlines()
+    heads = [n for n, ln in enumerate(lines) if ln.startswith("| batch | history | re-encode ms | step ms")]
+    rows = [n for n, ln in enumerate(lines) if re.match(r"\|\s+\d+ \|", ln)]
+    assert len(heads) == 1 and len(rows) == 4 and heads[0] < rows[0], res.output
     report = json.loads(out.read_text())
     assert [(p["batch"], p["history"]) for p in report["points"]] == [(1, 4), (1, 20), (3, 4), (3, 20)]
     for p in report["points"]:
         assert p["runs"] == 3 and p["step"]["p50_ms"] > 0 and p["reencode"]["p50_ms"] > 0
         assert p["speedup"] == pytest.approx(p["reencode"]["p50_ms"] / p["step"]["p50_ms"])
+
+
+def test_session_start_refuses_none_and_raw_tokens(export_dir: tuple[Path, Mamba4Rec]) -> None:
+    """Issue 22.7: start(None) is a clear error (was a bare TypeError); string tokens are refused
+    (were read as indices: the token '5' is not item index 5)."""
+    session = StreamingSession.from_dir(export_dir[0])
+    with pytest.raises(UsageError, match=r"start\(histories\): expected one list of item indices per row"):
+        session.start(None)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match=r"row 0 holds '5' \(str\).*encode_histories"):
+        session.start([["5", "17"]])  # type: ignore[list-item]
+    with pytest.raises(UsageError, match="row 1 holds 2.0"):
+        session.start([[1], [2.0]])  # type: ignore[list-item]
+    assert session.start(np.array([[1, 2]]))[session.head_names[0]].shape[0] == 1
+
+
+def test_index_inputs_refuse_raw_tokens() -> None:
+    from m4r_export.data import pad_sequences
+    from m4r_export.onnx import histories_to_inputs, truncate_inputs
+
+    with pytest.raises(UsageError, match=r"histories: row 0 holds '5'.*encode_histories"):
+        pad_sequences([["5", "17"]], 4)
+    with pytest.raises(UsageError, match=r"histories: row 0 holds '5'"):
+        histories_to_inputs([["5", "17"]], 4)
+    with pytest.raises(
+        UsageError, match=r"item_seq must hold integer item indices, got <U2.*encode_histories"
+    ):
+        truncate_inputs([["5", "17"]], [2], 4)  # type: ignore[arg-type]
+    seq, lens = pad_sequences([[5, 17], np.array([3])], 4)
+    assert seq.tolist() == [[5, 17, 0, 0], [3, 0, 0, 0]] and lens.tolist() == [2, 1]

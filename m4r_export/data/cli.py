@@ -2,11 +2,41 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
 from .download import MOVIELENS, default_cache_dir
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def column_options(f: F) -> F:
+    """``--user-col``, ``--item-col``, ``--time-col``, ``--delimiter`` (read with :func:`columns_from`)."""
+    opts = [
+        click.option("--user-col", default=None, help="Column holding user ids (default user_id)."),
+        click.option("--item-col", default=None, help="Column holding item ids (default item_id)."),
+        click.option("--time-col", default=None, help="Column holding timestamps (default timestamp)."),
+        click.option(
+            "--delimiter",
+            default=None,
+            help="CSV/TSV delimiter: one character, or tab/comma/semicolon/pipe (default: detected).",
+        ),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def columns_from(kwargs: dict[str, Any]) -> Any:
+    """Pop the :func:`column_options` values from ``kwargs``; a :class:`~m4r_export.data.tables.Columns`."""
+    from .tables import Columns
+
+    return Columns.of(
+        kwargs.pop("user_col"), kwargs.pop("item_col"), kwargs.pop("time_col"), kwargs.pop("delimiter")
+    )
 
 
 @click.group("data")
@@ -52,8 +82,12 @@ def download(name: str, dest: Path | None, archive: Path | None, url: str | None
 @click.option("--max-seq-len", type=int, default=50, show_default=True)
 @click.option("--min-user-inter", type=int, default=5, show_default=True)
 @click.option("--min-item-inter", type=int, default=5, show_default=True)
-def stats(path: Path, max_seq_len: int, min_user_inter: int, min_item_inter: int) -> None:
-    """Print users, items, interactions and split sizes of PATH after filtering."""
+@column_options
+def stats(path: Path, max_seq_len: int, min_user_inter: int, min_item_inter: int, **cols: Any) -> None:
+    """Print users, items, interactions and split sizes of PATH after filtering.
+
+    PATH: a RecBole .inter file, MovieLens u.data/ratings.dat, a CSV/TSV or Parquet log, or a folder.
+    """
     import numpy as np
     from rich.console import Console
 
@@ -61,7 +95,11 @@ def stats(path: Path, max_seq_len: int, min_user_inter: int, min_item_inter: int
     from .protocol import load_dataset
 
     ds = load_dataset(
-        path, max_seq_len=max_seq_len, min_user_inter=min_user_inter, min_item_inter=min_item_inter
+        path,
+        max_seq_len=max_seq_len,
+        min_user_inter=min_user_inter,
+        min_item_inter=min_item_inter,
+        columns=columns_from(cols),
     )
     users, items, n = ds.n_users - 1, ds.n_items - 1, ds.n_interactions
     all_users = np.concatenate([ds.train.user, ds.valid.user, ds.test.user])
@@ -79,6 +117,28 @@ def stats(path: Path, max_seq_len: int, min_user_inter: int, min_item_inter: int
     table.add_row("test samples", f"{len(ds.test):,}")
     table.add_row("load time", f"{ds.load_seconds:.2f} s")
     Console().print(table)
+
+
+@data.command("convert")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@column_options
+def convert(path: Path, out: Path, **cols: Any) -> None:
+    """Write PATH (CSV/TSV, Parquet, MovieLens, .inter) as a RecBole .inter file OUT.
+
+    Rows keep their order; only the user, item and timestamp columns are written, as user_id:token,
+    item_id:token, timestamp:float.
+    """
+    from .tables import read_log, write_inter
+
+    if out.suffix != ".inter":
+        from ..errors import UsageError
+
+        raise UsageError(f"output {out} must end in .inter (RecBole finds atomic files by suffix)")
+    inter = read_log(path, columns_from(cols))
+    write_inter(out, inter)
+    skipped = f", skipped {inter.n_skipped} row(s) with an empty user or item" if inter.n_skipped else ""
+    click.echo(f"wrote {len(inter):,} interactions from {inter.source} to {out}{skipped}")
 
 
 @data.command("synthetic")

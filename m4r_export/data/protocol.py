@@ -22,11 +22,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import UsageError
+
+if TYPE_CHECKING:
+    from .tables import Columns
 
 PAD_TOKEN = "[PAD]"
 
@@ -129,6 +132,53 @@ class SequenceDataset:
         )
 
 
+TOKEN_HINT = (
+    "raw item tokens? map them to indices first: encode_histories(histories, item_tokens, max_len) "
+    "with the checkpoint's item_tokens or the export's items.txt (a token '5' is not index 5)"
+)
+
+
+def index_rows(histories: Any, where: str) -> list[list[int]]:
+    """``histories`` (one sequence of integer item indices per row) as lists of ints.
+
+    Refuses ``None``, strings (raw tokens read as numbers would silently mean other items), floats
+    and booleans with a :class:`UsageError` naming the row and the value.
+    """
+    if isinstance(histories, np.ndarray) and histories.dtype.kind in "iu":
+        return [[int(v) for v in row] for row in np.atleast_2d(histories)]
+    if histories is None or isinstance(histories, (str, bytes)) or not isinstance(histories, Iterable):
+        raise UsageError(
+            f"{where}: expected one list of item indices per row (e.g. [[3, 17, 9]]), "
+            f"got {type(histories).__name__}"
+        )
+    rows: list[list[int]] = []
+    for r, h in enumerate(histories):
+        if h is None or isinstance(h, (str, bytes)) or not isinstance(h, Iterable):
+            hint = f"; {TOKEN_HINT}" if isinstance(h, str) else ""
+            raise UsageError(
+                f"{where}: row {r} is {h!r}, expected a list of item indices (e.g. [3, 17, 9]){hint}"
+            )
+        row: list[int] = []
+        for v in h:
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+                hint = f"; {TOKEN_HINT}" if isinstance(v, (str, bytes, np.str_)) else ""
+                raise UsageError(
+                    f"{where}: row {r} holds {v!r} ({type(v).__name__}); item ids are integer indices{hint}"
+                )
+            row.append(int(v))
+        rows.append(row)
+    return rows
+
+
+def index_array(values: Any, name: str) -> np.ndarray:
+    """``values`` as an int64 array; strings, floats and booleans are refused (see :func:`index_rows`)."""
+    arr = np.asarray(values)
+    if arr.dtype.kind not in "iu":
+        hint = f"; {TOKEN_HINT}" if arr.dtype.kind in "USO" else ""
+        raise UsageError(f"{name} must hold integer item indices, got {arr.dtype} values{hint}")
+    return arr.astype(np.int64, copy=False)
+
+
 def pad_sequences(histories: Sequence[Sequence[int]], max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Right-pad item-index histories (oldest first) to ``(n, max_len)``, keeping the most recent items.
 
@@ -137,11 +187,12 @@ def pad_sequences(histories: Sequence[Sequence[int]], max_len: int) -> tuple[np.
     """
     if max_len < 1:
         raise UsageError(f"max_len must be >= 1, got {max_len}")
-    n = len(histories)
+    rows = index_rows(histories, "histories")
+    n = len(rows)
     item_seq = np.zeros((n, max_len), dtype=np.int64)
     item_seq_len = np.zeros(n, dtype=np.int64)
-    for r, h in enumerate(histories):
-        tail = list(h)[-max_len:]
+    for r, h in enumerate(rows):
+        tail = h[-max_len:]
         item_seq[r, : len(tail)] = tail
         item_seq_len[r] = len(tail)
     return item_seq, item_seq_len
@@ -346,13 +397,15 @@ def load_dataset(
     min_user_inter: int = 5,
     min_item_inter: int = 5,
     encoding: str = "utf-8",
+    columns: Columns | None = None,
 ) -> SequenceDataset:
-    """Read an interaction file (RecBole ``.inter``, MovieLens ``u.data``/``ratings.dat``, or a directory
-    holding one; text in ``encoding``, strictly) and apply the reference protocol (module docstring)."""
-    from .readers import read_interactions
+    """Read an interaction file (RecBole ``.inter``, MovieLens ``u.data``/``ratings.dat``, CSV/TSV or
+    Parquet with the column names in ``columns``, or a directory holding one; text in ``encoding``,
+    strictly) and apply the reference protocol (module docstring)."""
+    from .tables import read_log
 
     t0 = time.perf_counter()
-    inter = read_interactions(path, encoding)
+    inter = read_log(path, columns, encoding)
     ds = build_dataset(
         inter.users,
         inter.items,

@@ -39,6 +39,8 @@ FORMATS: dict[str, str] = {
     "recbole": "RecBole atomic file (*.inter with a typed header such as user_id:token)",
     "ml-100k": "MovieLens-100K u.data (user<TAB>item<TAB>rating<TAB>timestamp)",
     "ml-1m": "MovieLens-1M ratings.dat (UserID::MovieID::Rating::Timestamp)",
+    "csv": "CSV/TSV log with a header row (*.csv, *.tsv; pick columns with --user-col/--item-col/--time-col)",
+    "parquet": "Parquet log (*.parquet, *.pq; same column options)",
 }
 
 REQUIRED_COLUMNS = ("user_id", "item_id", "timestamp")

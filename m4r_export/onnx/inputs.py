@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..data import pad_sequences
+from ..data.protocol import index_array
 from ..errors import UsageError
 
 
@@ -38,7 +39,7 @@ def truncate_inputs(
     """
     if max_seq_len < 1:
         raise UsageError(f"max_seq_len must be >= 1, got {max_seq_len}")
-    seq = np.asarray(item_seq, dtype=np.int64)
+    seq = index_array(item_seq, "item_seq")
     if seq.ndim != 2:
         raise UsageError(f"item_seq must be 2-D [batch, seq], got shape {seq.shape}")
     lengths = np.asarray(item_seq_len, dtype=np.int64).reshape(-1)

@@ -72,9 +72,18 @@ def _free_port() -> int:
 class LocalTritonServer:
     """``with LocalTritonServer(repo) as server: server.http_url, server.grpc_url``."""
 
-    def __init__(self, repository: str | os.PathLike[str], *, startup_timeout_s: float = 120.0) -> None:
-        self.repository = Path(repository)
+    def __init__(
+        self,
+        repository: str | os.PathLike[str],
+        *,
+        startup_timeout_s: float = 120.0,
+        ports: tuple[int, int, int] | None = None,
+    ) -> None:
+        # absolute: the server runs in a work directory of its own, where a relative path means nothing
+        self.repository = Path(repository).expanduser().resolve()
         self.startup_timeout_s = startup_timeout_s
+        #: (http, grpc, metrics); None or 0 = a free port
+        self.ports = ports or (0, 0, 0)
         self.http_port = self.grpc_port = self.metrics_port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self._workdir: Path | None = None
@@ -104,7 +113,7 @@ class LocalTritonServer:
         backends = self._workdir / "backends"
         shutil.copytree(server / "backends", backends, ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copy2(stub, backends / "python" / "triton_python_backend_stub")
-        self.http_port, self.grpc_port, self.metrics_port = _free_port(), _free_port(), _free_port()
+        self.http_port, self.grpc_port, self.metrics_port = (p or _free_port() for p in self.ports)
         env = dict(os.environ)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH")) if p)
         # the stub embeds this Python: give it this interpreter's prefix and search path

@@ -68,6 +68,19 @@ def repository_readme(name: str, opts: Any, manifest: dict[str, Any], models: li
             lines.append(
                 "The Python-backend models need numpy (and onnxruntime for the model) in the server's Python."
             )
+        if opts.backend == "python":
+            lines += [
+                "",
+                "Without Docker, on a CPU host (tritonserver bundled in nvidia-pytriton, 127.0.0.1 only):",
+                "",
+                "```bash",
+                'pip install "m4r-export[triton]" "numpy<2"',
+                'pip install --no-deps "nvidia-pytriton==0.7.0"',
+                "m4r serve .        # prints the URLs and a curl example; Ctrl-C stops it",
+                "```",
+                "",
+                "Or the NGC container:",
+            ]
         lines += [
             "",
             "```bash",

@@ -7,9 +7,31 @@ from typing import Any
 
 import click
 
+from ..data.cli import column_options, columns_from
 from ..errors import UsageError
 
 BACKENDS = ["auto", "fast", "native", "reference", "cuda"]
+
+#: recipe keys with a `m4r train` option of their own (option -> (config key, type, help))
+CONFIG_OPTIONS: dict[str, tuple[str, Any, str]] = {
+    "--max-seq-len": ("max_seq_len", click.IntRange(min=1), "MAX_ITEM_LIST_LENGTH: items of history seen."),
+    "--hidden-size": ("hidden_size", click.IntRange(min=1), "Embedding and model width."),
+    "--num-layers": ("num_layers", click.IntRange(min=1), "Mamba layers."),
+    "--d-state": ("d_state", click.IntRange(min=1), "SSM state size."),
+    "--dropout": ("dropout_prob", click.FloatRange(0, 1, max_open=True), "dropout_prob."),
+    "--weight-decay": ("weight_decay", click.FloatRange(min=0), "Adam weight decay."),
+    "--stopping-step": ("stopping_step", click.IntRange(min=0), "Evaluations without improvement."),
+    "--min-user-inter": ("min_user_inter", click.IntRange(min=0), "k-core: interactions per user."),
+    "--min-item-inter": ("min_item_inter", click.IntRange(min=0), "k-core: interactions per item."),
+    "--eval-batch-size": ("eval_batch_size", click.IntRange(min=1), "Users per evaluation batch."),
+}
+
+
+def _config_options(f: Any) -> Any:
+    """One option per :data:`CONFIG_OPTIONS` entry; each overrides the recipe's key when given."""
+    for opt, (key, kind, text) in reversed(CONFIG_OPTIONS.items()):
+        f = click.option(opt, key, type=kind, default=None, help=f"Override {text}")(f)
+    return f
 
 
 @click.command("train")
@@ -58,6 +80,8 @@ BACKENDS = ["auto", "fast", "native", "reference", "cuda"]
     "--threads", type=int, default=None, help="CPU threads per process (default: torch's, the core count)."
 )
 @click.option("--debug-dump", type=click.Path(path_type=Path), default=None, hidden=True)
+@_config_options
+@column_options
 def train(
     data_path: Path,
     config_path: Path | None,
@@ -75,9 +99,11 @@ def train(
     no_progress: bool,
     threads: int | None,
     debug_dump: Path | None,
+    **more: Any,
 ) -> None:
     """Train Mamba4Rec on an interaction file; write the best epoch's checkpoint to OUT.
 
+    Every option that names a recipe key overrides the recipe (--config, or the defaults).
     Runs unchanged under `torchrun --nproc_per_node N` (DistributedDataParallel; rank 0 writes).
     """
     import torch
@@ -98,7 +124,9 @@ def train(
         train_batch_size=batch_size,
         learning_rate=lr,
         loss_type=loss_type,
+        **{key: more.pop(key) for key, _, _ in CONFIG_OPTIONS.values()},
     )
+    columns = columns_from(more).with_defaults(cfg.user_id_field, cfg.item_id_field, cfg.time_field)
     console = Console(stderr=True, soft_wrap=True)
     _set_threads(threads)
     try:
@@ -107,6 +135,7 @@ def train(
             max_seq_len=cfg.max_seq_len,
             min_user_inter=cfg.min_user_inter,
             min_item_inter=cfg.min_item_inter,
+            columns=columns,
         )
         trainer = Trainer(
             ds,
@@ -152,6 +181,7 @@ def _print_train_result(result: Any, out: Path, valid_metric: str) -> None:
         f"stopped by {result.stopped}, "
         f"wall time {result.wall_seconds / 60:.1f} min",
         highlight=False,
+        soft_wrap=True,  # off a terminal, never break the line mid-phrase at column 80
     )
 
 
@@ -189,6 +219,7 @@ def _print_train_result(result: Any, out: Path, valid_metric: str) -> None:
     help="Never rank items the user interacted with before the target (the full history, not only the "
     "max-seq-len window): what a top-K artifact fed that history as exclude_items returns.",
 )
+@column_options
 def evaluate(
     ckpt: Path,
     data_path: Path,
@@ -205,6 +236,7 @@ def evaluate(
     min_item_inter: int | None,
     threads: int | None,
     exclude_history: bool,
+    **cols: Any,
 ) -> None:
     """Full-ranking hit@K / ndcg@K / mrr@K of a checkpoint, beside the most-popular baseline.
 
@@ -232,6 +264,7 @@ def evaluate(
         min_user_inter=min_user_inter,
         min_item_inter=min_item_inter,
         exclude_history=exclude_history,
+        columns=columns_from(cols),
     )
     masked = ", known history excluded" if exclude_history else ""
     title = f"{report.split} split, {report.rows} users, full ranking{masked} ({report.seconds:.1f} s)"

@@ -3,7 +3,7 @@
 A recipe may use the reference Mamba4Rec/RecBole keys (``MAX_ITEM_LIST_LENGTH``,
 ``train_batch_size``, ``learning_rate``, ``stopping_step``, ``user_inter_num_interval``, ...) or
 m4r's own names (``max_seq_len``, ``min_user_inter``, ...). Keys that only steer RecBole's
-machinery (``gpu_id``, ``log_wandb``, ``load_col``, ``USER_ID_FIELD``, ...) are accepted and
+machinery (``gpu_id``, ``log_wandb``, ``load_col``, ...) are accepted and
 ignored when their value is the one m4r implements anyway; any other key is refused, naming it, so
 a typo never silently falls back to a default.
 """
@@ -34,6 +34,10 @@ class TrainConfig:
     max_seq_len: int = 50
     min_user_inter: int = 5
     min_item_inter: int = 5
+    #: the interaction log's column names (RecBole's USER_ID_FIELD, ITEM_ID_FIELD, TIME_FIELD)
+    user_id_field: str = "user_id"
+    item_id_field: str = "item_id"
+    time_field: str = "timestamp"
     # optimisation
     loss_type: str = "CE"
     epochs: int = 300
@@ -55,6 +59,9 @@ class TrainConfig:
         "MAX_ITEM_LIST_LENGTH": "max_seq_len",
         "batch_size": "train_batch_size",
         "lr": "learning_rate",
+        "USER_ID_FIELD": "user_id_field",
+        "ITEM_ID_FIELD": "item_id_field",
+        "TIME_FIELD": "time_field",
     }
 
     def to_dict(self) -> dict[str, Any]:
@@ -125,9 +132,6 @@ _IGNORED: dict[str, Any] = {
     "show_progress": None,
     "state": None,
     "reproducibility": None,
-    "USER_ID_FIELD": ("user_id",),
-    "ITEM_ID_FIELD": ("item_id",),
-    "TIME_FIELD": ("timestamp",),
     "load_col": None,
     "learner": ("adam",),
     "train_neg_sample_args": None,  # checked against loss_type below

@@ -12,6 +12,7 @@ import torch
 
 from ..checkpoint import Checkpoint, read_checkpoint
 from ..data import SequenceDataset, load_dataset
+from ..data.tables import Columns
 from ..errors import UsageError
 from ..model import Mamba4Rec
 from ..model.scan import resolve_backend
@@ -90,6 +91,7 @@ def evaluate_checkpoint(
     min_user_inter: int | None = None,
     min_item_inter: int | None = None,
     exclude_history: bool = False,
+    columns: Columns | None = None,
 ) -> EvalReport:
     """Full-ranking metrics of a checkpoint (own format or RecBole) on ``split`` of ``data_path``.
 
@@ -112,6 +114,7 @@ def evaluate_checkpoint(
         max_seq_len=int(max_seq_len or meta.get("max_seq_len") or 50),
         min_user_inter=int(min_user_inter if min_user_inter is not None else meta.get("min_user_inter", 5)),
         min_item_inter=int(min_item_inter if min_item_inter is not None else meta.get("min_item_inter", 5)),
+        columns=columns,
     )
     tokens = check_vocabulary(ckpt, ds, str(ckpt_path))
     ckpt.item_tokens = tokens

@@ -403,6 +403,10 @@ class Trainer:
         stopped = "epochs"
         if self.best_epoch == 0 and not self.best_valid and self.epoch == 0 and self.next_batch == 0:
             # the untrained model is the baseline "best" (epoch 0), so a checkpoint always exists
+            self.log(
+                f"validating the untrained model (the epoch-0 baseline: {len(self.ds.valid):,} valid and "
+                f"{len(self.ds.test):,} test users, full ranking) ..."
+            )
             self.best_valid = self.evaluate_split("valid")
             self.best_test = self.evaluate_split("test")
             self.best_score = -math.inf
@@ -410,6 +414,11 @@ class Trainer:
                 self.save_best()
         self.model.train()
         n = len(self.ds.train)
+        if self.epoch < cfg.epochs:
+            self.log(
+                f"training: {n:,} samples per epoch, epochs {self.epoch + 1} to {cfg.epochs} (early stopping "
+                f"after {cfg.stopping_step} evaluations without improvement) ..."
+            )
         while self.epoch < cfg.epochs:
             shard = D.shard_indices(n, cfg.seed, self.epoch, self.info.rank, self.info.world_size)
             batches = [shard[a : a + self.rank_batch] for a in range(0, len(shard), self.rank_batch)]
@@ -600,7 +609,14 @@ class _ProgressBar:
         console = Console(stderr=True)
         if not (console.is_terminal if self.interactive is None else self.interactive):
             return self._lines()
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self._p = Progress(
             TextColumn("epoch {task.fields[epoch]}"),
@@ -609,6 +625,8 @@ class _ProgressBar:
             TextColumn("loss {task.fields[loss]:.4f}"),
             TextColumn("{task.fields[rate]:,.0f} samples/s"),
             TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
             transient=True,
             console=console,
         )
@@ -632,9 +650,10 @@ class _ProgressBar:
             now = self.clock()
             if done < self.total and (done % self.every == 0 or now - last >= self.interval_s):
                 last = now
+                eta = (now - t0) / (done - self.start) * (self.total - done)
                 self.log(
                     f"epoch {self.epoch}: batch {done}/{self.total}, loss {loss:.4f}, {rate:,.0f} samples/s, "
-                    f"{now - t0:.0f} s"
+                    f"{now - t0:.0f} s, ETA {_duration(eta)} for this epoch"
                 )
 
         return update
@@ -642,6 +661,16 @@ class _ProgressBar:
     def __exit__(self, *exc: object) -> None:
         if self.enabled and hasattr(self, "_p"):
             self._p.stop()
+
+
+def _duration(seconds: float) -> str:
+    """``42 s``, ``3 min 5 s``, ``2 h 10 min``."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {s % 3600 // 60} min"
 
 
 def default_state_path(out: Path) -> Path:

@@ -108,15 +108,44 @@ def _find_item_table(directory: Path, manifest: dict[str, Any] | None) -> Path |
     return None
 
 
+def streaming_graphs(directory: Path) -> set[str]:
+    """File names of the streaming graphs (init/step of `m4r export --streaming`) in ``directory``."""
+    import json
+
+    try:
+        manifest = json.loads((directory / MANIFEST_NAME).read_text(encoding="utf-8"))
+        files = manifest["streaming"]["files"]
+        names = {str(name) for per_precision in files.values() for name in per_precision.values()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        names = set()
+    return names | {"init.onnx", "step.onnx", "init.fp16.onnx", "step.fp16.onnx"}
+
+
+def _refuse_streaming(p: Path) -> None:
+    if p.name in streaming_graphs(p.parent):
+        raise UsageError(
+            f"artifact {p} is a streaming graph (init/step of `m4r export --streaming`), which verify does "
+            f"not compare: pass the serving graph {p.parent / 'model.onnx'} (same checkpoint). The export "
+            "itself checked init + step against a full re-encode (manifest.json: streaming.parity); "
+            "`m4r bench --streaming` times them"
+        )
+
+
 def load_artifact(path: str | Path) -> ArtifactInfo:
     """Read what ``verify``/``bench`` need to know about ``path`` (.onnx, or .plan/.engine)."""
     p = Path(path)
     if p.is_dir():
-        found = sorted(f.name for f in p.iterdir() if f.suffix in (*ONNX_SUFFIXES, *ENGINE_SUFFIXES))
+        streaming = streaming_graphs(p)
+        found = sorted(
+            f.name
+            for f in p.iterdir()
+            if f.suffix in (*ONNX_SUFFIXES, *ENGINE_SUFFIXES) and f.name not in streaming
+        )
         hint = f"one of the files in it: {', '.join(found)}" if found else "DIR/model.onnx (m4r export)"
         raise UsageError(f"artifact {p} is a directory; --artifact takes a model file: pass {hint}")
     if not p.is_file():
         raise UsageError(f"artifact {p} does not exist; pass DIR/model.onnx (m4r export) or DIR/model.plan")
+    _refuse_streaming(p)
     notes: list[str] = []
     if p.suffix in ENGINE_SUFFIXES:
         kind = "engine"

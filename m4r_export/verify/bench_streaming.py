@@ -156,18 +156,43 @@ def run_streaming_bench(
 def format_point(p: dict[str, Any]) -> str:
     r, s = p["reencode"], p["step"]
     return (
-        f"| {p['batch']:>5} | {p['history']:>7} | {r['p50_ms']:>12.3f} | {s['p50_ms']:>9.3f} | "
-        f"{r['events_per_s']:>14.0f} | {s['events_per_s']:>11.0f} | {p['speedup']:>7.1f}x | {p['runs']:>4} |"
+        f"| {p['batch']:>5} | {p['history']:>7} | {r['p50_ms']:>12.3f} | {s['p50_ms']:>7.3f} | "
+        f"{r['events_per_s']:>14.0f} | {s['events_per_s']:>9.0f} | {p['speedup']:>7.1f}x | {p['runs']:>4} |"
+    )
+
+
+TABLE_HEAD = (
+    "| batch | history | re-encode ms | step ms | re-encode ev/s | step ev/s | speed-up | runs |\n"
+    "|------:|--------:|-------------:|--------:|---------------:|----------:|---------:|-----:|"
+)
+
+
+def render_footer(result: dict[str, Any]) -> str:
+    return (
+        f"{result['runtime']}, {result['threads']} thread(s), {result['precision']}; "
+        "p50 per call (one new event per row)"
     )
 
 
 def render_table(result: dict[str, Any]) -> str:
-    head = (
-        "| batch | history | re-encode ms | step ms | re-encode ev/s | step ev/s | speed-up | runs |\n"
-        "|------:|--------:|-------------:|--------:|---------------:|----------:|---------:|-----:|"
-    )
+    """The markdown table of ``result`` (what README's streaming table is generated from)."""
     rows = "\n".join(format_point(p) for p in result["points"])
-    return (
-        f"{head}\n{rows}\n\n{result['runtime']}, {result['threads']} thread(s), {result['precision']}; "
-        f"p50 per call (one new event per row)"
-    )
+    return f"{TABLE_HEAD}\n{rows}\n\n{render_footer(result)}"
+
+
+def summary_table(result: dict[str, Any]) -> str:
+    """README's streaming table (p50 per call; generated from a `m4r bench --streaming --json` report by
+    scripts/doc_tables.py, and checked against it by tests/test_doc_tables.py)."""
+    lines = [
+        "| batch | history | re-encode ms | step ms | speed-up per event |",
+        "|------:|--------:|-------------:|--------:|---------:|",
+    ]
+    for p in result["points"]:
+        r, s = p["reencode"]["p50_ms"], p["step"]["p50_ms"]
+        lines.append(f"| {p['batch']} | {p['history']} | {_ms(r)} | {_ms(s)} | {p['speedup']:.1f}x |")
+    return "\n".join(lines)
+
+
+def _ms(value: float) -> str:
+    """Three significant digits (0.133, 1.84, 13.0, 890, 3562)."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}" if value >= 1 else f"{value:.3f}"

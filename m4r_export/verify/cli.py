@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from ..data.cli import column_options, columns_from
 from ..errors import M4RError, UsageError
 
 #: options that take several values after one flag (``--batch 1 32 256``)
@@ -38,7 +39,8 @@ def _threads_option(f: Any) -> Any:
         "--threads",
         type=click.IntRange(min=1),
         default=None,
-        help="CPU threads for every backend (default: the cores this process may use).",
+        help="CPU threads for every backend (default: 1, the number that stays comparable on a shared "
+        "machine; pass --threads N for multi-threaded numbers).",
     )(f)
 
 
@@ -133,6 +135,7 @@ def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
     help="Compare even when --ckpt is not the checkpoint the artifact was exported from (its sha256 differs "
     "from the manifest's); the report notes it.",
 )
+@column_options
 def verify(
     ckpt: Path,
     artifact: Path,
@@ -158,6 +161,7 @@ def verify(
     max_ndcg_delta: float | None,
     max_hit_delta: float | None,
     allow_other_checkpoint: bool,
+    **cols: Any,
 ) -> None:
     """Check that an exported artifact ranks items like the PyTorch model.
 
@@ -198,6 +202,8 @@ def verify(
         ort_ops=ort_ops,
         exclude=exclude,
         allow_other_checkpoint=allow_other_checkpoint,
+        columns=columns_from(cols),
+        log=lambda line: click.echo(line, err=True),
     )
     render_verify(report)
     _write_json(json_path, report.to_dict())
@@ -316,6 +322,7 @@ def bench(
     if streaming:
         from . import bench_streaming as bs
 
+        click.echo(bs.TABLE_HEAD)  # once, then each row as it is measured, then the footer
         sresult = bs.run_streaming_bench(
             artifact,
             batches=list(batches) or list(bs.DEFAULT_BATCHES),
@@ -325,10 +332,10 @@ def bench(
             warmup=warmup,
             repeats=repeats,
             max_seconds=max_seconds,
-            progress=lambda line: click.echo(line, err=True),
+            progress=click.echo,
         )
         table = bs.render_table(sresult)
-        click.echo(table)
+        click.echo(f"\n{bs.render_footer(sresult)}")
         _write_json(json_path, sresult)
         if markdown is not None:
             from ..fileio import write_text_atomic

@@ -23,7 +23,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,6 +33,11 @@ from ..integrity import ArtifactIntegrityError, check_checkpoint_matches
 from .artifact import ArtifactInfo, load_artifact
 from .metrics import non_finite, ranking_parity, score_errors, topk_from_scores
 from .runners import TorchRunner, default_backend, default_threads, fit_width, make_runner
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ..checkpoint import Checkpoint
 
 
 @dataclass(frozen=True)
@@ -226,47 +231,42 @@ def generated_inputs(n_items: int, users: int, max_len: int, seed: int = 0) -> V
 
 
 def dataset_inputs(
-    data: str | Path, item_tokens: list[str] | None, users: int, max_len: int, seed: int = 0
+    data: str | Path,
+    ckpt: Checkpoint,
+    users: int,
+    max_len: int,
+    seed: int = 0,
+    *,
+    ckpt_label: str = "the checkpoint",
+    columns: Any = None,
 ) -> VerifyInputs:
-    """Test users of a dataset (leave-one-out), mapped to the checkpoint's item indices."""
+    """Test users of a dataset (leave-one-out), read with the checkpoint's protocol; the dataset's item
+    vocabulary must be the checkpoint's (the check ``m4r evaluate`` makes)."""
     from ..data import load_dataset
     from ..onnx.inputs import exclude_inputs
+    from ..training.evaluation import check_vocabulary
 
-    ds = load_dataset(data, max_seq_len=max_len)
+    meta = ckpt.meta
+    ds = load_dataset(
+        data,
+        max_seq_len=max_len,
+        min_user_inter=int(meta.get("min_user_inter", 5)),
+        min_item_inter=int(meta.get("min_item_inter", 5)),
+        columns=columns,
+    )
+    check_vocabulary(ckpt, ds, ckpt_label)
     split = ds.test
     notes: list[str] = []
     seq, lens, target = split.item_seq, split.item_seq_len, split.target
     known = ds.known_items("test")
-    if item_tokens is not None and list(item_tokens) != list(ds.item_tokens):
-        index = {t: i for i, t in enumerate(item_tokens) if i > 0}
-        lut = np.array([index.get(t, 0) for t in ds.item_tokens], dtype=np.int64)
-        lut[0] = 0
-        mapped = lut[seq]
-        # drop unknown items from histories (shift left), and users whose target is unknown
-        keep_target = lut[target] > 0
-        rows = []
-        n_unknown = 0
-        for r in range(len(mapped)):
-            hist = mapped[r, : lens[r]]
-            n_unknown += int(np.count_nonzero(hist == 0))
-            rows.append(hist[hist > 0])
-        from ..data import pad_sequences
-
-        seq, lens = pad_sequences(rows, max_len)
-        target = lut[target]
-        keep = keep_target & (lens > 0)
-        seq, lens, target = seq[keep], lens[keep], target[keep]
-        known = [lut[k][lut[k] > 0] for k, kept in zip(known, keep.tolist(), strict=True) if kept]
-        notes.append(
-            f"dataset item ids remapped to the checkpoint's vocabulary: {n_unknown} unknown history items "
-            f"dropped, {int(np.count_nonzero(~keep))} users dropped"
-        )
-    elif item_tokens is None:
-        notes.append("the checkpoint has no item vocabulary: dataset indices are used as model indices")
+    if ckpt.item_tokens is None:
+        notes.append("the checkpoint has no item vocabulary: only its item count was checked")
     n = len(seq)
     if n == 0:
         raise UsageError(f"{data}: no test users left to verify with")
+    sampled = ""
     if users < n:
+        sampled = f", sampled at random (seed {seed}; --users {n} for all)"
         pick = np.sort(np.random.default_rng(seed).choice(n, size=users, replace=False))
         seq, lens, target = seq[pick], lens[pick], target[pick]
         known = [known[i] for i in pick.tolist()]
@@ -274,7 +274,8 @@ def dataset_inputs(
         item_seq=seq.astype(np.int64),
         item_seq_len=lens.astype(np.int64),
         targets=target.astype(np.int64),
-        source=f"dataset {data}: {len(seq)} of {n} test users (leave-one-out targets), max_seq_len {max_len}",
+        source=f"dataset {data}: {len(seq)} of {n} test users{sampled} (leave-one-out targets), "
+        f"max_seq_len {max_len}",
         notes=notes,
         exclude_items=exclude_inputs(known),
     )
@@ -416,6 +417,8 @@ def run_verify(
     ort_ops: Path | None = None,
     allow_other_checkpoint: bool = False,
     exclude: str = "auto",
+    columns: Any = None,
+    log: Callable[[str], None] | None = None,
 ) -> VerifyReport:
     """Compare ``artifact`` with the PyTorch model of ``ckpt`` on every backend in ``backends``.
 
@@ -472,9 +475,11 @@ def run_verify(
 
     threads = threads or default_threads()
     if data is not None:
-        inputs = dataset_inputs(data, ck.item_tokens, users, max_len, seed)
+        inputs = dataset_inputs(data, ck, users, max_len, seed, ckpt_label=str(ckpt), columns=columns)
     else:
         inputs = generated_inputs(n_items, users, max_len, seed)
+    if log is not None:
+        log(f"verifying on {inputs.source} ...")
     if inputs.item_seq.shape[1] > max_len:
         inputs.item_seq, inputs.item_seq_len = fit_width(inputs.item_seq, inputs.item_seq_len, max_len)
         notes.append(f"histories longer than max_seq_len {max_len} keep their most recent items")

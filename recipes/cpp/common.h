@@ -84,6 +84,8 @@ inline Args parseArgs(int argc, char** argv, char const* libraryFlag, char const
         throw UsageError(std::string("--model is required; usage: ") + usage);
     if (a.history.empty())
         throw UsageError(std::string("give at least one item token (the user's history, oldest first); usage: ") + usage);
+    if (!std::ifstream(a.model, std::ios::binary))  // before items.txt, which is looked for beside it
+        throw UsageError("--model " + a.model + ": cannot read it (no such file?); pass the file written by m4r export");
     if (a.items.empty())
         a.items = besideModel(a.model, "items.txt");
     return a;

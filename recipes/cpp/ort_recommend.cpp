@@ -33,7 +33,8 @@ int64_t maxSeqLen(Ort::Session& session)
 int run(Args const& args)
 {
     auto const tokens = readItems(args.items);
-    Ort::Env env(ORT_LOGGING_LEVEL_WARNING, "ort_recommend");
+    // errors only: ONNX Runtime's optimizer notes (e.g. on fp16 graphs) are not the user's concern
+    Ort::Env env(ORT_LOGGING_LEVEL_ERROR, "ort_recommend");
     Ort::SessionOptions options;
     options.SetIntraOpNumThreads(args.threads);
     options.SetInterOpNumThreads(1);
