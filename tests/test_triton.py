@@ -198,13 +198,15 @@ def test_failed_run_keeps_the_old_repository_and_leaves_no_staging(
     assert run_cli("--artifacts", str(export_dir), "--repo", str(repo)).exit_code == 0
     before = {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()}
     import m4r_export.serve.repository as repository
+    from m4r_export.fileio import WriteError
+    from m4r_export.onnx.manifest import ArtifactFiles
 
-    def broken_copy(src: Any, dst: Any) -> None:
+    def broken_copy(self: Any, name: str, dst: Any) -> None:
         Path(dst).write_bytes(b"half")
-        raise OSError("disk full")
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(repository.shutil, "copyfile", broken_copy)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(ArtifactFiles, "copy_to", broken_copy)
+    with pytest.raises(WriteError, match=r"No space left on device \(ENOSPC\)"):
         repository.write_repository(export_dir, repo, repository.TritonOptions(with_tokens=True))
     assert {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()} == before
     assert sorted(os.listdir(tmp_path)) == ["repo"]

@@ -54,11 +54,13 @@ from .manifest import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
     MANIFEST_VERSION,
+    ArtifactFiles,
     file_entries,
     io_spec,
     manifest_bytes,
     previous_export,
 )
+from .manifest import ort_session as listed_session
 
 SCAN_BACKEND = "onnx-export"
 DEFAULT_OPSET = 20
@@ -469,8 +471,13 @@ def flush_denormal_enabled() -> bool:
     return bool((torch.tensor([1e-39]) * 1.0).item() == 0.0)
 
 
-def ort_session(model_bytes: bytes, threads: int | None = None, ort_ops: Path | None = None) -> Any:
+def ort_session(
+    model: bytes | tuple[ArtifactFiles, str], threads: int | None = None, ort_ops: Path | None = None
+) -> Any:
     """A CPU InferenceSession; keeps the calling thread's flush-to-zero setting.
+
+    ``model``: the model's bytes, or (an opened export, a listed name): then its checked bytes and
+    side files (:func:`m4r_export.onnx.manifest.ort_session`).
 
     ONNX Runtime's first session in a process clears the thread's FTZ/DAZ flags, which would make
     PyTorch's CPU scan 3-4x slower for the rest of the process (denormals); they are restored.
@@ -489,7 +496,10 @@ def ort_session(model_bytes: bytes, threads: int | None = None, ort_ops: Path | 
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
     ftz = flush_denormal_enabled()
-    sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+    if isinstance(model, tuple):
+        sess = listed_session(*model, so)
+    else:
+        sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
     if ftz and not flush_denormal_enabled():
         torch.set_flush_denormal(True)
     return sess
