@@ -144,6 +144,8 @@ def _plan_python_files(
     for f in sorted(keep):
         plan.copies[f"{name}/1/{f}"] = artifacts / f
     trimmed = dict(manifest, files={k: v for k, v in manifest["files"].items() if k in keep})
+    # the engine is not copied: a name the manifest gives must be a file it lists (open_artifact)
+    trimmed["tensorrt"] = {"status": "skipped", "reason": "not part of this Triton model"}
     plan.texts[f"{name}/1/{MANIFEST_NAME}"] = json.dumps(trimmed, indent=2)
     source = resources.files("m4r_export.serve.python_models").joinpath("streaming_model.py")
     plan.texts[f"{name}/1/model.py"] = source.read_text(encoding="utf-8")
