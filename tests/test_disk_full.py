@@ -1,4 +1,4 @@
-"""A failed write (full disk, quota, file-size limit) is one ``Error:`` line naming the file (issue 20 item 7).
+"""A failed write (disk full, quota, size limit) is one ``Error:`` line naming the file (issue 20.7).
 
 The kernel's own refusal is produced with ``RLIMIT_FSIZE`` (every write past the limit fails with
 EFBIG, through every layer: our atomic writes, shutil, torch.save's zip writer), lowered only
@@ -67,7 +67,8 @@ def test_export_on_a_full_disk_keeps_the_previous_export(setup: dict[str, Path],
     out = tmp_path / "out"
     shutil.copytree(setup["art"], out)
     before = _snapshot(out)
-    args = ["export", "--ckpt", setup["ckpt"], "--out-dir", out, "--max-seq-len", "8", "--head", "topk", "--k", "5"]
+    args = ["export", "--ckpt", setup["ckpt"], "--out-dir", out, "--max-seq-len", 8, "--head", "topk"]
+    args += ["--k", 5]
     with file_size_limit(4096):
         res = CliRunner().invoke(main, [str(a) for a in args])
     _one_error_line(res, str(out))

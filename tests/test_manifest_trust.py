@@ -189,3 +189,45 @@ def test_triton_copies_the_export_it_hashed(
     assert code == 0, out
     copied = (tmp_path / "repo" / "m4r_topk" / "1" / "model.onnx").read_bytes()
     assert copied == (exports["a"] / "model.onnx").read_bytes()
+
+
+# ----------------------------------------------- external data: loaded from the checked side file
+
+
+def _to_external_data(art: Path, side: str = "model.onnx.data") -> None:
+    """model.onnx with its weights in ``side``, listed under its entry's ``external_data``."""
+    proto = onnx.load(str(art / "model.onnx"))
+    onnx.save_model(
+        proto, str(art / "model.onnx"), save_as_external_data=True, location=side, size_threshold=0
+    )
+    rehash_manifest(art)
+    _edit(art, lambda m: m["files"]["model.onnx"].update(external_data=[side]))
+
+
+def test_external_data_comes_from_the_hashed_side_file(
+    exports: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    art = _copy(exports["a"], tmp_path / "art")
+    _to_external_data(art)
+    assert (art / "model.onnx.data").stat().st_size > 10_000  # the weights moved out of model.onnx
+    monkeypatch.chdir(tmp_path)  # ONNX Runtime itself would look for the side file here: it must not
+    # tensors above 1 KiB (the 2.5 KB item table) go through add_external_initializers
+    monkeypatch.setattr("m4r_export.onnx.manifest.INLINE_EXTERNAL_BYTES", 1024)
+    args = ["--artifact", art / "model.onnx", "--ckpt", exports["a.pt"], "--users", 20, "--k", 5]
+    code, out = _cli("verify", *args)
+    assert code == 0, out
+    data = bytearray((art / "model.onnx.data").read_bytes())
+    data[len(data) // 2] ^= 1
+    (art / "model.onnx.data").write_bytes(bytes(data))
+    code, out = _cli("verify", *args)
+    assert code == 3 and "model.onnx.data does not match its sha256" in out, out
+
+
+def test_external_data_named_outside_the_directory_is_refused(
+    exports: dict[str, Path], tmp_path: Path
+) -> None:
+    art = _copy(exports["a"], tmp_path / "art")
+    _to_external_data(art)
+    _edit(art, lambda m: m["files"]["model.onnx"].update(external_data=["../model.onnx.data"]))
+    code, out = _cli("verify", "--artifact", art / "model.onnx", "--ckpt", exports["a.pt"], "--k", 5)
+    assert code == 3 and "external_data names '../model.onnx.data'" in out, out

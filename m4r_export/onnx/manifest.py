@@ -18,10 +18,14 @@ Every file name a reader takes from the manifest (``files``, ``streaming.files``
 ``tensorrt.engine``/``engine_manifest``, and any future one: add it to :func:`referenced_names`)
 must be a plain name (no separator, not ``.``/``..``) listed and hashed in ``files``.
 
-ONNX external data: a ``files`` entry may list its side files as ``"external_data": [names]``;
-:func:`ort_session` then gives ONNX Runtime the model bytes and the side files' tensors (read from
-the same checked descriptors, via ``SessionOptions.add_external_initializers``), so ONNX Runtime
-never opens a path itself.
+ONNX external data: a ``files`` entry may list its side files as ``"external_data": [names]``
+(each one listed and hashed in ``files`` like any file). :func:`ort_session` then gives ONNX
+Runtime the graph's bytes and the side files' tensors, read from the same checked descriptors:
+small tensors are put back into the graph (shape inference reads constants before external
+initializers are substituted), large ones go through ``SessionOptions.add_external_initializers``
+as zero-copy OrtValues. ONNX Runtime never opens a path itself (given bytes, it would resolve
+side files against the working directory), so what runs is what was hashed. The cost: every side
+file is read into memory once (the weights are needed in memory anyway).
 
 What this does not do: authenticate. Whoever can rewrite ``manifest.json`` can rewrite its
 hashes; the checks catch corruption, partial copies, mixed exports, edits of a listed file and
@@ -413,13 +417,19 @@ def check_checkpoint_matches(manifest: Mapping[str, Any], ckpt: Path | str) -> N
 # ----------------------------------------------------------------------------- ONNX Runtime
 
 
+#: external tensors up to this size are put back into the graph: shape inference reads constants
+#: such as Split sizes before ONNX Runtime substitutes external initializers
+INLINE_EXTERNAL_BYTES = 1 << 20
+
+
 def ort_session(
     files: ArtifactFiles, name: str, options: Any = None, providers: Sequence[str] = ("CPUExecutionProvider",)
 ) -> Any:
     """An InferenceSession of the listed ONNX file ``name`` built from its checked bytes.
 
-    Side files named in the entry's ``external_data`` are read from their checked descriptors and
-    given to ONNX Runtime with ``add_external_initializers``: ONNX Runtime opens no path itself.
+    Side files named in the entry's ``external_data`` are read from their checked descriptors:
+    tensors up to :data:`INLINE_EXTERNAL_BYTES` go back into the (small) graph, larger ones are
+    given to ONNX Runtime with ``add_external_initializers``; ONNX Runtime opens no path itself.
     """
     import onnxruntime as ort
 
@@ -428,9 +438,9 @@ def ort_session(
     side = files.manifest["files"][name].get("external_data") or []
     keep: list[Any] = []
     if side:
-        names, values = _external_initializers(files, name, data, side)
-        keep = values
-        so.add_external_initializers(names, values)
+        data, names, keep = _external_initializers(files, name, data, side)
+        if names:
+            so.add_external_initializers(names, keep)
     sess = ort.InferenceSession(data, so, providers=list(providers))
     sess._m4r_external = keep  # the initializers' memory must outlive the session
     return sess
@@ -438,7 +448,8 @@ def ort_session(
 
 def _external_initializers(
     files: ArtifactFiles, name: str, data: bytes, side: Iterable[str]
-) -> tuple[list[str], list[Any]]:
+) -> tuple[bytes, list[str], list[Any]]:
+    """-> (the graph with its small external tensors inlined, names and OrtValues of the large ones)."""
     import numpy as np
     import onnx
     import onnxruntime as ort
@@ -453,16 +464,20 @@ def _external_initializers(
         info = {e.key: e.value for e in init.external_data}
         location = info.get("location", "")
         if location not in blobs:
-            raise _fail(
-                files.directory,
-                f"{name}: tensor {init.name} is stored in {location!r}, not in its external_data",
-            )
+            where = f"{name}: tensor {init.name} is in {location!r}"
+            raise _fail(files.directory, f"{where}, which its entry's external_data does not list")
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type))
-        offset, length = int(info.get("offset", 0)), int(info.get("length", len(blobs[location])))
+        blob = blobs[location]
+        offset, length = int(info.get("offset", 0)), int(info.get("length", len(blob)))
         count = int(np.prod(init.dims)) if init.dims else 1
-        if length != count * dtype.itemsize or offset + length > len(blobs[location]):
+        if length != count * dtype.itemsize or offset + length > len(blob):
             raise _fail(files.directory, f"{name}: tensor {init.name} does not fit {location}")
-        array = np.frombuffer(blobs[location], dtype=dtype, count=count, offset=offset).reshape(init.dims)
+        if length <= INLINE_EXTERNAL_BYTES:
+            init.raw_data = blob[offset : offset + length]
+            del init.external_data[:]
+            init.data_location = onnx.TensorProto.DEFAULT
+            continue
+        array = np.frombuffer(blob, dtype=dtype, count=count, offset=offset).reshape(tuple(init.dims))
         names.append(init.name)
-        values.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array)))
-    return names, values
+        values.append(ort.OrtValue.ortvalue_from_numpy(array))
+    return proto.SerializeToString(), names, values
