@@ -231,3 +231,19 @@ def test_external_data_named_outside_the_directory_is_refused(
     _edit(art, lambda m: m["files"]["model.onnx"].update(external_data=["../model.onnx.data"]))
     code, out = _cli("verify", "--artifact", art / "model.onnx", "--ckpt", exports["a.pt"], "--k", 5)
     assert code == 3 and "external_data names '../model.onnx.data'" in out, out
+
+
+def test_engine_manifest_naming_an_onnx_file_elsewhere_is_refused(
+    exports: dict[str, Path], tmp_path: Path
+) -> None:
+    from m4r_export.trt.manifest import MANIFEST_FORMAT
+
+    _copy(exports["a"], tmp_path / "a")  # a real export next to the engine's directory
+    (tmp_path / "eng").mkdir()
+    (tmp_path / "eng" / "model.plan").write_bytes(b"engine")
+    onnx_file = {"file": "../a/model.onnx", "sha256": "0" * 64}
+    meta = {"format": MANIFEST_FORMAT, "onnx": onnx_file}
+    (tmp_path / "eng" / "model.plan.json").write_text(json.dumps(meta))
+    engine = tmp_path / "eng" / "model.plan"
+    code, out = _cli("verify", "--artifact", engine, "--ckpt", exports["a.pt"], "--k", 5)
+    assert code == 3 and "not a plain file name beside the engine" in out, out

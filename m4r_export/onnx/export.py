@@ -613,7 +613,7 @@ def export_artifacts(
     echo: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export, check, measure parity, then write everything (see the module docstring)."""
-    from ..fileio import ensure_writable_dir, publish_directory, sha256_file
+    from ..fileio import ensure_writable_dir, publish_directory, sha256_file, write_error
 
     say = echo or (lambda _msg: None)
     opts.validate(model.n_items, engine=opts.fp16 and build_trt)
@@ -685,7 +685,10 @@ def export_artifacts(
     trt = {"status": "skipped", "reason": "no --fp16 file (TensorRT engines are built from model.fp16.onnx)"}
     if opts.fp16 and build_trt:
         with tempfile.TemporaryDirectory(prefix=".m4r-trt-", dir=out.absolute().parent) as tmp:
-            (Path(tmp) / names["fp16"]).write_bytes(blobs["fp16"])
+            try:
+                (Path(tmp) / names["fp16"]).write_bytes(blobs["fp16"])  # TensorRT parses a path
+            except OSError as exc:
+                raise write_error(Path(tmp) / names["fp16"], exc) from exc
             trt = _try_trt(Path(tmp) / names["fp16"], Path(tmp), opts)
             for produced in sorted(Path(tmp).iterdir()):
                 if produced.name != names["fp16"]:

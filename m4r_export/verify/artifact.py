@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import M4RError, UsageError
-from ..onnx.manifest import ITEM_TABLE, MANIFEST_NAME, ArtifactFiles, ArtifactIntegrityError, open_artifact
+from ..onnx.manifest import (
+    ITEM_TABLE,
+    MANIFEST_NAME,
+    ArtifactFiles,
+    ArtifactIntegrityError,
+    is_plain_name,
+    open_artifact,
+)
 from ..serving import EXCLUDE_INPUT, HEAD_OUTPUTS
 
 ONNX_SUFFIXES = (".onnx",)
@@ -148,6 +155,11 @@ def load_artifact(path: str | Path) -> ArtifactInfo:
 
         engine_manifest = read_manifest(p)
         onnx_name = (engine_manifest.get("onnx") or {}).get("file")
+        if onnx_name is not None and not is_plain_name(onnx_name):
+            raise ArtifactIntegrityError(
+                f"engine {p}: its .plan.json names the ONNX file {onnx_name!r}, which is not a plain "
+                "file name beside the engine; rebuild the engine with `m4r build-engine`"
+            )
         onnx_path = p.parent / onnx_name if onnx_name else None
         if onnx_path is None or not onnx_path.is_file():
             raise UsageError(
