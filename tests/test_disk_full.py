@@ -83,7 +83,7 @@ def test_triton_on_a_full_disk_keeps_the_previous_repository(setup: dict[str, Pa
     before = _snapshot(repo)
     with file_size_limit(4096):
         res = CliRunner().invoke(main, [str(a) for a in args])
-    _one_error_line(res, str(tmp_path))
+    assert f"{repo}/" in _one_error_line(res, "(staged in ")
     assert _snapshot(repo) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
 

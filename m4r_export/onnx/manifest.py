@@ -300,17 +300,6 @@ class ArtifactFiles:
             raise _fail(self.directory, f"{name} changed while it was being read")
         return data
 
-    def copy_to(self, name: str, dest: Path) -> None:
-        """Write a listed file's checked bytes to ``dest`` (a new file)."""
-        data = self.read(name)
-        try:
-            with open(dest, "xb") as fh:
-                fh.write(data)
-        except OSError as exc:
-            from ..fileio import raise_write_error
-
-            raise_write_error(dest, exc)
-
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import M4RError, UsageError
-from ..fileio import ensure_writable_dir, write_bytes_atomic, write_error, write_text_atomic
+from ..fileio import ensure_writable_dir, write_error
 from ..onnx.manifest import ArtifactFiles, open_artifact
 from . import config as cfgmod
 from .config import TensorSpec
@@ -392,10 +392,8 @@ def write_repository(
         except OSError as exc:
             raise write_error(parent, exc) from exc
         try:
-            _write_plan(stage, plan, files, src)
-            write_text_atomic(
-                stage / MARKER, json.dumps({"artifacts": str(src.resolve()), "backend": opts.backend})
-            )
+            plan.texts[MARKER] = json.dumps({"artifacts": str(src.resolve()), "backend": opts.backend})
+            _write_plan(stage, target, plan, files, src)
             _swap_in(stage, target)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -404,29 +402,33 @@ def write_repository(
     return target
 
 
-def _write_plan(stage: Path, plan: RepositoryPlan, files: ArtifactFiles, src: Path) -> None:
-    """Every planned file under ``stage``; a failed write names the file and the cause."""
-    dest = stage
-    try:
-        for model, text in plan.configs.items():
-            (stage / model).mkdir(parents=True, exist_ok=True)
-            write_text_atomic(stage / model / "config.pbtxt", text)
-        for rel in plan.dirs:
-            (stage / rel).mkdir(parents=True, exist_ok=True)
-        for rel, text in plan.texts.items():
-            write_text_atomic(stage / rel, text)
-        for rel, blob in plan.data.items():
-            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
-            write_bytes_atomic(stage / rel, blob)
-        for rel, source in plan.copies.items():
-            dest = stage / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if source.parent == src and source.name in files.names:
-                files.copy_to(source.name, dest)  # the bytes that were hashed
-            else:  # a library from outside the export (custom ops, TensorRT plugin)
-                shutil.copyfile(source, dest)
-    except OSError as exc:
-        raise write_error(exc.filename or dest, exc) from exc
+def _write_plan(stage: Path, target: Path, plan: RepositoryPlan, files: ArtifactFiles, src: Path) -> None:
+    """Every planned file under ``stage`` (swapped in whole, so plain writes); a failed write names
+    the file as it will be in ``target`` and the cause."""
+    jobs: dict[str, str | bytes | Path | None] = {rel: None for rel in plan.dirs}  # None: a directory
+    jobs.update({f"{m}/config.pbtxt": text for m, text in plan.configs.items()})
+    jobs.update({**plan.texts, **plan.data, **plan.copies})
+    for rel, item in jobs.items():
+        data: bytes | None
+        if isinstance(item, Path):
+            listed = item.parent == src and item.name in files.names
+            data = files.read(item.name) if listed else item.read_bytes()  # the bytes that were hashed
+        else:
+            data = item.encode("utf-8") if isinstance(item, str) else item
+        try:
+            _write_file(stage / rel, data)
+        except OSError as exc:
+            raise write_error(f"{target / rel} (staged in {stage})", exc) from exc
+
+
+def _write_file(dest: Path, data: bytes | None) -> None:
+    """``data`` into a new file ``dest`` (None: make the directory ``dest``)."""
+    if data is None:
+        dest.mkdir(parents=True, exist_ok=True)
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest, "xb") as fh:
+        fh.write(data)
 
 
 def _swap_in(stage: Path, target: Path) -> None:
