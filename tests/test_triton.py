@@ -208,9 +208,7 @@ def test_failed_run_keeps_the_old_repository_and_leaves_no_staging(
 
     real_write = repository._write_file
     monkeypatch.setattr(repository, "_write_file", broken_write)
-    with pytest.raises(
-        WriteError, match=r"repo/m4r_scores/1/model.onnx .*No space left on device \(ENOSPC\)"
-    ):
+    with pytest.raises(WriteError, match=r"repo/m4r_topk/1/model.onnx .*No space left on device \(ENOSPC\)"):
         repository.write_repository(export_dir, repo, repository.TritonOptions(with_tokens=True))
     assert {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()} == before
     assert sorted(os.listdir(tmp_path)) == ["repo"]
