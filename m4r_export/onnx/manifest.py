@@ -34,6 +34,7 @@ names that point outside the directory.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -277,14 +278,10 @@ class ArtifactFiles:
         self._fds: dict[str, int] = {}
         self._dir_fd = -1
 
-    # the listed names, in manifest order
     @property
     def names(self) -> list[str]:
+        """The listed names, in manifest order."""
         return list(self.manifest.get("files", {}))
-
-    def path(self, name: str) -> Path:
-        """Where ``name`` is, for messages and for tools that only take paths (TensorRT's parser)."""
-        return self.directory / name
 
     def _entry(self, name: str) -> dict[str, Any]:
         if name not in self._fds:
@@ -315,7 +312,8 @@ class ArtifactFiles:
         self.close()
 
     def __del__(self) -> None:
-        self.close()
+        with contextlib.suppress(Exception):  # interpreter shutdown: os may be gone already
+            self.close()
 
     def _open(self) -> None:
         d = self.directory
