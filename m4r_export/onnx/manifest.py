@@ -311,6 +311,12 @@ class ArtifactFiles:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
+    def __copy__(self) -> ArtifactFiles:  # one owner of the descriptors (dataclasses.asdict copies)
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ArtifactFiles:
+        return self
+
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # interpreter shutdown: os may be gone already
             self.close()
