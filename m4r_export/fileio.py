@@ -28,7 +28,48 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import UsageError
+from .errors import M4RError, UsageError
+
+
+class WriteError(M4RError):
+    """Writing a file failed (disk full, quota, read-only file system, I/O error): exit code 1."""
+
+
+def os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError ``exc`` is or was raised from (torch.save turns a failed write into RuntimeError)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, OSError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def write_error(path: str | os.PathLike[str], exc: OSError) -> WriteError:
+    """One line naming the file and the cause (e.g. ``No space left on device (ENOSPC)``)."""
+    code = errno.errorcode.get(exc.errno or 0)
+    cause = (exc.strerror or str(exc)) + (f" ({code})" if code else "")
+    hint = {
+        errno.ENOSPC: "free some space there or choose another location",
+        errno.EDQUOT: "free some space there or choose another location",
+        errno.EFBIG: "a file-size limit (ulimit -f) or the file system refuses it; choose another location",
+        errno.EROFS: "the file system is read-only; choose another location",
+        errno.EACCES: "choose a writable location or fix its permissions",
+        errno.EPERM: "choose a writable location or fix its permissions",
+    }.get(exc.errno or 0, "check the disk and choose another location if it persists")
+    return WriteError(
+        f"cannot write {os.fspath(path)}: {cause}; {hint} (any previous file there is unchanged)"
+    )
+
+
+def raise_write_error(path: str | os.PathLike[str], exc: BaseException) -> None:
+    """Re-raise ``exc`` as a :class:`WriteError` when an OSError caused it; else re-raise it as is."""
+    os_exc = os_error_in(exc)
+    if os_exc is None or isinstance(exc, M4RError):
+        raise exc
+    raise write_error(path, os_exc) from exc
 
 
 def ensure_writable_dir(path: str | os.PathLike[str]) -> Path:
@@ -52,7 +93,10 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[
     """Open a temporary file next to ``path``; rename it onto ``path`` only if the block succeeds."""
     target = Path(path)
     ensure_writable_dir(target.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise write_error(target, exc) from exc
     try:
         os.fchmod(fd, default_file_mode())
         with os.fdopen(fd, mode) as fh:
@@ -60,9 +104,11 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, Exception):  # not KeyboardInterrupt: that one keeps its traceback
+            raise_write_error(target, exc)
         raise
 
 
@@ -141,6 +187,22 @@ def _remove_stale_siblings(parent: Path, name: str) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
+def _stage_files(staging: Path, files: dict[str, bytes], mode: int, out: Path) -> None:
+    """Write ``files`` into a new ``staging`` directory; a failed write names the file and the cause."""
+    name = ""
+    try:
+        os.mkdir(staging)  # 0777 & ~umask, like any directory the user creates
+        for name, data in files.items():
+            fd = os.open(staging / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+    except OSError as exc:
+        where = f"{out / name} (staged in {staging})" if name else str(staging)
+        raise write_error(where, exc) from exc
+
+
 @contextlib.contextmanager
 def _exclusive_lock(directory: Path) -> Iterator[None]:
     """flock on ``directory`` itself (no lock file is left behind)."""
@@ -185,13 +247,7 @@ def publish_directory(
     retired = parent / f"{stem}.{_RETIRED_TAG}.{os.getpid()}.{secrets.token_hex(4)}"
     mode = default_file_mode()
     try:
-        os.mkdir(staging)  # 0777 & ~umask, like any directory the user creates
-        for name, data in files.items():
-            fd = os.open(staging / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
+        _stage_files(staging, files, mode, out)
         with _exclusive_lock(parent):
             _remove_stale_siblings(parent, out.name)
             may_replace = replaceable or (lambda _d: False)

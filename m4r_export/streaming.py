@@ -40,21 +40,21 @@ def init_chunk_rows(model_config: Mapping[str, Any], width: int) -> int:
     return max(1, INIT_TEMP_BYTES // max(1, per_row))
 
 
-def _load_manifest(directory: Path) -> dict[str, Any]:
-    """The checked manifest (every listed file present with its sha256) with a streaming section."""
-    from .integrity import check_artifact_files
+def _open_export(directory: Path) -> Any:
+    """The export opened and checked (every listed file hashed, no symlinks) with a streaming section."""
+    from .onnx.manifest import MANIFEST_NAME, open_artifact
 
-    if not (directory / "manifest.json").is_file():
+    if not os.path.lexists(directory / MANIFEST_NAME):
         raise UsageError(
-            f"{directory / 'manifest.json'} not found: pass the directory written by `m4r export --streaming`"
+            f"{directory / MANIFEST_NAME} not found: pass the directory written by `m4r export --streaming`"
         )
-    manifest = check_artifact_files(directory)
-    if "streaming" not in manifest:
+    files = open_artifact(directory)
+    if "streaming" not in files.manifest:
+        files.close()
         raise UsageError(
-            f"{directory / 'manifest.json'} has no 'streaming' section: "
-            "re-export with `m4r export --streaming`"
+            f"{directory / MANIFEST_NAME} has no 'streaming' section: re-export with `m4r export --streaming`"
         )
-    return manifest
+    return files
 
 
 class StreamingSession:
@@ -70,8 +70,18 @@ class StreamingSession:
     ) -> None:
         import onnxruntime as ort
 
+        from .onnx.manifest import ort_session
+
         self.directory = Path(directory)
-        self.manifest = _load_manifest(self.directory)
+        with _open_export(self.directory) as listed:
+            self.manifest = listed.manifest
+            self._setup(listed, precision, threads, providers, ort, ort_session)
+        self._states: dict[str, np.ndarray] | None = None
+
+    def _setup(
+        self, listed: Any, precision: str, threads: int | None, providers: Sequence[str], ort: Any, load: Any
+    ) -> None:
+        """Read the manifest's streaming section; load both graphs from the checked, listed files."""
         spec = self.manifest["streaming"]
         if precision not in spec["files"]:
             raise UsageError(
@@ -93,10 +103,9 @@ class StreamingSession:
         so.log_severity_level = 3
         if threads:
             so.intra_op_num_threads = threads
-        files = spec["files"][precision]
-        self._init = ort.InferenceSession(str(self.directory / files["init"]), so, providers=list(providers))
-        self._step = ort.InferenceSession(str(self.directory / files["step"]), so, providers=list(providers))
-        self._states: dict[str, np.ndarray] | None = None
+        files = spec["files"][precision]  # plain names listed and hashed in 'files' (checked at open)
+        self._init = load(listed, files["init"], so, providers)
+        self._step = load(listed, files["step"], so, providers)
 
     @classmethod
     def from_dir(

@@ -198,13 +198,17 @@ def test_failed_run_keeps_the_old_repository_and_leaves_no_staging(
     assert run_cli("--artifacts", str(export_dir), "--repo", str(repo)).exit_code == 0
     before = {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()}
     import m4r_export.serve.repository as repository
+    from m4r_export.fileio import WriteError
 
-    def broken_copy(src: Any, dst: Any) -> None:
-        Path(dst).write_bytes(b"half")
-        raise OSError("disk full")
+    def broken_write(dst: Path, data: bytes) -> None:
+        if dst.name == "model.onnx":
+            Path(dst).write_bytes(b"half")
+            raise OSError(28, "No space left on device")
+        real_write(dst, data)
 
-    monkeypatch.setattr(repository.shutil, "copyfile", broken_copy)
-    with pytest.raises(OSError, match="disk full"):
+    real_write = repository._write_file
+    monkeypatch.setattr(repository, "_write_file", broken_write)
+    with pytest.raises(WriteError, match=r"repo/m4r_topk/1/model.onnx .*No space left on device \(ENOSPC\)"):
         repository.write_repository(export_dir, repo, repository.TritonOptions(with_tokens=True))
     assert {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()} == before
     assert sorted(os.listdir(tmp_path)) == ["repo"]

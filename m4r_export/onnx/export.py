@@ -26,9 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as _dt
-import hashlib
 import io
-import json
 import logging
 import os
 import tempfile
@@ -45,11 +43,24 @@ from torch import Tensor, nn
 
 from .. import __version__
 from ..errors import M4RError, UsageError
-from ..integrity import ITEM_TABLE, ITEMS_FILE, ITEMS_FORMAT, MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION
 from ..model import Mamba4Rec, register_scan_backend
 from ..model.scan import selective_scan_fast
 from ..serving import EXCLUDE_INPUT, HEAD_OUTPUTS, HEADS, ServingModel, check_k, input_names
 from . import bodies
+from .manifest import (
+    ITEM_TABLE,
+    ITEMS_FILE,
+    ITEMS_FORMAT,
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    MANIFEST_VERSION,
+    ArtifactFiles,
+    file_entries,
+    io_spec,
+    manifest_bytes,
+    previous_export,
+)
+from .manifest import ort_session as listed_session
 
 SCAN_BACKEND = "onnx-export"
 DEFAULT_OPSET = 20
@@ -206,7 +217,7 @@ def _serving_module(model: Mamba4Rec, opts: ExportOptions, fp16: bool) -> nn.Mod
     return _FloatOutputs(serving).eval() if fp16 else serving
 
 
-def _sample_inputs(n_items: int, max_seq_len: int, exclude_items: bool) -> tuple[Tensor, ...]:
+def sample_inputs(n_items: int, max_seq_len: int, exclude_items: bool) -> tuple[Tensor, ...]:
     seq = max(2, min(max_seq_len, 8))
     g = torch.Generator().manual_seed(0)
     item_seq = torch.randint(1, max(2, n_items), (3, seq), generator=g)
@@ -272,7 +283,7 @@ def trace_onnx(model: Mamba4Rec, opts: ExportOptions, fp16: bool = False) -> Any
 
     module = _serving_module(model, opts, fp16)
     names = opts.input_names
-    args = _sample_inputs(model.n_items, opts.max_seq_len, EXCLUDE_INPUT in names)
+    args = sample_inputs(model.n_items, opts.max_seq_len, EXCLUDE_INPUT in names)
     batch = torch.export.Dim("batch", min=1)
     seq = torch.export.Dim("seq", min=1, max=max(opts.max_seq_len, 2))
     dynamic: dict[str, Any] = {"item_seq": {0: batch, 1: seq}, "item_seq_len": {0: batch}}
@@ -460,8 +471,13 @@ def flush_denormal_enabled() -> bool:
     return bool((torch.tensor([1e-39]) * 1.0).item() == 0.0)
 
 
-def ort_session(model_bytes: bytes, threads: int | None = None, ort_ops: Path | None = None) -> Any:
+def ort_session(
+    model: bytes | tuple[ArtifactFiles, str], threads: int | None = None, ort_ops: Path | None = None
+) -> Any:
     """A CPU InferenceSession; keeps the calling thread's flush-to-zero setting.
+
+    ``model``: the model's bytes, or (an opened export, a listed name): then its checked bytes and
+    side files (:func:`m4r_export.onnx.manifest.ort_session`).
 
     ONNX Runtime's first session in a process clears the thread's FTZ/DAZ flags, which would make
     PyTorch's CPU scan 3-4x slower for the rest of the process (denormals); they are restored.
@@ -480,7 +496,10 @@ def ort_session(model_bytes: bytes, threads: int | None = None, ort_ops: Path | 
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
     ftz = flush_denormal_enabled()
-    sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+    if isinstance(model, tuple):
+        sess = listed_session(*model, so)
+    else:
+        sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
     if ftz and not flush_denormal_enabled():
         torch.set_flush_denormal(True)
     return sess
@@ -545,18 +564,6 @@ class ExportResult:
     messages: list[str] = field(default_factory=list)
 
 
-def _io_spec(proto: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    from onnx import helper
-
-    def spec(vi: Any) -> dict[str, Any]:
-        t = vi.type.tensor_type
-        dims = [d.dim_param if d.dim_param else int(d.dim_value) for d in t.shape.dim]
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)).name
-        return {"name": vi.name, "dtype": dtype, "shape": dims}
-
-    return [spec(v) for v in proto.graph.input], [spec(v) for v in proto.graph.output]
-
-
 #: every character ``str.splitlines()`` splits on (readers disagree on all but \n; refuse them all)
 LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 
@@ -596,25 +603,6 @@ def check_finite_weights(model: Mamba4Rec) -> None:
         )
 
 
-def _previous_export(directory: Path) -> bool:
-    """True when every entry of ``directory`` was written by ``m4r export`` (safe to replace)."""
-    manifest_path = directory / MANIFEST_NAME
-    listed: set[str] = set()
-    try:
-        old = json.loads(manifest_path.read_text(encoding="utf-8"))
-        if isinstance(old, dict) and isinstance(old.get("files"), dict):
-            listed = {str(k) for k in old["files"]}
-    except (OSError, ValueError):
-        pass
-    known = {MANIFEST_NAME, "model.onnx", "model.fp16.onnx", ITEMS_FILE, ITEM_TABLE, *listed}
-    return all(
-        e.name in known
-        or e.name.endswith((".plan", ".plan.json"))
-        or (e.name.startswith(".") and e.name.endswith(".tmp"))
-        for e in directory.iterdir()
-    )
-
-
 def export_artifacts(
     model: Mamba4Rec,
     out_dir: str | os.PathLike[str],
@@ -625,7 +613,7 @@ def export_artifacts(
     echo: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export, check, measure parity, then write everything (see the module docstring)."""
-    from ..fileio import ensure_writable_dir, publish_directory, sha256_file
+    from ..fileio import ensure_writable_dir, publish_directory, sha256_file, write_error
 
     say = echo or (lambda _msg: None)
     opts.validate(model.n_items, engine=opts.fp16 and build_trt)
@@ -697,17 +685,17 @@ def export_artifacts(
     trt = {"status": "skipped", "reason": "no --fp16 file (TensorRT engines are built from model.fp16.onnx)"}
     if opts.fp16 and build_trt:
         with tempfile.TemporaryDirectory(prefix=".m4r-trt-", dir=out.absolute().parent) as tmp:
-            (Path(tmp) / names["fp16"]).write_bytes(blobs["fp16"])
+            try:
+                (Path(tmp) / names["fp16"]).write_bytes(blobs["fp16"])  # TensorRT parses a path
+            except OSError as exc:
+                raise write_error(Path(tmp) / names["fp16"], exc) from exc
             trt = _try_trt(Path(tmp) / names["fp16"], Path(tmp), opts)
             for produced in sorted(Path(tmp).iterdir()):
                 if produced.name != names["fp16"]:
                     contents[produced.name] = produced.read_bytes()
 
-    files = {
-        name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), **notes.get(name, {})}
-        for name, data in contents.items()
-    }
-    inputs, outputs = _io_spec(protos["fp32"])
+    files = file_entries(contents, notes)
+    inputs, outputs = io_spec(protos["fp32"])
     ckpt: dict[str, Any] = {"path": None, "sha256": None}
     if checkpoint_path is not None:
         ckpt = {"path": str(Path(checkpoint_path).resolve()), "sha256": sha256_file(checkpoint_path)}
@@ -761,8 +749,8 @@ def export_artifacts(
         from .streaming import streaming_manifest
 
         manifest["streaming"] = {**streaming_manifest(model, opts, streams), "parity": stream_parity}
-    contents[MANIFEST_NAME] = (json.dumps(manifest, indent=2) + "\n").encode("utf-8")
-    publish_directory(out, contents, replaceable=_previous_export)
+    contents[MANIFEST_NAME] = manifest_bytes(manifest)
+    publish_directory(out, contents, replaceable=previous_export)
     return ExportResult(out, manifest, [out / name for name in contents])
 
 

@@ -41,17 +41,16 @@ from ..serving import (
 )
 from . import bodies
 from .export import (
-    MANIFEST_FORMAT,
     SCAN_BACKEND,
     TOLERANCES,
     ExportOptions,
-    _io_spec,
-    _sample_inputs,
     compare_outputs,
     export_program,
     half_model,
     ort_session,
+    sample_inputs,
 )
+from .manifest import MANIFEST_FORMAT, io_spec
 
 FILE_NAMES = {"fp32": ("init.onnx", "step.onnx"), "fp16": ("init.fp16.onnx", "step.fp16.onnx")}
 STREAMING_FORMAT_VERSION = 1
@@ -135,7 +134,7 @@ def trace_streaming(model: Mamba4Rec, opts: ExportOptions, fp16: bool = False) -
     batch = torch.export.Dim("batch", min=1)
     seq = torch.export.Dim("seq", min=1)
     ex_dims = {0: batch, 1: torch.export.Dim("exclude", min=1)}
-    args = _sample_inputs(model.n_items, opts.max_seq_len, excl)
+    args = sample_inputs(model.n_items, opts.max_seq_len, excl)
     init_proto = _export(
         init,
         args,
@@ -195,7 +194,7 @@ def streaming_manifest(
 
     graphs: dict[str, Any] = {}
     for kind, proto in (("init", init_proto), ("step", step_proto)):
-        ins, outs = _io_spec(proto)
+        ins, outs = io_spec(proto)
         graphs[kind] = {
             "inputs": [annotate(s, by_input) for s in ins],
             "outputs": [annotate(s, by_output) for s in outs],

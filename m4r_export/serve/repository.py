@@ -20,9 +20,11 @@ staged in a sibling directory, and only a complete repository is renamed into pl
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from importlib import resources
@@ -30,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import M4RError, UsageError
-from ..fileio import ensure_writable_dir, sha256_file, write_text_atomic
-from ..integrity import check_artifact_files
+from ..fileio import ensure_writable_dir, write_error
+from ..onnx.manifest import ArtifactFiles, open_artifact
 from . import config as cfgmod
 from .config import TensorSpec
 
@@ -94,6 +96,7 @@ class RepositoryPlan:
     configs: dict[str, str] = field(default_factory=dict)  # model name -> config.pbtxt text
     copies: dict[str, Path] = field(default_factory=dict)  # relative path -> source file
     texts: dict[str, str] = field(default_factory=dict)  # relative path -> text
+    data: dict[str, bytes] = field(default_factory=dict)  # relative path -> bytes read and checked once
     dirs: list[str] = field(default_factory=list)  # empty directories (an ensemble's version folder)
 
 
@@ -169,7 +172,7 @@ def plan_repository(artifacts: Path, opts: TritonOptions, manifest: dict[str, An
         plan.copies[f"{name}/1/model.onnx"] = _onnx_file(artifacts, manifest)
     else:
         cfg = cfgmod.model_config(platform=PLATFORMS["tensorrt"], **common)
-        plan.copies[f"{name}/1/model.plan"] = _engine_file(artifacts, manifest, opts)
+        plan.data[f"{name}/1/model.plan"] = _engine_file(artifacts, manifest, opts)
         plugin = _plugin_file(opts.plugin)
         plan.copies[f"plugins/{plugin.name}"] = plugin
     known = {name: cfg}
@@ -197,20 +200,43 @@ def _ort_ops_library(explicit: Path | None) -> Path | None:
     return find_ort_ops_library(explicit)
 
 
-def _engine_file(artifacts: Path, manifest: dict[str, Any], opts: TritonOptions) -> Path:
-    from ..trt.manifest import ShapeProfile, read_manifest
+def read_engine(artifacts: Path, name: str, missing_hint: str) -> tuple[bytes, dict[str, Any]]:
+    """An engine file in the export directory (a plain name, not a symlink), read once and checked
+    against the sha256 in its ``<engine>.json``; -> (its bytes, that manifest)."""
+    from ..onnx.manifest import is_plain_name
+    from ..trt.manifest import read_manifest
+
+    engine = artifacts / name
+    if not is_plain_name(name):
+        raise UsageError(f"--engine {name!r}: pass the name of an engine file in {artifacts}")
+    try:
+        fd = os.open(engine, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise UsageError(f"{engine} does not exist: {missing_hint}") from None
+    except OSError as exc:
+        raise UsageError(f"{engine}: cannot open it ({exc.strerror}); pass a regular engine file") from None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UsageError(f"{engine} is not a regular file; pass an engine file")
+        data = fh.read()
+    meta = read_manifest(engine)
+    if meta.get("engine_sha256") != hashlib.sha256(data).hexdigest():
+        raise M4RError(f"{engine} does not match the sha256 in its manifest; rebuild the engine")
+    return data, meta
+
+
+def _engine_file(artifacts: Path, manifest: dict[str, Any], opts: TritonOptions) -> bytes:
+    from ..trt.manifest import ShapeProfile
 
     name = opts.engine or (manifest.get("tensorrt") or {}).get("engine") or "model.plan"
     engine = artifacts / name
-    if not engine.is_file():
-        raise UsageError(
-            f"{engine} does not exist: --backend tensorrt needs an engine built on the serving GPU "
-            f"(`m4r build-engine --onnx {artifacts}/model.fp16.onnx --out {artifacts} --max-seq "
-            f"{manifest['max_seq_len']}`), or pass --engine NAME"
-        )
-    meta = read_manifest(engine)
-    if meta.get("engine_sha256") != sha256_file(engine):
-        raise M4RError(f"{engine} does not match the sha256 in its manifest; rebuild the engine")
+    data, meta = read_engine(
+        artifacts,
+        name,
+        "--backend tensorrt needs an engine built on the serving GPU "
+        f"(`m4r build-engine --onnx {artifacts}/model.fp16.onnx --out {artifacts} --max-seq "
+        f"{manifest['max_seq_len']}`), or pass --engine NAME",
+    )
     source = (meta.get("onnx") or {}).get("file")
     expected = (manifest["files"].get(source) or {}).get("sha256") if source else None
     if source and expected != (meta.get("onnx") or {}).get("sha256"):
@@ -230,7 +256,7 @@ def _engine_file(artifacts: Path, manifest: dict[str, Any], opts: TritonOptions)
             f"{engine}: its profile allows batches up to {profile.max_batch}; pass --max-batch "
             f"{profile.max_batch} or rebuild the engine with --max-batch {opts.max_batch}"
         )
-    return engine
+    return data
 
 
 def _plugin_file(explicit: Path | None) -> Path:
@@ -347,52 +373,76 @@ def write_repository(
     """Check the export, plan and check every config, then write ``out`` atomically (see module doc).
 
     ``out`` must not exist or be an earlier m4r repository (marked by ``.m4r-triton``); it is
-    replaced only after the new one is complete.
+    replaced only after the new one is complete. Files of the export are copied from the bytes
+    that were hashed (:func:`m4r_export.onnx.manifest.open_artifact`), never re-read by path.
     """
     src = Path(artifacts)
     if not src.is_dir():
         raise UsageError(f"--artifacts {src}: not a directory; pass the output directory of `m4r export`")
-    manifest = check_artifact_files(src)
-    plan = plan_repository(src, opts, manifest)
-    target = Path(out)
-    if target.exists() and not (target / MARKER).is_file():
-        raise UsageError(
-            f"--repo {target} exists and was not written by m4r triton; choose a new path or remove it"
-        )
-    parent = ensure_writable_dir(target.parent if str(target.parent) else Path("."))
-    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".staging", dir=parent))
+    with open_artifact(src) as files:
+        plan = plan_repository(src, opts, files.manifest)
+        target = Path(out)
+        if target.exists() and not (target / MARKER).is_file():
+            raise UsageError(
+                f"--repo {target} exists and was not written by m4r triton; choose a new path or remove it"
+            )
+        parent = ensure_writable_dir(target.parent if str(target.parent) else Path("."))
+        try:
+            stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".staging", dir=parent))
+        except OSError as exc:
+            raise write_error(parent, exc) from exc
+        try:
+            plan.texts[MARKER] = json.dumps({"artifacts": str(src.resolve()), "backend": opts.backend})
+            _write_plan(stage, target, plan, files, src)
+            _swap_in(stage, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(stage)
+            raise
+    return target
+
+
+def _write_plan(stage: Path, target: Path, plan: RepositoryPlan, files: ArtifactFiles, src: Path) -> None:
+    """Every planned file under ``stage`` (swapped in whole, so plain writes); a failed write names
+    the file as it will be in ``target`` and the cause."""
+    jobs: dict[str, str | bytes | Path | None] = {rel: None for rel in plan.dirs}  # None: a directory
+    jobs.update({f"{m}/config.pbtxt": text for m, text in plan.configs.items()})
+    jobs.update({**plan.texts, **plan.data, **plan.copies})
+    for rel, item in jobs.items():
+        data: bytes | None
+        if isinstance(item, Path):
+            listed = item.parent == src and item.name in files.names
+            data = files.read(item.name) if listed else item.read_bytes()  # the bytes that were hashed
+        else:
+            data = item.encode("utf-8") if isinstance(item, str) else item
+        try:
+            _write_file(stage / rel, data)
+        except OSError as exc:
+            raise write_error(f"{target / rel} (staged in {stage})", exc) from exc
+
+
+def _write_file(dest: Path, data: bytes | None) -> None:
+    """``data`` into a new file ``dest`` (None: make the directory ``dest``)."""
+    if data is None:
+        dest.mkdir(parents=True, exist_ok=True)
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest, "xb") as fh:
+        fh.write(data)
+
+
+def _swap_in(stage: Path, target: Path) -> None:
+    old = None
     try:
-        for model, text in plan.configs.items():
-            (stage / model).mkdir(parents=True, exist_ok=True)
-            write_text_atomic(stage / model / "config.pbtxt", text)
-        for rel in plan.dirs:
-            (stage / rel).mkdir(parents=True, exist_ok=True)
-        for rel, text in plan.texts.items():
-            write_text_atomic(stage / rel, text)
-        for rel, source in plan.copies.items():
-            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, stage / rel)
-        # the files just copied must still be the ones the manifest vouched for
-        for rel, source in plan.copies.items():
-            meta = manifest["files"].get(source.name) if source.parent == src else None
-            if meta and sha256_file(stage / rel) != meta["sha256"]:
-                raise M4RError(f"{source} changed while it was being copied; run m4r triton again")
-        write_text_atomic(
-            stage / MARKER, json.dumps({"artifacts": str(src.resolve()), "backend": opts.backend})
-        )
-        old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(target, old)
         os.replace(stage, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(stage)
-        raise
-    return target
+    except OSError as exc:
+        raise write_error(target, exc) from exc
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 MARKER = ".m4r-triton"

@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import M4RError, UsageError
-from ..fileio import sha256_file
-from ..integrity import MANIFEST_NAME, required_files
+from ..onnx.manifest import MANIFEST_NAME, required_files
 from . import config as cfgmod
 from .config import TRITON_DTYPES, TensorSpec
 
@@ -87,7 +86,7 @@ def plan_streaming(plan: Any, artifacts: Path, manifest: dict[str, Any], opts: A
             cfg = cfgmod.model_config(
                 platform="tensorrt_plan", inputs=inputs, sequence_batching=batching, **common
             )
-            plan.copies[f"{name}/1/model.plan"] = _step_engine(artifacts, manifest, spec, opts.engine)
+            plan.data[f"{name}/1/model.plan"] = _step_engine(artifacts, manifest, spec, opts.engine)
     plan.configs[name] = cfgmod.render(cfg)
     return cfg
 
@@ -145,14 +144,18 @@ def _plan_python_files(
     for f in sorted(keep):
         plan.copies[f"{name}/1/{f}"] = artifacts / f
     trimmed = dict(manifest, files={k: v for k, v in manifest["files"].items() if k in keep})
+    # the engine is not copied: a name the manifest gives must be a file it lists (open_artifact)
+    trimmed["tensorrt"] = {"status": "skipped", "reason": "not part of this Triton model"}
     plan.texts[f"{name}/1/{MANIFEST_NAME}"] = json.dumps(trimmed, indent=2)
     source = resources.files("m4r_export.serve.python_models").joinpath("streaming_model.py")
     plan.texts[f"{name}/1/model.py"] = source.read_text(encoding="utf-8")
 
 
-def _step_engine(artifacts: Path, manifest: dict[str, Any], spec: dict[str, Any], engine: str | None) -> Path:
+def _step_engine(
+    artifacts: Path, manifest: dict[str, Any], spec: dict[str, Any], engine: str | None
+) -> bytes:
     """An engine built from this export's step graph (checked against its engine manifest)."""
-    from ..trt.manifest import read_manifest
+    from .repository import read_engine
 
     steps = {f["step"] for f in spec["files"].values()}
     if engine is None:
@@ -160,14 +163,7 @@ def _step_engine(artifacts: Path, manifest: dict[str, Any], spec: dict[str, Any]
             "--backend tensorrt --streaming needs an engine built from the step graph: build it on the "
             f"serving GPU (`m4r build-engine --onnx {artifacts}/step.onnx ...`) and pass --engine NAME"
         )
-    path = artifacts / engine
-    if not path.is_file():
-        raise UsageError(
-            f"--engine {engine}: {path} does not exist; build it from {', '.join(sorted(steps))}"
-        )
-    meta = read_manifest(path)
-    if meta.get("engine_sha256") != sha256_file(path):
-        raise M4RError(f"{path} does not match the sha256 in its manifest; rebuild the engine")
+    data, meta = read_engine(artifacts, engine, f"build it from {', '.join(sorted(steps))}")
     source = (meta.get("onnx") or {}).get("file")
     if source not in steps:
         raise UsageError(
@@ -175,7 +171,7 @@ def _step_engine(artifacts: Path, manifest: dict[str, Any], spec: dict[str, Any]
         )
     if manifest["files"][source]["sha256"] != (meta.get("onnx") or {}).get("sha256"):
         raise UsageError(f"--engine {engine} was built from another {source} than this export's; rebuild it")
-    return path
+    return data
 
 
 def streaming_readme(name: str, opts: Any, manifest: dict[str, Any]) -> str:

@@ -93,7 +93,15 @@ class TrtRunner:
 
     name = "tensorrt"
 
-    def __init__(self, engine_path: Path, *, plugin_library: Path | None = None, device: int = 0) -> None:
+    def __init__(
+        self,
+        engine_path: Path,
+        *,
+        plugin_library: Path | None = None,
+        device: int = 0,
+        engine_bytes: bytes | None = None,
+    ) -> None:
+        """engine_bytes: the engine's bytes as already read and checked (else read from engine_path)."""
         load_tensorrt()
         import tensorrt as trt
 
@@ -115,7 +123,8 @@ class TrtRunner:
 
         self._runtime = trt.Runtime(self._logger)
         with self._dev.scope():
-            engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
+            data = engine_bytes if engine_bytes is not None else self.engine_path.read_bytes()
+            engine = self._runtime.deserialize_cuda_engine(data)
             if engine is None:
                 raise M4RError(
                     f"TensorRT could not deserialise {self.engine_path}; rebuild it with `m4r build-engine` "

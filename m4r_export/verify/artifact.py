@@ -2,10 +2,12 @@
 
 The facts come from ``manifest.json`` written by ``m4r export`` beside the ONNX files (for an
 engine: ``<engine>.json`` names the ONNX file it was built from, whose directory holds
-``manifest.json``). Before anything else, :func:`m4r_export.integrity.check_artifact_files`
-checks every file the manifest lists (sha256, size, required files, value types): a mismatch
-raises :class:`~m4r_export.integrity.ArtifactIntegrityError` (exit code 3). Without a manifest
-the head is inferred from the graph's output names and the report says so.
+``manifest.json``). Before anything else, :func:`m4r_export.onnx.manifest.open_artifact`
+checks every file the manifest lists (sha256, size, required files, value types, no symlinks): a
+mismatch raises :class:`~m4r_export.onnx.manifest.ArtifactIntegrityError` (exit code 3). The
+model and the item table are then loaded from those checked open files (:meth:`ArtifactInfo.read`),
+never re-opened by path, so a directory republished meanwhile cannot mix two exports. Without a
+manifest the head is inferred from the graph's output names and the report says so.
 
 The precision (which picks verify's default thresholds) always comes from the graph's own tensor
 types, never from the manifest: editable metadata must not loosen a verdict.
@@ -13,12 +15,20 @@ types, never from the manifest: editable metadata must not loosen a verdict.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import M4RError, UsageError
-from ..integrity import MANIFEST_NAME, ArtifactIntegrityError, check_artifact_files
+from ..onnx.manifest import (
+    ITEM_TABLE,
+    MANIFEST_NAME,
+    ArtifactFiles,
+    ArtifactIntegrityError,
+    is_plain_name,
+    open_artifact,
+)
 from ..serving import EXCLUDE_INPUT, HEAD_OUTPUTS
 
 ONNX_SUFFIXES = (".onnx",)
@@ -40,6 +50,25 @@ class ArtifactInfo:
     item_table: Path | None = None  # embedding head: the item table shipped beside the model
     exclude_items: bool = False  # the graph takes the exclude_items input (read from the graph)
     notes: list[str] = field(default_factory=list)
+    #: the export directory opened and checked once (None without a manifest)
+    files: ArtifactFiles | None = field(default=None, repr=False)
+
+    def read(self, path: Path) -> bytes:
+        """The bytes of a file of this artifact: the checked open file when the manifest lists it."""
+        if self.files is not None and path.parent == self.files.directory:
+            return self.files.read(path.name)
+        return path.read_bytes()
+
+    def ort_session(self, options: Any, providers: list[str]) -> Any:
+        """An ONNX Runtime session of the ONNX file, from the bytes that were checked."""
+        import onnxruntime as ort
+
+        path = self.onnx_path or self.path
+        if self.files is not None:
+            from ..onnx.manifest import ort_session
+
+            return ort_session(self.files, path.name, options, providers)
+        return ort.InferenceSession(str(path), options, providers=providers)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -57,14 +86,16 @@ class ArtifactInfo:
         }
 
 
-def _onnx_facts(onnx_path: Path) -> tuple[list[str], dict[str, list[int | str]], bool, list[str]]:
+def _onnx_facts(
+    onnx_path: Path, data: bytes
+) -> tuple[list[str], dict[str, list[int | str]], bool, list[str]]:
     """Output names, their shapes (dims as int or symbolic name), whether the graph is fp16, inputs."""
     import onnx
 
-    if onnx_path.stat().st_size == 0:
+    if not data:
         raise M4RError(f"{onnx_path} is empty (0 bytes): the file is truncated or corrupt; re-export it")
     try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
+        model = onnx.load_model_from_string(data)
     except Exception as exc:
         raise M4RError(f"{onnx_path} is not a readable ONNX model ({exc}); re-export it") from exc
     if not model.graph.output or not model.graph.node:  # protobuf parses many byte strings as "empty"
@@ -153,6 +184,11 @@ def load_artifact(path: str | Path) -> ArtifactInfo:
 
         engine_manifest = read_manifest(p)
         onnx_name = (engine_manifest.get("onnx") or {}).get("file")
+        if onnx_name is not None and not is_plain_name(onnx_name):
+            raise ArtifactIntegrityError(
+                f"engine {p}: its .plan.json names the ONNX file {onnx_name!r}, which is not a plain "
+                "file name beside the engine; rebuild the engine with `m4r build-engine`"
+            )
         onnx_path = p.parent / onnx_name if onnx_name else None
         if onnx_path is None or not onnx_path.is_file():
             raise UsageError(
@@ -168,13 +204,16 @@ def load_artifact(path: str | Path) -> ArtifactInfo:
         )
 
     manifest_path = onnx_path.parent / MANIFEST_NAME
-    manifest = check_artifact_files(onnx_path.parent) if manifest_path.exists() else None
-    if manifest is not None and onnx_path.name not in manifest["files"]:
+    files = open_artifact(onnx_path.parent) if os.path.lexists(manifest_path) else None
+    manifest = files.manifest if files is not None else None
+    if files is not None and onnx_path.name not in files.names:
         raise ArtifactIntegrityError(
             f"{onnx_path} is not listed in {manifest_path}: it is not part of that export; "
             "pass a model the manifest lists, or re-export"
         )
-    out_names, out_shapes, is_fp16, in_names = _onnx_facts(onnx_path)
+    data = files.read(onnx_path.name) if files is not None else onnx_path.read_bytes()
+    out_names, out_shapes, is_fp16, in_names = _onnx_facts(onnx_path, data)
+    del data
     if manifest is None:
         notes.append(f"no manifest.json beside {onnx_path.name}: head inferred from the output names")
         head = _head_from_outputs(out_names, onnx_path)
@@ -196,7 +235,9 @@ def load_artifact(path: str | Path) -> ArtifactInfo:
             f"{onnx_path}: the manifest says head {head!r} but the graph outputs are {out_names}; "
             "the manifest does not belong to this model: re-export it"
         )
-    item_table = _find_item_table(onnx_path.parent, manifest) if head == "embedding" else None
+    item_table = None
+    if head == "embedding":
+        item_table = onnx_path.parent / ITEM_TABLE if files else _find_item_table(onnx_path.parent, None)
     return ArtifactInfo(
         path=p,
         kind=kind,
@@ -211,4 +252,5 @@ def load_artifact(path: str | Path) -> ArtifactInfo:
         item_table=item_table,
         exclude_items=EXCLUDE_INPUT in in_names,
         notes=notes,
+        files=files,
     )

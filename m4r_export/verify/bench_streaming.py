@@ -68,12 +68,29 @@ def run_streaming_bench(
     seed: int = 0,
     progress: Any = None,
 ) -> dict[str, Any]:
-    from ..integrity import check_artifact_files
+    from ..onnx.manifest import open_artifact
+
+    d = _export_dir(Path(artifact))
+    with open_artifact(d) as files:  # every listed file present with its sha256 (exit code 3 if not)
+        return _bench(files, batches, seqs, precision, threads, warmup, repeats, max_seconds, seed, progress)
+
+
+def _bench(
+    files: Any,
+    batches: list[int] | tuple[int, ...],
+    seqs: list[int] | tuple[int, ...],
+    precision: str,
+    threads: int | None,
+    warmup: int,
+    repeats: int,
+    max_seconds: float,
+    seed: int,
+    progress: Any,
+) -> dict[str, Any]:
     from ..onnx.export import ort_session
     from .runners import default_threads
 
-    d = _export_dir(Path(artifact))
-    manifest = check_artifact_files(d)  # every listed file present with its sha256 (exit code 3 if not)
+    d, manifest = files.directory, files.manifest
     spec = manifest.get("streaming")
     if spec is None:
         raise UsageError(
@@ -85,9 +102,10 @@ def run_streaming_bench(
         )
     model_file = "model.onnx" if precision == "fp32" else "model.fp16.onnx"
     threads = threads or default_threads()
-    full = ort_session((d / model_file).read_bytes(), threads)
-    init = ort_session((d / spec["files"][precision]["init"]).read_bytes(), threads)
-    step = ort_session((d / spec["files"][precision]["step"]).read_bytes(), threads)
+    # from the checked open files: the bytes that were hashed (a republished directory cannot mix)
+    full = ort_session((files, model_file), threads)
+    init = ort_session((files, spec["files"][precision]["init"]), threads)
+    step = ort_session((files, spec["files"][precision]["step"]), threads)
     n_items = int(manifest["model"]["n_items"])
     full_inputs = {i.name for i in full.get_inputs()}
     step_inputs = {i.name for i in step.get_inputs()}

@@ -334,7 +334,7 @@ class OrtRunner(ArtifactRunner):
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._configure(opts)
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=[self.provider, *self.fallback])
+            self.session = artifact.ort_session(opts, [self.provider, *self.fallback])
         except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
             raise M4RError(
                 f"ONNX Runtime ({self.provider}) could not load {path}: {exc}; re-export it with `m4r export`"
@@ -465,7 +465,9 @@ class TensorrtEngineRunner(ArtifactRunner):
             raise UsageError(f"backend tensorrt cannot run here: {reason}")
         from ..trt.runner import TrtRunner
 
-        self._runner = TrtRunner(artifact.path, plugin_library=plugin_library)
+        listed = artifact.files is not None and artifact.path.name in artifact.files.names
+        data = artifact.read(artifact.path) if listed else None  # the checked bytes of a listed engine
+        self._runner = TrtRunner(artifact.path, plugin_library=plugin_library, engine_bytes=data)
         self.max_width = self._runner.profile.max_seq
         self.output_names = tuple(self._runner.output_names)
         self.takes_exclude = self._runner.takes_exclude

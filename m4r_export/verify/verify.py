@@ -19,6 +19,7 @@ match ``m4r evaluate --exclude-history``. ``exclude="none"`` feeds zeros [batch,
 
 from __future__ import annotations
 
+import io
 import platform
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -515,7 +516,7 @@ def run_verify(
         ref.close()
     if art.head == "embedding":
         if art.item_table is not None:
-            item_table = np.load(art.item_table)
+            item_table = np.load(io.BytesIO(art.read(art.item_table)), allow_pickle=False)
         else:
             item_table = model.item_embedding.weight.detach().cpu().numpy()
             notes.append("no item table (.npy) beside the artifact: the checkpoint's item embedding is used")
