@@ -391,3 +391,53 @@ def test_bench_streaming_command(export_dir: tuple[Path, Mamba4Rec], tmp_path: P
     for p in report["points"]:
         assert p["runs"] == 3 and p["step"]["p50_ms"] > 0 and p["reencode"]["p50_ms"] > 0
         assert p["speedup"] == pytest.approx(p["reencode"]["p50_ms"] / p["step"]["p50_ms"])
+
+
+def test_long_histories_go_through_init_in_bounded_windows(
+    export_dir: tuple[Path, Mamba4Rec], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 20 item 4: init never sees more than init_window events of a row, whatever the history's
+    length (its memory grows with that width); step folds in the rest, exactly."""
+    from m4r_export import streaming
+
+    out_dir, _ = export_dir
+    rng = np.random.default_rng(11)
+    histories = [rng.integers(1, N_ITEMS, n).tolist() for n in (23, 5, 0, 9)]
+    whole = StreamingSession.from_dir(out_dir)  # default window: every row through init at once
+    want = whole.start(histories, exclude=[[3], [], [4, 5], []])
+    want_states = whole.states
+
+    per_event = streaming._temp_bytes_per_event(whole.manifest["model"])
+    monkeypatch.setattr(streaming, "INIT_WINDOW_TEMP_BYTES", 4 * per_event)
+    assert streaming.init_window(whole.manifest["model"]) == 4
+    session = StreamingSession.from_dir(out_dir)
+    widths: list[int] = []
+    run = session._init.run
+
+    def spy(names: Any, feeds: dict[str, np.ndarray]) -> Any:
+        widths.append(feeds["item_seq"].shape[1])
+        return run(names, feeds)
+
+    monkeypatch.setattr(session._init, "run", spy)
+    got = session.start(histories, exclude=[[3], [], [4, 5], []])
+    assert widths and max(widths) <= 4, widths
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-5, rtol=0)
+    for name, state in session.states.items():
+        np.testing.assert_allclose(state, want_states[name], atol=1e-5, rtol=0)
+
+
+def test_largest_accepted_history_is_enforced(export_dir: tuple[Path, Mamba4Rec]) -> None:
+    from m4r_export.streaming import MAX_REQUEST_EVENTS
+
+    session = StreamingSession.from_dir(export_dir[0], max_events=6)
+    session.start([[1, 2, 3, 4, 5, 6]])
+    with pytest.raises(
+        UsageError, match=r"a history has 7 events, above the 6 one call accepts \(max_events\)"
+    ):
+        session.start([[1], [1, 2, 3, 4, 5, 6, 7]])
+    assert StreamingSession.from_dir(export_dir[0]).max_events == MAX_REQUEST_EVENTS
+    with pytest.raises(UsageError, match="max_events=0"):
+        StreamingSession.from_dir(export_dir[0], max_events=0)
+    doc = (REPO / "docs" / "streaming.md").read_text()
+    assert f"{MAX_REQUEST_EVENTS:,}" in doc
