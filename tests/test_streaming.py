@@ -441,3 +441,20 @@ def test_largest_accepted_history_is_enforced(export_dir: tuple[Path, Mamba4Rec]
         StreamingSession.from_dir(export_dir[0], max_events=0)
     doc = (REPO / "docs" / "streaming.md").read_text()
     assert f"{MAX_REQUEST_EVENTS:,}" in doc
+
+
+def test_extend_equals_pushing_one_by_one(export_dir: tuple[Path, Mamba4Rec]) -> None:
+    out_dir, _ = export_dir
+    a, b = StreamingSession.from_dir(out_dir), StreamingSession.from_dir(out_dir)
+    for s in (a, b):
+        s.start([[3, 5], [], [7]])
+    got = a.extend([[13, 2, 9], [], [5]], exclude=[[1], [], []])
+    for ids in ([13, 0, 5], [2, 0, 0], [9, 0, 0]):
+        want = b.push(ids, exclude=[[1], [], []])
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-6, rtol=0)
+    for name, state in a.states.items():
+        np.testing.assert_allclose(state, b.states[name], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(a.extend([[], [], []])["scores"], b.push([0, 0, 0])["scores"], atol=1e-6)
+    with pytest.raises(UsageError, match="need 3 lists"):
+        a.extend([[1]])

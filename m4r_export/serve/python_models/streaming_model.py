@@ -6,7 +6,8 @@ The sequence batcher gives every request the control inputs START, END (int32 0/
 
 - START: ``item_ids`` [1, n] is the user's history (any length, may be empty) -> ``init``.
 - otherwise: ``item_ids`` [1, n] are new events, oldest first -> ``step`` once per event
-  (0 = padding; ids outside [1, n_items) are skipped by the step graph itself).
+  (``StreamingSession.extend``; 0 = padding; ids outside [1, n_items) are skipped by the step
+  graph itself).
 - END: the state is dropped after the response.
 - a request with more than ``max_request_events`` ids (config parameter) is refused with an error
   naming the limit; memory per request is bounded anyway (StreamingSession.start windows init).
@@ -137,9 +138,5 @@ class TritonPythonModel:
     def _step(self, parsed: list[Any]) -> dict[str, np.ndarray]:
         saved = [self.states[p[0]][0] for p in parsed]
         self.session.load_states({k: np.concatenate([s[k] for s in saved]) for k in saved[0]})
-        width = max(1, max(len(p[3]) for p in parsed))  # no events: push 0 = outputs unchanged
-        outs: dict[str, np.ndarray] = {}
-        for j in range(width):
-            ids = np.array([p[3][j] if j < len(p[3]) else 0 for p in parsed], dtype=np.int64)
-            outs = self.session.push(ids, exclude=self._exclude(parsed))
-        return outs
+        # one step per event column (rows with fewer events get 0 = no event; none at all: outputs unchanged)
+        return self.session.extend([p[3] for p in parsed], exclude=self._exclude(parsed))
