@@ -106,12 +106,15 @@ def test_whole_model_empty_inputs_through_plain_onnxruntime_and_the_library(lib:
 # ------------------------------------------------------------------------------------- invalid nodes
 
 
-def _edited(model: onnx.ModelProto, **attrs: Any) -> bytes:
-    node = model.graph.node[0]
+def _edited_node(node: onnx.NodeProto, **attrs: Any) -> None:
     for name, value in attrs.items():
         kept = [a for a in node.attribute if a.name != name]
         del node.attribute[:]
         node.attribute.extend([*kept, helper.make_attribute(name, value)])
+
+
+def _edited(model: onnx.ModelProto, **attrs: Any) -> bytes:
+    _edited_node(model.graph.node[0], **attrs)
     return model.SerializeToString()
 
 
@@ -177,3 +180,39 @@ def test_a_minus_inf_is_finite_and_equal_on_every_path(lib: Path, mode: str) -> 
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=body)
     for fn in _torch_backends():
         np.testing.assert_allclose(_torch(fn, x, mode), want, rtol=2e-5, atol=2e-5, err_msg=fn.__name__)
+
+
+def test_verify_refuses_an_edited_and_rehashed_node_on_both_paths(lib: Path, tmp_path: Path) -> None:  # noqa: F811
+    """A model.onnx whose scan node was edited (mode="middle") and re-hashed into the manifest: `m4r
+    verify` refuses it at load through the function body as through the library, naming the node."""
+    import json
+
+    from click.testing import CliRunner
+
+    from m4r_export.checkpoint import save_checkpoint
+    from m4r_export.cli import main
+    from m4r_export.fileio import sha256_file
+
+    model = tiny_model(30)
+    model.item_tokens = ["[PAD]"] + [f"t{i}" for i in range(1, 30)]
+    save_checkpoint(tmp_path / "model.pt", model, model.item_tokens, {"max_seq_len": 8})
+    art = tmp_path / "art"
+    ex.export_artifacts(
+        model, art, ex.ExportOptions(head="topk", k=5, max_seq_len=8, fp16=False), build_trt=False
+    )
+    proto = onnx.load(str(art / "model.onnx"))
+    (node,) = [n for n in proto.graph.node if n.op_type == "SelectiveScan"]
+    _edited_node(node, mode="middle")
+    onnx.save(proto, str(art / "model.onnx"))
+    manifest = json.loads((art / "manifest.json").read_text())
+    entry = manifest["files"]["model.onnx"]
+    entry["sha256"], entry["bytes"] = sha256_file(art / "model.onnx"), (art / "model.onnx").stat().st_size
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    args = ["verify", "--ckpt", str(tmp_path / "model.pt"), "--artifact", str(art / "model.onnx")]
+    args += ["--users", "8", "--k", "5"]
+    body = CliRunner().invoke(main, args)
+    assert body.exit_code == 1 and f"{bodies.REFUSED_PREFIX}mode" in body.output, body.output
+    with_lib = CliRunner().invoke(main, [*args, "--backend", "ort-cpu-ops", "--ort-ops", str(lib)])
+    assert with_lib.exit_code == 1 and 'mode="middle" is not supported' in with_lib.output, with_lib.output
+    for res in (body, with_lib):
+        assert res.output.startswith("Error: ") and "Traceback" not in res.output
