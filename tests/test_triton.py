@@ -2,7 +2,8 @@
 
 The server tests start the ``tritonserver`` bundled in the nvidia-pytriton wheel on 127.0.0.1 with
 a generated ``python`` repository and compare its answers with the PyTorch model. Where that
-server cannot run, they are skipped with the reason (shown by pytest's ``-ra`` summary).
+server cannot run, they are skipped with the reason (the server log's first error line, shown by
+pytest's ``-ra`` summary), or fail when $M4R_REQUIRE_TRITON=1 (CI).
 """
 
 from __future__ import annotations
