@@ -424,3 +424,70 @@ def test_index_inputs_refuse_raw_tokens() -> None:
         truncate_inputs([["5", "17"]], [2], 4)  # type: ignore[arg-type]
     seq, lens = pad_sequences([[5, 17], np.array([3])], 4)
     assert seq.tolist() == [[5, 17, 0, 0], [3, 0, 0, 0]] and lens.tolist() == [2, 1]
+
+
+def test_long_histories_go_through_init_in_bounded_windows(
+    export_dir: tuple[Path, Mamba4Rec], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 20 item 4: init never sees more than init_window events of a row, whatever the history's
+    length (its memory grows with that width); step folds in the rest, exactly."""
+    from m4r_export import streaming
+
+    out_dir, _ = export_dir
+    rng = np.random.default_rng(11)
+    histories = [rng.integers(1, N_ITEMS, n).tolist() for n in (23, 5, 0, 9)]
+    whole = StreamingSession.from_dir(out_dir)  # default window: every row through init at once
+    want = whole.start(histories, exclude=[[3], [], [4, 5], []])
+    want_states = whole.states
+
+    cfg = whole.manifest["model"]
+    per_event = int(cfg["expand"]) * int(cfg["hidden_size"]) * int(cfg["d_state"]) * 4  # closed-form temp
+    monkeypatch.setattr(streaming, "INIT_WINDOW_TEMP_BYTES", 4 * per_event, raising=False)  # window: 4
+    session = StreamingSession.from_dir(out_dir)
+    widths: list[int] = []
+    run = session._init.run
+
+    def spy(names: Any, feeds: dict[str, np.ndarray]) -> Any:
+        widths.append(feeds["item_seq"].shape[1])
+        return run(names, feeds)
+
+    monkeypatch.setattr(session._init, "run", spy)
+    got = session.start(histories, exclude=[[3], [], [4, 5], []])
+    assert widths and max(widths) <= 4, widths
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-5, rtol=0)
+    for name, state in session.states.items():
+        np.testing.assert_allclose(state, want_states[name], atol=1e-5, rtol=0)
+
+
+def test_largest_accepted_history_is_enforced(export_dir: tuple[Path, Mamba4Rec]) -> None:
+    from m4r_export.streaming import MAX_REQUEST_EVENTS
+
+    session = StreamingSession.from_dir(export_dir[0], max_events=6)
+    session.start([[1, 2, 3, 4, 5, 6]])
+    with pytest.raises(
+        UsageError, match=r"a history has 7 events, above the 6 one call accepts \(max_events\)"
+    ):
+        session.start([[1], [1, 2, 3, 4, 5, 6, 7]])
+    assert StreamingSession.from_dir(export_dir[0]).max_events == MAX_REQUEST_EVENTS
+    with pytest.raises(UsageError, match="max_events=0"):
+        StreamingSession.from_dir(export_dir[0], max_events=0)
+    doc = (REPO / "docs" / "streaming.md").read_text()
+    assert f"{MAX_REQUEST_EVENTS:,}" in doc
+
+
+def test_extend_equals_pushing_one_by_one(export_dir: tuple[Path, Mamba4Rec]) -> None:
+    out_dir, _ = export_dir
+    a, b = StreamingSession.from_dir(out_dir), StreamingSession.from_dir(out_dir)
+    for s in (a, b):
+        s.start([[3, 5], [], [7]])
+    got = a.extend([[13, 2, 9], [], [5]], exclude=[[1], [], []])
+    for ids in ([13, 0, 5], [2, 0, 0], [9, 0, 0]):
+        want = b.push(ids, exclude=[[1], [], []])
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-6, rtol=0)
+    for name, state in a.states.items():
+        np.testing.assert_allclose(state, b.states[name], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(a.extend([[], [], []])["scores"], b.push([0, 0, 0])["scores"], atol=1e-6)
+    with pytest.raises(UsageError, match="need 3 lists"):
+        a.extend([[1]])

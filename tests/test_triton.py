@@ -2,7 +2,8 @@
 
 The server tests start the ``tritonserver`` bundled in the nvidia-pytriton wheel on 127.0.0.1 with
 a generated ``python`` repository and compare its answers with the PyTorch model. Where that
-server cannot run, they are skipped with the reason (shown by pytest's ``-ra`` summary).
+server cannot run, they are skipped with the reason (the server log's first error line, shown by
+pytest's ``-ra`` summary), or fail when $M4R_REQUIRE_TRITON=1 (CI).
 """
 
 from __future__ import annotations
@@ -275,17 +276,22 @@ def test_schema_check_rejects_what_triton_would_reject() -> None:
 
 
 def _server_or_skip(repo: Path) -> Any:
+    """A started server, or a skip naming why, or a failure when $M4R_REQUIRE_TRITON=1 (CI)."""
     from m4r_export.serve.local import LocalTritonServer, unavailable_reason
+
+    def unavailable(message: str) -> None:
+        print(f"SKIP real-server tests: {message}")
+        if os.environ.get("M4R_REQUIRE_TRITON") == "1":
+            pytest.fail(f"M4R_REQUIRE_TRITON=1 but {message}", pytrace=False)
+        pytest.skip(message)
 
     reason = unavailable_reason()
     if reason:
-        print(f"SKIP real-server tests: {reason}")
-        pytest.skip(f"bundled tritonserver unavailable: {reason}")
+        unavailable(f"bundled tritonserver unavailable: {reason}")
     try:
         return LocalTritonServer(repo).start()
     except M4RError as exc:
-        print(f"SKIP real-server tests: {exc}")
-        pytest.skip(f"bundled tritonserver did not start: {str(exc)[:2000]}")
+        unavailable(f"bundled tritonserver did not start: {str(exc)[:2000]}")
 
 
 @pytest.fixture(scope="module")
@@ -595,3 +601,40 @@ def test_bundled_server_refuses_numpy2_with_the_reason(monkeypatch: pytest.Monke
     assert "install numpy<2" in (local.unavailable_reason() or "")
     with pytest.raises(M4RError, match="cannot start the bundled tritonserver: .*numpy 2.4.6"):
         local.LocalTritonServer("/nonexistent").start()
+
+
+def test_server_failure_names_the_first_error_line(tmp_path: Path) -> None:
+    """A model that cannot load: the error's first line is the log's first real error (not the options)."""
+    from m4r_export.serve.local import LocalTritonServer, unavailable_reason
+
+    if unavailable_reason():
+        _server_or_skip(tmp_path)  # skips, or fails under $M4R_REQUIRE_TRITON=1
+    model = tmp_path / "repo" / "broken"
+    (model / "1").mkdir(parents=True)
+    (model / "1" / "model.py").write_text("import m4r_no_such_module_xyz\n")
+    (model / "config.pbtxt").write_text(
+        'backend: "python"\nmax_batch_size: 0\n'
+        'input [ { name: "x", data_type: TYPE_FP32, dims: [ 1 ] } ]\n'
+        'output [ { name: "y", data_type: TYPE_FP32, dims: [ 1 ] } ]\n'
+    )
+    with pytest.raises(M4RError) as info:
+        LocalTritonServer(tmp_path / "repo", startup_timeout_s=60).start()
+    first = str(info.value).splitlines()[0]
+    assert "tritonserver exited with code 1" in first
+    assert "No module named 'm4r_no_such_module_xyz'" in first and "CudaDriverHelper" not in first
+
+
+def test_stub_python_sees_this_interpreters_packages(tmp_path: Path) -> None:
+    """The stub's venv rebuilds this interpreter's sys.path with no PYTHONPATH (the stub ignores it)."""
+    import subprocess
+    import sys
+
+    from m4r_export.serve.local import _stub_python
+
+    bindir = _stub_python(tmp_path / "py")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    code = "import sys, numpy, m4r_export, tritonclient; print(sys.prefix)"
+    cmd = [str(bindir / "python3"), "-c", code]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(tmp_path / "py") and sys.prefix != str(tmp_path / "py")

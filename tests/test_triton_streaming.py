@@ -68,6 +68,9 @@ def test_configs_parse_against_tritons_schema(export_dir: Path, tmp_path: Path) 
         "CORRID": pb.ModelSequenceBatching.Control.CONTROL_SEQUENCE_CORRID,
     }
     assert sb.max_sequence_idle_microseconds == 60_000_000 and sb.oldest.max_candidate_sequences == 1024
+    # the largest accepted request is stated in the config (issue 20 item 4)
+    assert py.parameters["max_request_events"].string_value == "262144"
+    assert "At most 262144 ids per request" in (repo / "README.md").read_text()
     assert [(i.name, list(i.dims), i.optional) for i in py.input] == [
         ("item_ids", [-1], False),
         ("exclude_items", [-1], True),
@@ -143,7 +146,16 @@ def server(export_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
 
     repo = tmp_path_factory.mktemp("served") / "repo"
     idle = str(int(IDLE_S * 1e6))
-    args = ("--artifacts", str(export_dir), "--repo", str(repo), "--max-batch", "8")
+    args = (
+        "--artifacts",
+        str(export_dir),
+        "--repo",
+        str(repo),
+        "--max-batch",
+        "8",
+        "--max-request-events",
+        "40",
+    )
     assert run_cli(*args, "--sequence-idle-us", idle).exit_code == 0
     srv = _server_or_skip(repo)
     yield srv
@@ -253,6 +265,10 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(
         client.infer(MODEL, [inp], sequence_id=102, sequence_start=True)
     assert "'item_ids' data-type is 'INT32'" in str(info.value) and "INT64" in str(info.value)
     replies["wrong dtype"] = str(info.value)
+    with pytest.raises(InferenceServerException) as info:
+        send(client, 105, [3] * 41, start=True)  # above --max-request-events 40
+    assert "41 ids in one request, above max_request_events=40" in str(info.value), info.value
+    replies["too many ids"] = str(info.value)
     with capsys.disabled():
         print("\n" + "\n".join(f"bad request [{k}] -> {v}" for k, v in replies.items()))
     # still serving, correctly

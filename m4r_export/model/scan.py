@@ -15,7 +15,10 @@ Semantics, per position t (state h is (batch, D, N), fp32)::
     y  = (h * C[:, :, t]).sum(N) + D * u;  y = y * silu(z)
 
 mode="all" returns y for every position (batch, D, L); mode="last" returns y at position
-``lengths - 1`` (batch, D); with lengths omitted, the last position.
+``lengths - 1`` (batch, D); with lengths omitted, the last position. An empty problem (batch 0
+or L = 0) gives zeros of the output's shape: at L = 0, mode="last" returns zeros (batch, D), the
+empty history's zero state having no position to read out (every backend, the ONNX function
+body, the custom-op library and the TensorRT plugin alike: plugins/selectiveScanPlugin/README.md).
 
 Backends:
   * ``reference`` -- a plain loop over time; defines the semantics; slow.
@@ -72,6 +75,13 @@ def last_index(lengths: Tensor | None, batch: int, seq_len: int, device: torch.d
     return lengths.to(device=device, dtype=torch.long).clamp(1, seq_len) - 1
 
 
+def empty_scan_result(u: Tensor, mode: str) -> Tensor | None:
+    """The defined output when there is nothing to scan (batch 0 or L = 0): zeros; else None."""
+    if u.numel() != 0:
+        return None
+    return u.new_zeros(u.shape[:2] if mode == "last" else u.shape)
+
+
 def _prepare_dt(delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool) -> Tensor:
     dt = delta.float()
     if delta_bias is not None:
@@ -109,6 +119,8 @@ def selective_scan_ref(
     """Reference semantics: a sequential loop over time, fp32 state. Output dtype = u.dtype."""
     if mode not in SCAN_MODES:
         raise ValueError(f"mode must be one of {SCAN_MODES}, got {mode!r}")
+    if (empty := empty_scan_result(u, mode)) is not None:
+        return empty
     batch, dim, seq_len = u.shape
     dt = _prepare_dt(delta, delta_bias, delta_softplus)
     Af, Bf, Cf, uf = A.float(), B.float(), C.float(), u.float()
@@ -309,13 +321,17 @@ def selective_scan_fast(
     """Exact pure-PyTorch scan for training and CPU inference (see module docstring)."""
     if mode not in SCAN_MODES:
         raise ValueError(f"mode must be one of {SCAN_MODES}, got {mode!r}")
+    if (empty := empty_scan_result(u, mode)) is not None:
+        return empty
     batch, _, seq_len = u.shape
     dt = _prepare_dt(delta, delta_bias, delta_softplus)
+    # A = -inf as the most negative float: decays clamp like the loop's, and the closed form's 0 * A is 0
+    A = A.float().clamp(min=torch.finfo(torch.float32).min)
     if mode == "all":
         y = _finish(_scan_all_fast(dt, u, A, B, C), u, D, z)
         return y.to(u.dtype)
     idx = last_index(lengths, batch, seq_len, u.device)
-    y = _scan_last_fast(dt, u, A.float(), B, C, idx)
+    y = _scan_last_fast(dt, u, A, B, C, idx)
     y = _finish(y, _gather_last(u, idx), D, None if z is None else _gather_last(z, idx))
     return y.to(u.dtype)
 
@@ -342,6 +358,8 @@ def selective_scan_cuda(
     mode: str = "all",
 ) -> Tensor:
     """mamba-ssm's fused CUDA kernel; mode="last" gathers from its full output."""
+    if (empty := empty_scan_result(u, mode)) is not None:
+        return empty
     fn = _mamba_ssm_fn()
     if fn is None or not u.is_cuda:
         raise RuntimeError(

@@ -224,6 +224,8 @@ def selective_scan_native(
         raise ValueError(f"mode must be one of ('all', 'last'), got {mode!r}")
     if u.device.type != "cpu":
         raise M4RError(f"scan backend 'native' runs on CPU tensors, got {u.device}; use 'auto' or 'cuda'")
+    if u.numel() == 0:  # batch 0 or L = 0: zeros of y's shape (scan.empty_scan_result; the C ABI needs >= 1)
+        return u.new_zeros(u.shape[:2] if mode == "last" else u.shape)
     io = u.dtype if u.dtype in _DTYPES else torch.float32
 
     def cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:

@@ -27,6 +27,22 @@ body: a closed form for every position costs O(L^2) exponentials.
 The string attribute ``mode`` selects the branch through ``If(Equal(Constant(value_string=@mode),
 "last"))``; string ``Equal`` needs opset >= 19. After ONNX Runtime inlines the function the
 condition is a constant and only one branch ever runs.
+
+Defined behaviour shared with the custom-op library, the TensorRT plugin and PyTorch
+(plugins/selectiveScanPlugin/README.md):
+
+* the node is validated like the library validates it: ``mode`` in {all, last}, ``delta_softplus``
+  in {0, 1}, ``plugin_version`` "1", and every input's shape exactly the contract's (no silent
+  broadcasting, e.g. of A's state size against B's). A node that breaks one is refused: the run
+  (or the session, when ONNX Runtime folds the check) fails at a node named
+  ``m4r_SelectiveScan_refused_<what>`` (:data:`REFUSALS`);
+* an empty problem (batch 0 or seq 0) gives zeros: ``mode="last"`` y ``(batch, D)`` of zeros at
+  seq 0 (the empty history's state is zero and has no position to read out), ``mode="all"`` an
+  empty y. Each Scan runs inside an ``If`` on "is there work" (ONNX Runtime's Scan cannot run zero
+  iterations: it fails, or at seq 0 kills the process with SIGFPE);
+* ``A = -inf`` is read as the most negative finite float, so every decay step clamps exactly like
+  the library's (``exp(max(dt * A, floor))``) and ``0 * A`` (masked steps, the read-out position
+  of the closed forms) is 0, not NaN.
 """
 
 from __future__ import annotations
@@ -48,6 +64,15 @@ MIN_OPSET = 19
 #: the products that follow never hit (slow) denormal arithmetic; the change per term is at most
 #: 8.8e-27 * |dt u B C|, far below fp32 resolution of any non-negligible result
 EXP_FLOOR = -60.0
+#: the checks every node passes before anything is computed: name suffix of the refusing node -> what
+REFUSALS = {
+    "mode": 'attribute mode must be "all" or "last"',
+    "delta_softplus": "attribute delta_softplus must be 0 or 1",
+    "plugin_version": 'attribute plugin_version must be "1"',
+    "input_shapes": "inputs must have the contract's shapes: u, delta, z (b, D, L); A (D, N); "
+    "B, C (b, N, L); D, delta_bias (D); lengths (b)",
+}
+REFUSED_PREFIX = "m4r_SelectiveScan_refused_"
 
 
 def _const(name: str, value: np.ndarray) -> onnx.NodeProto:
@@ -86,6 +111,97 @@ def _zeros_state(p: str) -> list[onnx.NodeProto]:
             value=numpy_helper.from_array(np.zeros(1, np.float32)),
         ),
     ]
+
+
+def _if_nonempty(
+    p: str, size_of: str, scan: onnx.NodeProto, empty: list[list[onnx.NodeProto]]
+) -> list[onnx.NodeProto]:
+    """Run ``scan`` only when ``size_of`` has elements; else each output is built by ``empty``.
+
+    ONNX Runtime's Scan cannot run zero iterations (it fails, or divides by zero and kills the
+    process), so every Scan of the bodies sits in this If. ``empty``: per Scan output, the nodes
+    building its value for the empty case (the last node's output is that value).
+    """
+    f32 = TensorProto.FLOAT
+    work = f"{p}has_work"
+    out = [helper.make_tensor_value_info(f"{n}_s", f32, None) for n in scan.output]
+    else_nodes = [n for nodes in empty for n in nodes]
+    else_out = [helper.make_tensor_value_info(nodes[-1].output[0], f32, None) for nodes in empty]
+    results = list(scan.output)
+    inner = [f"{n}_s" for n in results]
+    scan.output[:] = inner
+    return [
+        helper.make_node("Size", [size_of], [f"{p}size"]),
+        helper.make_node("Greater", [f"{p}size", "zero_scalar"], [work]),
+        helper.make_node(
+            "If",
+            [work],
+            [f"{n}_r" for n in results],
+            then_branch=helper.make_graph([scan], f"{p}work", [], out),
+            else_branch=helper.make_graph(else_nodes, f"{p}empty", [], else_out),
+        ),
+        *[helper.make_node("Identity", [f"{n}_r"], [n]) for n in results],
+    ]
+
+
+def _zeros_like_shape(out: str, shape: str) -> onnx.NodeProto:
+    return helper.make_node(
+        "ConstantOfShape", [shape], [out], value=numpy_helper.from_array(np.zeros(1, np.float32))
+    )
+
+
+def _validation() -> list[onnx.NodeProto]:
+    """The library's checks (:data:`REFUSALS`); their verdicts gate ``A``: ``Av`` is A once all pass.
+
+    A failed check makes a Reshape of A to an impossible shape (-2) fail, in a node named
+    ``m4r_SelectiveScan_refused_<check>``: ONNX Runtime names that node in its error.
+    """
+    i64 = TensorProto.INT64
+    nodes = [
+        _const("all_str", np.array("all", dtype=object)),
+        _const("v1_str", np.array(PLUGIN_VERSION, dtype=object)),
+        _attr_ref_const("version_str", "plugin_version", AttributeProto.STRING, "value_string"),
+        _i64("bad_shape", [-2, -2]),
+        helper.make_node("Shape", ["A"], ["A_shape"]),
+        # mode
+        helper.make_node("Equal", ["mode_str", "all_str"], ["is_all"]),
+        helper.make_node("Or", ["is_last", "is_all"], ["ok_mode"]),
+        # delta_softplus
+        helper.make_node("Equal", ["softplus_i", "zero_scalar"], ["sp0"]),
+        helper.make_node("Equal", ["softplus_i", "one_scalar"], ["sp1"]),
+        helper.make_node("Or", ["sp0", "sp1"], ["ok_delta_softplus"]),
+        # plugin_version
+        helper.make_node("Equal", ["version_str", "v1_str"], ["ok_plugin_version"]),
+        # shapes: all nine concatenated vs the contract's, built from (b, D, L) of u and N of A
+        *[helper.make_node("Shape", [n], [f"shape_{n}"]) for n in INPUTS],
+        helper.make_node("Concat", [f"shape_{n}" for n in INPUTS], ["shapes_got"], axis=0),
+        helper.make_node("Shape", ["A"], ["N1_v"], start=1, end=2),
+        helper.make_node("Concat", ["shape_u", "N1_v"], ["bDLN"], axis=0),
+        # b D L | b D L | D N | b N L | b N L | D | b D L | D | b
+        _i64("contract_idx", [0, 1, 2, 0, 1, 2, 1, 3, 0, 3, 2, 0, 3, 2, 1, 0, 1, 2, 1, 0]),
+        helper.make_node("Gather", ["bDLN", "contract_idx"], ["shapes_want"], axis=0),
+        helper.make_node(
+            "Equal", ["shapes_got", "shapes_want"], ["shapes_eq"], name=f"{REFUSED_PREFIX}input_shapes_rank"
+        ),
+        helper.make_node("Cast", ["shapes_eq"], ["shapes_eq_i"], to=i64),
+        helper.make_node("ReduceMin", ["shapes_eq_i"], ["shapes_min"], keepdims=0),
+        helper.make_node("Cast", ["shapes_min"], ["ok_input_shapes"], to=TensorProto.BOOL),
+    ]
+    gated = "A"
+    for i, check in enumerate(REFUSALS):
+        nodes += [
+            helper.make_node("Where", [f"ok_{check}", "A_shape", "bad_shape"], [f"A_target{i}"]),
+            helper.make_node(
+                "Reshape", [gated, f"A_target{i}"], [f"A_ok{i}"], name=f"{REFUSED_PREFIX}{check}"
+            ),
+        ]
+        gated = f"A_ok{i}"
+    # -inf -> the most negative float: dt * A still clamps to the floor, and 0 * A is 0 (not NaN)
+    nodes += [
+        _f32("neg_max", float(np.finfo(np.float32).min)),
+        helper.make_node("Max", [gated, "neg_max"], ["Af"]),
+    ]
+    return nodes
 
 
 def _scan_loop(p: str, dt: str, dtu: str, output_all: bool) -> tuple[list[onnx.NodeProto], str]:
@@ -132,18 +248,25 @@ def _scan_loop(p: str, dt: str, dtu: str, output_all: bool) -> tuple[list[onnx.N
         scan_inputs.append(f"{p}Cs")
         scan_outputs.append(f"{p}y_all")
     n_scan_in = len(scan_inputs) - 1
-    nodes.append(
-        helper.make_node(
-            "Scan",
-            scan_inputs,
-            scan_outputs,
-            body=helper.make_graph(body_nodes, f"{p}step", body_inputs, body_outputs),
-            num_scan_inputs=n_scan_in,
-            scan_input_axes=[2] * n_scan_in,
-        )
+    scan = helper.make_node(
+        "Scan",
+        scan_inputs,
+        scan_outputs,
+        body=helper.make_graph(body_nodes, f"{p}step", body_inputs, body_outputs),
+        num_scan_inputs=n_scan_in,
+        scan_input_axes=[2] * n_scan_in,
     )
+    # empty problem: the state stays h0 (zeros), the read-outs are an empty (b, D, L)
+    empty = [[helper.make_node("Identity", [f"{p}h0"], [f"{p}h_empty"])]]
     if output_all:
-        nodes[-1].attribute.append(helper.make_attribute("scan_output_axes", [2]))
+        scan.attribute.append(helper.make_attribute("scan_output_axes", [2]))
+        empty.append(
+            [
+                helper.make_node("Shape", ["u"], [f"{p}y_shape"]),
+                _zeros_like_shape(f"{p}y_empty", f"{p}y_shape"),
+            ]
+        )
+    nodes += _if_nonempty(p, "u", scan, empty)
     return nodes, scan_outputs[-1]
 
 
@@ -218,8 +341,18 @@ def _last_rowwise(p: str) -> tuple[list[onnx.NodeProto], str]:
     nodes = [
         helper.make_node("Transpose", ["Af"], [f"{p}At"], perm=[1, 0]),  # (N, D)
         helper.make_node("Unsqueeze", [f"{p}At", "ax0"], [f"{p}At3"]),  # (1, N, D)
-        helper.make_node(
-            "Scan", ["dt", "uf", "Bf", "Cf", f"{p}len_c"], [f"{p}core"], body=body, num_scan_inputs=5
+        *_if_nonempty(
+            p,
+            "u",
+            helper.make_node(
+                "Scan", ["dt", "uf", "Bf", "Cf", f"{p}len_c"], [f"{p}core"], body=body, num_scan_inputs=5
+            ),
+            [
+                [
+                    helper.make_node("Shape", ["u"], [f"{p}bD"], start=0, end=2),
+                    _zeros_like_shape(f"{p}z_bD", f"{p}bD"),
+                ]
+            ],
         ),
     ]
     return nodes, f"{p}core"
@@ -255,10 +388,12 @@ def _last_chunked(p: str) -> tuple[list[onnx.NodeProto], str]:
         # nc = ceil(L / CHUNK) chunks of T = ceil(L / nc) <= CHUNK positions (balanced: little padding)
         helper.make_node("Reshape", [f"{p}L0", "one_s"], [f"{c}L1"]),
         helper.make_node("Add", [f"{c}L1", f"{c}CHm1"], [f"{c}Lr"]),
-        helper.make_node("Div", [f"{c}Lr", f"{c}CH"], [f"{c}nc"]),  # (1,)
+        helper.make_node("Div", [f"{c}Lr", f"{c}CH"], [f"{c}nc0_"]),
+        helper.make_node("Max", [f"{c}nc0_", "one_s"], [f"{c}nc"]),  # (1,), >= 1 even at L = 0
         helper.make_node("Add", [f"{c}L1", f"{c}nc"], [f"{c}Ln"]),
         helper.make_node("Sub", [f"{c}Ln", "one_s"], [f"{c}Ln1"]),
-        helper.make_node("Div", [f"{c}Ln1", f"{c}nc"], [f"{c}T"]),  # (1,)
+        helper.make_node("Div", [f"{c}Ln1", f"{c}nc"], [f"{c}T0_"]),
+        helper.make_node("Max", [f"{c}T0_", "one_s"], [f"{c}T"]),  # (1,), >= 1
         helper.make_node("Mul", [f"{c}nc", f"{c}T"], [f"{c}Lp"]),
         helper.make_node("Sub", [f"{c}Lp", f"{c}L1"], [f"{c}pad"]),
         helper.make_node("Concat", ["zero_s", f"{c}pad"], [f"{c}pads"], axis=0),
@@ -319,9 +454,20 @@ def _last_chunked(p: str) -> tuple[list[onnx.NodeProto], str]:
         [helper.make_tensor_value_info(f"{q}y", f32, [None])],
     )
     nodes += [
-        helper.make_node(
-            "Scan", [f"{c}dec_a", f"{c}dtu_a", f"{c}bc_a"], [f"{c}y_a"], body=body, num_scan_inputs=3
-        ),  # (n_active, D)
+        # (n_active, D); no active chunk (batch 0, seq 0): (0, D)
+        *_if_nonempty(
+            c,
+            f"{c}dec_a",
+            helper.make_node(
+                "Scan", [f"{c}dec_a", f"{c}dtu_a", f"{c}bc_a"], [f"{c}y_a"], body=body, num_scan_inputs=3
+            ),
+            [
+                [
+                    helper.make_node("Concat", ["zero_s", f"{c}D1"], [f"{c}0D"], axis=0),
+                    _zeros_like_shape(f"{c}y_0", f"{c}0D"),
+                ]
+            ],
+        ),
         # sum the chunks of each row: one-hot (b, n_active) @ (n_active, D)
         helper.make_node("Unsqueeze", [f"{c}rows_a", "ax0"], [f"{c}rows_a2"]),
         helper.make_node("Equal", [f"{c}ridx2", f"{c}rows_a2"], [f"{c}sel"]),
@@ -381,12 +527,15 @@ def make_function(body: str = DEFAULT_BODY, opset: int = 20, io_float16: bool = 
         _i64("ax0_2", [0, 2]),
         _i64("one_s", [1]),
         _i64("zero_s", [0]),
+        _const("zero_scalar", np.array(0, dtype=np.int64)),
+        _const("one_scalar", np.array(1, dtype=np.int64)),
         _f32("expo_floor", EXP_FLOOR),
         _const("last_str", np.array("last", dtype=object)),
         _attr_ref_const("mode_str", "mode", AttributeProto.STRING, "value_string"),
         helper.make_node("Equal", ["mode_str", "last_str"], ["is_last"]),
         _attr_ref_const("softplus_i", "delta_softplus", AttributeProto.INT, "value_int"),
         helper.make_node("Cast", ["softplus_i"], ["softplus_b"], to=TensorProto.BOOL),
+        *_validation(),  # -> Af
         # fp32 working copies (a no-op for fp32 inputs)
         *[helper.make_node("Cast", [n], [f"{n}f"], to=F) for n in ("u", "delta", "B", "C", "z")],
         # dt = softplus(delta + delta_bias) (softplus only when delta_softplus)
@@ -467,7 +616,7 @@ def make_function(body: str = DEFAULT_BODY, opset: int = 20, io_float16: bool = 
     )
     nodes = [*pre, branch_if, helper.make_node("Cast", ["yf"], ["y"], to=TensorProto.FLOAT16)]
     # A, D and delta_bias are fp32 by contract; fp32 I/O needs no casts at all
-    alias = {"Af": "A", "Df": "D", "dbf": "delta_bias"}
+    alias = {"Df": "D", "dbf": "delta_bias"}
     if not io_float16:
         alias.update({f"{n}f": n for n in ("u", "delta", "B", "C", "z")})
         alias["yf"] = "y"

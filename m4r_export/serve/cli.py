@@ -65,6 +65,14 @@ from .repository import BACKENDS, TritonOptions, write_repository
     show_default=True,
     help="--streaming --backend python: sequences in flight at once (more wait for a free one).",
 )
+@click.option(
+    "--max-request-events",
+    type=int,
+    default=262_144,
+    show_default=True,
+    help="--streaming --backend python: the most item ids one request may carry (START history or new "
+    "events); larger requests get an error. Memory per request is bounded whatever this is.",
+)
 def triton(
     artifacts: Path,
     repo: Path,
@@ -81,6 +89,7 @@ def triton(
     streaming: bool,
     sequence_idle_us: int,
     max_sequences: int,
+    max_request_events: int,
 ) -> None:
     """Write a Triton model repository (configs checked against Triton's schema, written atomically)."""
     opts = TritonOptions(
@@ -97,6 +106,7 @@ def triton(
         streaming=streaming,
         sequence_idle_us=sequence_idle_us,
         max_sequences=max_sequences,
+        max_request_events=max_request_events,
     )
     out = write_repository(artifacts, repo, opts)
     models = sorted(p.parent.name for p in out.glob("*/config.pbtxt"))

@@ -5,6 +5,14 @@ Python version. :class:`LocalTritonServer` lays out a backend directory of its o
 plus the stub for the running interpreter), binds HTTP/gRPC/metrics to 127.0.0.1 on free ports,
 waits until the server is ready, and on exit stops the server and every process it started (it
 runs in its own process group). :func:`unavailable_reason` says why it cannot run here.
+
+The stub embeds the system's ``libpython`` and ignores ``PYTHONPATH``: it computes its prefix from
+the first ``python3`` on ``PATH`` and imports ``site`` (Debian's patched copy, frozen into that
+``libpython``, which adds ``lib/python3.X/site-packages`` only inside a virtual environment). So a
+non-venv interpreter (pyenv, a distribution's Python) gave the stub no site-packages at all. The
+launcher therefore hands the stub a throw-away virtual environment of its own (:func:`_stub_python`)
+whose one ``.pth`` file rebuilds this interpreter's ``sys.path``, site directories included: the
+stub sees exactly the packages this Python sees, venv or not.
 """
 
 from __future__ import annotations
@@ -63,6 +71,47 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def _stub_python(root: Path) -> Path:
+    """A minimal virtual environment at ``root`` for the stub; returns its ``bin`` directory.
+
+    ``bin/python3`` links to this interpreter (the stub only locates ``pyvenv.cfg`` through it),
+    ``home`` is the base interpreter's directory (the standard library is found from there), and
+    ``m4r_parent_path.pth`` puts this process's ``sys.path`` first and processes the ``.pth`` files
+    of its site directories (editable installs, path hooks).
+    """
+    import site
+
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    bindir = root / "bin"
+    bindir.mkdir(parents=True)
+    for name in ("python3", f"python{version}", "python"):
+        os.symlink(sys.executable, bindir / name)
+    home = Path(sys.base_prefix) / "bin"
+    cfg = f"home = {home}\ninclude-system-site-packages = false\nversion = {version}\n"
+    (root / "pyvenv.cfg").write_text(cfg)
+    site_packages = root / "lib" / f"python{version}" / "site-packages"
+    site_packages.mkdir(parents=True)
+    paths = [p for p in sys.path if p]
+    site_dirs = [p for p in (*site.getsitepackages(), site.getusersitepackages()) if p in paths]
+    line = (
+        f"import site, sys; sys.path[:0] = [p for p in {paths!r} if p not in sys.path]; "
+        f"[site.addsitedir(p) for p in {site_dirs!r}]\n"
+    )
+    (site_packages / "m4r_parent_path.pth").write_text(line)
+    return bindir
+
+
+def first_error(log: str) -> str:
+    """The first error line of a tritonserver log (glog ``E...``, ``error:``), CUDA-absence noise skipped."""
+    noise = ("CudaDriverHelper", "CUDA driver", "cuda driver", "pinned memory")
+    for raw in log.splitlines():
+        line = raw.strip()
+        is_error = (len(line) > 1 and line[0] == "E" and line[1].isdigit()) or line.startswith("error:")
+        if is_error and not any(n in line for n in noise):
+            return line[:1000]
+    return "(no error line in the server log)"
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -116,9 +165,9 @@ class LocalTritonServer:
         self.http_port, self.grpc_port, self.metrics_port = (p or _free_port() for p in self.ports)
         env = dict(os.environ)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH")) if p)
-        # the stub embeds this Python: give it this interpreter's prefix and search path
-        env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        # the stub embeds the system libpython and finds its prefix through PATH (module docstring)
+        env["PATH"] = os.pathsep.join((str(_stub_python(self._workdir / "python")), env.get("PATH", "")))
+        env.pop("PYTHONHOME", None)
         cmd = [
             str(server / "bin" / "tritonserver"),
             f"--model-repository={self.repository}",
@@ -153,7 +202,10 @@ class LocalTritonServer:
                 log = self.log()
                 self.stop()
                 self.cleanup()
-                raise M4RError(f"tritonserver exited with code {self.proc.returncode}:\n{log[-3000:]}")
+                raise M4RError(
+                    f"tritonserver exited with code {self.proc.returncode}: {first_error(log)}\n"
+                    f"log tail:\n{log[-3000:]}"
+                )
             with (
                 contextlib.suppress(urllib.error.URLError, ConnectionError, OSError),
                 urllib.request.urlopen(url, timeout=1) as resp,
@@ -164,7 +216,10 @@ class LocalTritonServer:
         log = self.log()
         self.stop()
         self.cleanup()
-        raise M4RError(f"tritonserver not ready after {self.startup_timeout_s:.0f} s:\n{log[-3000:]}")
+        raise M4RError(
+            f"tritonserver not ready after {self.startup_timeout_s:.0f} s: {first_error(log)}\n"
+            f"log tail:\n{log[-3000:]}"
+        )
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
         """SIGTERM (Triton unloads models and exits), then SIGKILL the whole group if needed."""

@@ -59,6 +59,7 @@ class TritonOptions:
     streaming: bool = False  # stateful model on the sequence batcher (serve/streaming.py)
     sequence_idle_us: int = 60_000_000  # max_sequence_idle_microseconds
     max_sequences: int = 1024  # python backend: sequences in flight (oldest max_candidate_sequences)
+    max_request_events: int = 262_144  # python backend: events (item ids) one request may carry
 
     @property
     def device_kind(self) -> str:
@@ -83,8 +84,8 @@ class TritonOptions:
             raise UsageError(f"--name {self.name!r}: use a plain directory name (letters, digits, _ or -)")
         if self.streaming and self.with_tokens:
             raise UsageError("--streaming with --with-tokens: the streaming model takes item ids; drop one")
-        if self.sequence_idle_us < 1 or self.max_sequences < 1:
-            raise UsageError("--sequence-idle-us and --max-sequences must be >= 1")
+        if self.sequence_idle_us < 1 or self.max_sequences < 1 or self.max_request_events < 1:
+            raise UsageError("--sequence-idle-us, --max-sequences and --max-request-events must be >= 1")
         if self.ort_ops is not None and self.backend != "onnxruntime":
             raise UsageError("--ort-ops only applies to --backend onnxruntime")
 

@@ -67,7 +67,8 @@ def plan_streaming(plan: Any, artifacts: Path, manifest: dict[str, Any], opts: A
         cfg = cfgmod.model_config(
             backend="python",
             inputs=inputs,
-            parameters={"precision": "fp32"},
+            # the largest request the model accepts (enforced in model.py; docs/streaming.md)
+            parameters={"precision": "fp32", "max_request_events": str(opts.max_request_events)},
             sequence_batching=batching,
             **common,
         )
@@ -194,9 +195,11 @@ def streaming_readme(name: str, opts: Any, manifest: dict[str, Any]) -> str:
     if opts.backend == "python":
         lines += [
             f"* `{ITEMS_INPUT}`: int64 `[1, n]`. With START: the user's history, oldest first (may be "
-            "empty, any length: it goes through `init.onnx`). Without START: the new events, oldest "
-            "first (through `step.onnx`, one at a time). 0 = padding; ids outside `[1, n_items)` "
-            "are skipped.",
+            "empty; `init.onnx` on its first events, `step.onnx` on the rest, so memory per request "
+            "is bounded). Without START: the new events, oldest first (through `step.onnx`, one at a "
+            "time). 0 = padding; ids outside `[1, n_items)` are skipped. At most "
+            f"{opts.max_request_events} ids per request (config parameter `max_request_events`, "
+            "`m4r triton --max-request-events`): send a longer history as START + later requests.",
             "* `exclude_items` (ranking heads): optional int64 `[1, m]`, items not to rank in this "
             "response (0 = none); not remembered.",
             "* END drops the state after answering. A request without START for a sequence that "

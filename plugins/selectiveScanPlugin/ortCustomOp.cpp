@@ -262,7 +262,15 @@ struct ScanKernel
         Ort::UnownedValue yValue = ctx.GetOutput(0, yShape);
         if (batch == 0 || dim == 0 || seqlen == 0)
         {
-            return; // empty output: nothing to compute
+            // Seq 0 in mode "last": the empty history's state is zero and there is no position to read out, so y
+            // is zeros (the README's defined behaviour, as in the function body, PyTorch and the TensorRT plugin).
+            // Every other empty case has an empty y.
+            if (attrs.lastOnly && batch > 0 && dim > 0)
+            {
+                std::fill_n(static_cast<char*>(yValue.GetTensorMutableRawData()),
+                    static_cast<size_t>(batch * dim) * sizeof(T), char{0});
+            }
+            return;
         }
         if (dstate == 0)
         {

@@ -35,9 +35,9 @@ struct KernelChoice
 //! Null when the kernels can run `p`, otherwise a static message saying which limit it breaks.
 inline char const* checkScanParams(ScanParams const& p) noexcept
 {
-    if (p.batch < 0 || p.dim < 1 || p.seqlen < 1 || p.dstate < 1)
+    if (p.batch < 0 || p.dim < 1 || p.seqlen < 0 || p.dstate < 1)
     {
-        return "SelectiveScan: batch must be >= 0 and dim, seqlen, dstate >= 1";
+        return "SelectiveScan: batch and seqlen must be >= 0 and dim, dstate >= 1";
     }
     if (p.dstate > kMaxDState)
     {
@@ -87,8 +87,9 @@ cudaError_t dispatchCapacity(ScanParams const& p, Launch& launch)
 } // namespace detail
 
 //! Checks `p`, then calls `launch(KernelChoice<T, kN, kLast>{})` for the one instantiation that runs it.
-//! Returns cudaErrorInvalidValue when checkScanParams(p) is not null, cudaSuccess for an empty batch
-//! (launch not called), otherwise what `launch` returns.
+//! Returns cudaErrorInvalidValue when checkScanParams(p) is not null, cudaSuccess for an empty y (batch 0,
+//! or seqlen 0 in mode "all": launch not called), otherwise what `launch` returns. Seqlen 0 in mode "last"
+//! launches: the kernel writes y = 0 (the empty history's state is zero; README "Empty inputs").
 template <typename Half, typename BFloat16, typename Launch>
 cudaError_t dispatchSelectiveScan(ScanParams const& p, Launch&& launch)
 {
@@ -96,7 +97,7 @@ cudaError_t dispatchSelectiveScan(ScanParams const& p, Launch&& launch)
     {
         return cudaErrorInvalidValue;
     }
-    if (p.batch == 0)
+    if (p.batch == 0 || (p.seqlen == 0 && !p.lastOnly))
     {
         return cudaSuccess;
     }

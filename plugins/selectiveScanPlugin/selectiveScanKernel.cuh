@@ -103,6 +103,16 @@ __global__ void __launch_bounds__(kChannels) selectiveScanKernel(ScanParams cons
     T const* __restrict__ Bm = static_cast<T const*>(p.B) + bcBase;
     T const* __restrict__ Cm = static_cast<T const*>(p.C) + bcBase;
 
+    if (kLast && L == 0)
+    {
+        // seqlen 0: no position to read out; y = 0 (uniform over the grid, so no thread reaches a barrier)
+        if (active)
+        {
+            static_cast<T*>(p.y)[static_cast<int64_t>(b) * p.dim + d] = fromFloat<T>(0.F);
+        }
+        return;
+    }
+
     float a[kN];
     float h[kN];
 #pragma unroll

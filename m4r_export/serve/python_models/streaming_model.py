@@ -6,8 +6,11 @@ The sequence batcher gives every request the control inputs START, END (int32 0/
 
 - START: ``item_ids`` [1, n] is the user's history (any length, may be empty) -> ``init``.
 - otherwise: ``item_ids`` [1, n] are new events, oldest first -> ``step`` once per event
-  (0 = padding; ids outside [1, n_items) are skipped by the step graph itself).
+  (``StreamingSession.extend``; 0 = padding; ids outside [1, n_items) are skipped by the step
+  graph itself).
 - END: the state is dropped after the response.
+- a request with more than ``max_request_events`` ids (config parameter) is refused with an error
+  naming the limit; memory per request is bounded anyway (StreamingSession.start windows init).
 
 Requests of one batch are run together: one ``init`` call for the STARTs, one ``step`` call per
 event column for the others (rows with fewer events are fed 0, i.e. "no event").
@@ -27,7 +30,7 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from m4r_export.streaming import StreamingSession
+from m4r_export.streaming import MAX_REQUEST_EVENTS, StreamingSession
 
 
 def _log(message: str) -> None:
@@ -45,7 +48,10 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         directory = os.path.join(args["model_repository"], args["model_version"])
         threads = int(params.get("intra_op_num_threads", "0")) or None
-        self.session = StreamingSession.from_dir(directory, params.get("precision", "fp32"), threads=threads)
+        self.max_events = int(params.get("max_request_events", str(MAX_REQUEST_EVENTS)))
+        self.session = StreamingSession.from_dir(
+            directory, params.get("precision", "fp32"), threads=threads, max_events=self.max_events
+        )
         self.outputs = [o["name"] for o in config["output"]]
         self.takes_exclude = any(i["name"] == "exclude_items" for i in config["input"])
         idle_us = int(config["sequence_batching"].get("max_sequence_idle_microseconds", 1_000_000))
@@ -71,6 +77,11 @@ class TritonPythonModel:
         items = pb_utils.get_input_tensor_by_name(request, "item_ids").as_numpy()
         if items.ndim != 2 or items.shape[0] != 1:
             raise ValueError(f"item_ids: one user per request, shape [1, n]; got {list(items.shape)}")
+        if items.shape[1] > self.max_events:
+            raise ValueError(
+                f"item_ids: {items.shape[1]} ids in one request, above max_request_events={self.max_events} "
+                "(config.pbtxt): send the history's first part with START and the rest in later requests"
+            )
         ids = [int(i) for i in items[0] if i != 0]
         exclude: list[int] = []
         if self.takes_exclude:
@@ -127,9 +138,5 @@ class TritonPythonModel:
     def _step(self, parsed: list[Any]) -> dict[str, np.ndarray]:
         saved = [self.states[p[0]][0] for p in parsed]
         self.session.load_states({k: np.concatenate([s[k] for s in saved]) for k in saved[0]})
-        width = max(1, max(len(p[3]) for p in parsed))  # no events: push 0 = outputs unchanged
-        outs: dict[str, np.ndarray] = {}
-        for j in range(width):
-            ids = np.array([p[3][j] if j < len(p[3]) else 0 for p in parsed], dtype=np.int64)
-            outs = self.session.push(ids, exclude=self._exclude(parsed))
-        return outs
+        # one step per event column (rows with fewer events get 0 = no event; none at all: outputs unchanged)
+        return self.session.extend([p[3] for p in parsed], exclude=self._exclude(parsed))

@@ -271,10 +271,49 @@ void testEnqueueErrors()
     check(contains(enqueueScan(attrs, info, inputs, outputs, failing), "kernel launch failed"),
         "launch error reported");
 }
+//! seqlen 0 through the plugin's enqueue (README "Empty inputs"): mode "last" -> y = 0, never stale memory.
+void testEnqueueSeqZero()
+{
+    int32_t const Bn = 2, Dn = 9, N = 4;
+    std::vector<float> A(static_cast<size_t>(Dn) * N, -1.F), D(Dn, 1.F), bias(Dn, 0.F);
+    std::vector<int32_t> lengths = {0, 3};
+    float dummy = 1.F;
+    for (bool last : {true, false})
+    {
+        std::vector<float> y(Bn * Dn, NAN);
+        SelectiveScanAttrs attrs;
+        attrs.lastOnly = last;
+        attrs.nbInputs = 9;
+        TensorInfo info[10];
+        makeInfo(info, DType::kFLOAT);
+        int64_t const dims[9][3] = {{Bn, Dn, 0}, {Bn, Dn, 0}, {Dn, N}, {Bn, N, 0}, {Bn, N, 0}, {Dn}, {Bn, Dn, 0},
+            {Dn}, {Bn}};
+        for (int i = 0; i < 9; ++i)
+        {
+            for (int j = 0; j < info[i].nbDims; ++j)
+            {
+                info[i].d[j] = dims[i][j];
+            }
+        }
+        void const* inputs[9] = {&dummy, &dummy, A.data(), &dummy, &dummy, D.data(), &dummy, bias.data(),
+            lengths.data()};
+        void* outputs[1] = {y.data()};
+        std::string const why = enqueueScan(attrs, info, inputs, outputs, emu::emulatedLaunch);
+        bool zeros = true;
+        for (float v : y)
+        {
+            zeros = zeros && (last ? v == 0.F : std::isnan(v)); // "all": y is empty, the buffer untouched
+        }
+        check(why.empty() && zeros,
+            std::string("seqlen 0, mode ") + (last ? "last: y = 0" : "all: empty y, no launch")
+                + (why.empty() ? "" : " (" + why + ")"));
+    }
+}
 } // namespace
 
 int main()
 {
+    testEnqueueSeqZero();
     testFormats();
     testDims();
     testFields();

@@ -100,11 +100,54 @@ int runCase(int Bn, int Dn, int L, int N, Options const& o, char const* typeName
         worst);
     return ok ? 0 : 1;
 }
+//! seqlen 0 (README "Empty inputs"): mode "last" writes y = 0 over a buffer of NaN (no stale memory); mode
+//! "all" has an empty y and succeeds without launching.
+template <typename T>
+int runSeqZero(bool last, char const* typeName)
+{
+    int const Bn = 3, Dn = 70, N = 20;
+    std::vector<float> A(static_cast<size_t>(Dn) * N, -1.F), D(Dn, 1.F), bias(Dn, 0.5F);
+    std::vector<T> dummy(1, emu::fromF<T>(1.F)); // u, delta, B, C, z hold no element; any non-null pointer
+    std::vector<int32_t> lengths = {0, 1, 5};
+    std::vector<T> ioY(static_cast<size_t>(Bn) * Dn, emu::fromF<T>(NAN));
+    ScanParams p;
+    p.ioType = sizeof(T) == 4 ? m4r::scan::IoType::kFLOAT32
+                              : (std::is_same<T, __half>::value ? m4r::scan::IoType::kFLOAT16
+                                                                : m4r::scan::IoType::kBFLOAT16);
+    p.batch = Bn;
+    p.dim = Dn;
+    p.seqlen = 0;
+    p.dstate = N;
+    p.deltaSoftplus = true;
+    p.lastOnly = last;
+    p.u = p.delta = p.B = p.C = p.z = dummy.data();
+    p.A = A.data();
+    p.D = D.data();
+    p.deltaBias = bias.data();
+    p.lengths = lengths.data();
+    p.y = ioY.data();
+    cudaError_t const status = emu::emulatedLaunch(p);
+    bool ok = status == cudaSuccess;
+    for (T const& y : ioY)
+    {
+        float const f = emu::toF(y);
+        ok = ok && (last ? f == 0.F : std::isnan(f)); // "all": y is empty, the buffer is not touched
+    }
+    std::printf("%s B=%d D=%d L=0 N=%d %s mode=%s: %s\n", ok ? "ok  " : "FAIL", Bn, Dn, N, typeName,
+        last ? "last" : "all", last ? "y = 0" : "no launch, success");
+    return ok ? 0 : 1;
+}
 } // namespace
 
 int main()
 {
     int failures = 0;
+    for (bool last : {false, true})
+    {
+        failures += runSeqZero<float>(last, "fp32");
+        failures += runSeqZero<__half>(last, "fp16");
+        failures += runSeqZero<__nv_bfloat16>(last, "bf16");
+    }
     // Partial channel blocks (70 = 64 + 6), several time tiles (45, 100 > 32), each state capacity
     // (N = 5 -> 16; 20 and 32 -> 32; 64 -> 64), L = 1, and lengths 0 / over-long / in range in mode "last".
     int const shapes[][4] = {{3, 70, 45, 5}, {2, 64, 33, 20}, {2, 130, 100, 64}, {4, 8, 1, 4}, {3, 16, 40, 32}};
