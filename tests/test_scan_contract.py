@@ -215,4 +215,6 @@ def test_verify_refuses_an_edited_and_rehashed_node_on_both_paths(lib: Path, tmp
     with_lib = CliRunner().invoke(main, [*args, "--backend", "ort-cpu-ops", "--ort-ops", str(lib)])
     assert with_lib.exit_code == 1 and 'mode="middle" is not supported' in with_lib.output, with_lib.output
     for res in (body, with_lib):
-        assert res.output.startswith("Error: ") and "Traceback" not in res.output
+        errors = [line for line in res.output.splitlines() if line.startswith("Error: ")]
+        assert len(errors) == 1 and res.output.rstrip().endswith(errors[0]), res.output
+        assert "Traceback" not in res.output
