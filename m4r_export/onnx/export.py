@@ -163,6 +163,8 @@ class ExportOptions:
     opset: int = DEFAULT_OPSET
     body: str = bodies.DEFAULT_BODY
     streaming: bool = False
+    #: one m4r::MambaMixer node per Mamba mixer (m4r_export/onnx/fused.py) instead of its standard ops
+    fused: bool = False
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -202,6 +204,10 @@ class ExportOptions:
 def _serving_module(model: Mamba4Rec, opts: ExportOptions, fp16: bool) -> nn.Module:
     m = half_model(model) if fp16 else copy.deepcopy(model).eval()
     m.set_scan_backend(SCAN_BACKEND)
+    if opts.fused:
+        from .fused import fuse_mixers
+
+        fuse_mixers(m)
     serving = ServingModel(m, opts.head, opts.k, opts.exclude_history, opts.exclude_items).eval()
     return _FloatOutputs(serving).eval() if fp16 else serving
 
@@ -290,8 +296,13 @@ def finalize_model(proto: Any, opts: ExportOptions, fp16: bool) -> None:
     import onnx
     from onnx import helper
 
+    from . import fused
+
+    mixers = [n for n in proto.graph.node if n.op_type == fused.OP_NAME and n.domain == bodies.DOMAIN]
+    if opts.fused and not mixers:
+        raise M4RError("the exported graph has no m4r::MambaMixer node; the fused mixer was not used")
     scan_nodes = [n for n in proto.graph.node if n.op_type == bodies.OP_NAME and n.domain == bodies.DOMAIN]
-    if not scan_nodes:
+    if not scan_nodes and not mixers:
         raise M4RError("the exported graph has no m4r::SelectiveScan node; the scan backend was not used")
     for n in scan_nodes:
         names = {a.name for a in n.attribute}
@@ -305,6 +316,8 @@ def finalize_model(proto: Any, opts: ExportOptions, fp16: bool) -> None:
         imports[bodies.DOMAIN].version = bodies.OP_VERSION
     del proto.functions[:]
     proto.functions.append(bodies.make_function(opts.body, opts.opset, io_float16=fp16))
+    if mixers:
+        proto.functions.append(fused.make_mixer_function(opts.opset, io_float16=fp16))
     # dynamic dims: batch and seq on the inputs; batch on every output
     for vi in proto.graph.input:
         dims = vi.type.tensor_type.shape.dim
@@ -325,6 +338,7 @@ def finalize_model(proto: Any, opts: ExportOptions, fp16: bool) -> None:
         "m4r.max_seq_len": str(opts.max_seq_len),
         "m4r.precision": "fp16" if fp16 else "fp32",
         "m4r.function_body": opts.body,
+        "m4r.fused_mixer": str(int(bool(mixers))),
         "m4r.input_semantics": "ids outside [0, n_items) -> 0; item_seq_len clamped to [1, seq]"
         + (
             "; exclude_items [batch, E]: ids in [1, n_items) are -inf, 0 and others ignored"
@@ -732,6 +746,9 @@ def export_artifacts(
             "plugin_namespace": bodies.PLUGIN_NAMESPACE,
             "plugin_version": bodies.PLUGIN_VERSION,
             "function_body": opts.body,
+            # m4r export --fused: each Mamba mixer is one m4r::MambaMixer node (its function body holds
+            # the standard ops and the SelectiveScan node); libm4r_ort_ops.so runs it as one kernel
+            "fused_mixer": {"used": opts.fused, "name": "MambaMixer", "version": bodies.OP_VERSION},
         },
         "inputs": inputs,
         "outputs": outputs,
