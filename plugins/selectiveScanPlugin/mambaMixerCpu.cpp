@@ -14,6 +14,7 @@
 namespace
 {
 typedef float MVec __attribute__((vector_size(8 * sizeof(float))));
+typedef int32_t MVecI __attribute__((vector_size(8 * sizeof(int32_t))));
 
 namespace generic
 {
@@ -39,27 +40,27 @@ namespace avx2
 #endif
 #endif
 
-using GemmFn = decltype(&generic::gemm);
-
-GemmFn gemmFn()
+struct Fns
 {
-    static GemmFn const fn = [] {
+    decltype(&generic::gemm) gemm;
+    decltype(&generic::siluInPlace) silu;
+};
+
+Fns const& fns()
+{
+    static Fns const fn = [] {
 #if defined(M4R_MIXER_HAVE_AVX2)
         __builtin_cpu_init();
         if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
         {
-            return &avx2::gemm;
+            return Fns{&avx2::gemm, &avx2::siluInPlace};
         }
 #endif
-        return &generic::gemm;
+        return Fns{&generic::gemm, &generic::siluInPlace};
     }();
     return fn;
 }
 
-float silu(float v)
-{
-    return v / (1.0f + std::exp(-v));
-}
 } // namespace
 
 extern "C" void m4r_mixer_transpose(float const* in, int64_t rows, int64_t cols, float* out)
@@ -80,9 +81,9 @@ extern "C" int m4r_mixer_forward_row(
     int64_t const L = last_only ? std::clamp<int64_t>(length, 1, seqlen) : seqlen;
     int64_t const dm = w->d_model, di = w->d_inner, n = w->d_state, r = w->dt_rank, k = w->d_conv;
     int64_t const nx = r + 2 * n;
-    GemmFn const gemm = gemmFn();
+    auto const gemm = fns().gemm;
     thread_local std::vector<float> scratch;
-    size_t const need = static_cast<size_t>(L * (2 * di + di + di + di + nx + di + 2 * n + di + di) + di);
+    size_t const need = static_cast<size_t>(L * (9 * di + nx + 2 * n) + di); // the buffers below
     try
     {
         if (scratch.size() < need)
@@ -120,9 +121,8 @@ extern "C" int m4r_mixer_forward_row(
             for (int64_t c = 0; c < di; ++c)
                 o[c] += w->conv_w[c * k + j] * in[c];
         }
-        for (int64_t c = 0; c < di; ++c)
-            o[c] = silu(o[c]);
     }
+    fns().silu(ut, L * di);
     m4r_mixer_transpose(ut, L, di, ucf);
     for (int64_t t = 0; t < L; ++t)
         for (int64_t c = 0; c < di; ++c)
