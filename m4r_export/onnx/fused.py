@@ -8,11 +8,14 @@ so the file runs as before without any library (ONNX Runtime inlines both functi
 
     MambaMixer(hidden, lengths, in_proj_weight, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
                dt_bias, A, D, out_proj_weight) -> y
-      attributes: mode ("all" | "last"), d_inner (int, the conv's group count)
+      attributes: mode ("all" | "last"), d_inner (int, the conv's group count),
+                  x_proj_split (ints [dt_rank, d_state, d_state]),
+                  conv_pads (ints [0, 0, d_conv - 1, 0, 0, 0])
 
 ``hidden`` (batch, L, d_model) T; ``lengths`` (batch,) int32; weights in PyTorch's layouts (Linear
 (out, in), conv (d_inner, 1, d_conv)) in T, except ``dt_bias``, ``A`` (= -exp(A_log)) and ``D``: fp32.
-``y``: (batch, d_model) at ``clamp(lengths, 1, L) - 1`` for ``mode="last"``, else (batch, L, d_model).
+``y``: (batch, 1, d_model) at ``clamp(lengths, 1, L) - 1`` for ``mode="last"``, else (batch, L, d_model)
+(one rank for both modes, so that the body needs no ``If``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import torch
-from onnx import AttributeProto, TensorProto, helper, numpy_helper
+from onnx import AttributeProto, helper, numpy_helper
 from torch import Tensor, nn
 
 from ..model.mamba import Mamba
@@ -58,7 +61,7 @@ class FusedMixer(nn.Module):
         batch, seq_len, d_model = hidden.shape
         if lengths is None:
             lengths = torch.full((batch,), seq_len, dtype=torch.int32, device=hidden.device)
-        shape = [batch, d_model] if last_only else [batch, seq_len, d_model]
+        shape = [batch, 1 if last_only else seq_len, d_model]
         inputs: list[Tensor | None] = [
             hidden,
             lengths.to(torch.int32),
@@ -72,14 +75,21 @@ class FusedMixer(nn.Module):
             m.D.float(),
             m.out_proj.weight,
         ]
-        return torch.onnx.ops.symbolic(
+        attrs = {
+            "mode": "last" if last_only else "all",
+            "d_inner": int(m.d_inner),
+            "x_proj_split": [int(m.dt_rank), int(m.d_state), int(m.d_state)],
+            "conv_pads": [0, 0, int(m.d_conv) - 1, 0, 0, 0],
+        }
+        y = torch.onnx.ops.symbolic(
             f"{bodies.DOMAIN}::{OP_NAME}",
             inputs,
-            {"mode": "last" if last_only else "all", "d_inner": int(m.d_inner)},
+            attrs,
             dtype=hidden.dtype,
             shape=shape,
             version=bodies.OP_VERSION,
         )
+        return y[:, 0] if last_only else y
 
 
 def fuse_mixers(model: nn.Module) -> None:
@@ -97,8 +107,12 @@ def _ref(node: onnx.NodeProto, name: str, ref: str, kind: int) -> onnx.NodeProto
 
 
 def make_mixer_function(opset: int = 20, io_float16: bool = False) -> onnx.FunctionProto:
-    """FunctionProto ``m4r::MambaMixer``: standard ops around one ``m4r::SelectiveScan`` node."""
-    T = TensorProto.FLOAT16 if io_float16 else TensorProto.FLOAT
+    """FunctionProto ``m4r::MambaMixer``: standard ops around one ``m4r::SelectiveScan`` node.
+
+    The body is type-generic (``io_float16`` only names the variant): T flows from the inputs. It has no
+    string tensors and no ``If`` (TensorRT imports neither): every static size comes from the node's
+    attributes through ``Constant(value_ints=@attr)``, so an importer that inlines it sees constants.
+    """
 
     def i64(name: str, values: list[int]) -> onnx.NodeProto:
         v = np.array(values, dtype=np.int64)
@@ -118,54 +132,26 @@ def make_mixer_function(opset: int = 20, io_float16: bool = False) -> onnx.Funct
     conv = _ref(
         n("Conv", ["x_pad", "conv_weight", "conv_bias"], ["x_conv"]), "group", "d_inner", AttributeProto.INT
     )
-    last_branch = helper.make_graph(
-        [n("MatMul", ["y_scan", "w_out_t"], ["y_last"])],
-        "last",
-        [],
-        [helper.make_tensor_value_info("y_last", T, None)],
-    )
-    all_branch = helper.make_graph(
-        [n("Transpose", ["y_scan"], ["y_t"], perm=[0, 2, 1]), n("MatMul", ["y_t", "w_out_t"], ["y_all"])],
-        "all",
-        [],
-        [helper.make_tensor_value_info("y_all", T, None)],
-    )
-    mode_const = n("Constant", [], ["mode_str"])
-    _ref(mode_const, "value_string", "mode", AttributeProto.STRING)
+    split_const = _ref(n("Constant", [], ["split_sizes"]), "value_ints", "x_proj_split", AttributeProto.INTS)
+    pads_const = _ref(n("Constant", [], ["pads"]), "value_ints", "conv_pads", AttributeProto.INTS)
     nodes = [
-        i64("c0", [0]),
-        i64("c1", [1]),
-        i64("c2", [2]),
-        i64("c_pads_head", [0, 0]),
-        i64("c_pads_tail", [0, 0, 0]),
-        mode_const,
-        n(
-            "Constant",
-            [],
-            ["last_str"],
-            value=numpy_helper.from_array(np.array("last", dtype=object), "last_str"),
-        ),
-        n("Equal", ["mode_str", "last_str"], ["is_last"]),
+        i64("c_m1", [-1]),
+        split_const,
+        pads_const,
         # in_proj, split into x and z, channel-first
         n("Transpose", ["in_proj_weight"], ["w_in_t"], perm=[1, 0]),
         n("MatMul", ["hidden", "w_in_t"], ["xz"]),
         n("Transpose", ["xz"], ["xz_t"], perm=[0, 2, 1]),
         n("Split", ["xz_t"], ["x", "z"], axis=1, num_outputs=2),
-        # causal depthwise conv: pad d_conv - 1 zeros in front of the time axis
-        n("Shape", ["conv_weight"], ["k_1"], start=2, end=3),
-        n("Sub", ["k_1", "c1"], ["k_m1"]),
-        n("Concat", ["c_pads_head", "k_m1", "c_pads_tail"], ["pads"], axis=0),
+        # causal depthwise conv: d_conv - 1 zeros in front of the time axis
         n("Pad", ["x", "pads"], ["x_pad"]),
         conv,
         n("Sigmoid", ["x_conv"], ["x_sig"]),
         n("Mul", ["x_conv", "x_sig"], ["u"]),
-        # x_proj -> dt, B, C
+        # x_proj -> dt, B, C; dt_proj (its bias is added inside the scan)
         n("Transpose", ["u"], ["u_t"], perm=[0, 2, 1]),
         n("Transpose", ["x_proj_weight"], ["w_x_t"], perm=[1, 0]),
         n("MatMul", ["u_t", "w_x_t"], ["x_dbl"]),
-        n("Shape", ["dt_proj_weight"], ["rank"], start=1, end=2),
-        n("Shape", ["A"], ["dstate"], start=1, end=2),
-        n("Concat", ["rank", "dstate", "dstate"], ["split_sizes"], axis=0),
         n("Split", ["x_dbl", "split_sizes"], ["dt_low", "Bm", "Cm"], axis=2),
         n("Transpose", ["dt_proj_weight"], ["w_dt_t"], perm=[1, 0]),
         n("MatMul", ["dt_low", "w_dt_t"], ["dt_full"]),
@@ -173,8 +159,13 @@ def make_mixer_function(opset: int = 20, io_float16: bool = False) -> onnx.Funct
         n("Transpose", ["Bm"], ["Bt"], perm=[0, 2, 1]),
         n("Transpose", ["Cm"], ["Ct"], perm=[0, 2, 1]),
         scan,
+        # y (b, D) in mode last, (b, D, L) in mode all -> (b, D, L') -> out_proj -> (b, L', d_model)
+        n("Shape", ["y_scan"], ["y_bd"], start=0, end=2),
+        n("Concat", ["y_bd", "c_m1"], ["y3_shape"], axis=0),
+        n("Reshape", ["y_scan", "y3_shape"], ["y3"]),
+        n("Transpose", ["y3"], ["y_t"], perm=[0, 2, 1]),
         n("Transpose", ["out_proj_weight"], ["w_out_t"], perm=[1, 0]),
-        n("If", ["is_last"], ["y"], then_branch=last_branch, else_branch=all_branch),
+        n("MatMul", ["y_t", "w_out_t"], ["y"]),
     ]
     fn = helper.make_function(
         bodies.DOMAIN,
@@ -186,5 +177,12 @@ def make_mixer_function(opset: int = 20, io_float16: bool = False) -> onnx.Funct
         attributes=[],
         doc_string="m4r::MambaMixer: the fused Mamba block (see m4r_export/onnx/fused.py)",
     )
-    fn.attribute_proto.extend([helper.make_attribute("mode", "all"), helper.make_attribute("d_inner", 1)])
+    fn.attribute_proto.extend(
+        [
+            helper.make_attribute("mode", "all"),
+            helper.make_attribute("d_inner", 1),
+            helper.make_attribute("x_proj_split", [1, 1, 1]),
+            helper.make_attribute("conv_pads", [0, 0, 0, 0, 0, 0]),
+        ]
+    )
     return fn

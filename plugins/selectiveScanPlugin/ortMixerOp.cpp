@@ -153,7 +153,7 @@ struct MixerKernel
         expect(10, {dm, di});
         if (batch > INT32_MAX || L > INT32_MAX || dm > INT32_MAX || di > INT32_MAX)
             fail(ORT_INVALID_ARGUMENT, "hidden " + shapeStr(hs) + ": dimensions above 2^31 - 1 are not supported");
-        std::vector<int64_t> const yShape = lastOnly ? std::vector<int64_t>{batch, dm} : std::vector<int64_t>{batch, L, dm};
+        std::vector<int64_t> const yShape{batch, lastOnly ? 1 : L, dm};
         Ort::UnownedValue out = ctx.GetOutput(0, yShape);
         if (batch == 0 || L == 0 || dm == 0)
             return;
