@@ -15,6 +15,9 @@ fp32 scores per layer (2 GB at 256 x 1000); a batch whose scores would exceed ``
 as consecutive row chunks inside one timed call (the same total work, recorded per point as
 ``sasrec_chunks``).
 
+An export with ``model.int8.onnx`` (``m4r export --int8``) adds ``<label> int8`` (with the library when
+given).
+
 Streaming: for every export with ``step.onnx``, one new event per row: ``step.onnx`` on the states of
 an L-item history (``init.onnx`` beforehand, untimed) beside SASRec re-encoding the L+1 items and m4r's
 ``model.onnx`` re-encoding them, interleaved the same way.
@@ -39,6 +42,7 @@ from torch import Tensor, nn
 
 from .. import __version__
 from ..errors import UsageError
+from ..onnx.int8 import INT8_FILE
 
 DEFAULT_BATCHES = (1, 256)
 DEFAULT_SEQS = (50, 200, 1000)
@@ -168,18 +172,23 @@ def time_round_robin(
         for v in variants:
             v.call()
     times: dict[str, list[float]] = {v.name: [] for v in variants}
+    cpu: dict[str, list[float]] = {v.name: [] for v in variants}
     for i in range(repeats):
         if i >= MIN_RUNS and time.perf_counter() - t0 > budget_s:
             break
         for v in variants:
-            c = time.perf_counter()
+            c, p = time.perf_counter(), time.process_time()
             v.call()
             times[v.name].append((time.perf_counter() - c) * 1000.0)
+            cpu[v.name].append((time.process_time() - p) * 1000.0)
     return {
         name: {
             "p50_ms": float(np.percentile(ms, 50)),
             "mean_ms": float(np.mean(ms)),
             "min_ms": float(np.min(ms)),
+            # process CPU time per call (all threads): on a loaded machine the wall time includes waiting
+            # for a core; with 1 thread the CPU time is the latency an idle core would give
+            "cpu_p50_ms": float(np.percentile(cpu[name], 50)),
             "runs": len(ms),
         }
         for name, ms in times.items()
@@ -204,7 +213,11 @@ class M4RExport:
 
 
 def _m4r_variants(
-    exports: list[M4RExport], threads: int, ort_ops: Path | None, file: str = "model.onnx"
+    exports: list[M4RExport],
+    threads: int,
+    ort_ops: Path | None,
+    file: str = "model.onnx",
+    with_int8: bool = True,
 ) -> list[tuple[str, Any]]:
     out = []
     for e in exports:
@@ -212,6 +225,9 @@ def _m4r_variants(
         out.append((f"{e.label} body", _session(blob, threads, None)))
         if ort_ops is not None:
             out.append((f"{e.label} ops", _session(blob, threads, ort_ops)))
+        int8 = e.directory / INT8_FILE
+        if with_int8 and int8.is_file():  # m4r export --int8: timed with the library when there is one
+            out.append((f"{e.label} int8", _session(int8.read_bytes(), threads, ort_ops)))
     return out
 
 
@@ -313,7 +329,7 @@ def _streaming_points(
             steps.append(
                 (f"{e.label} step ops", _session((e.directory / files["step"]).read_bytes(), nt, ort_ops))
             )
-        full = _m4r_variants([e], nt, ort_ops)[-1]
+        full = _m4r_variants([e], nt, ort_ops, with_int8=False)[-1]
         n_items = int(man["model"]["n_items"])
         for batch in sorted(set(batches)):
             for seq in sorted(set(seqs)):
@@ -349,14 +365,25 @@ def _point_line(p: dict[str, Any]) -> str:
     res = p["results"]
     ref = next(v["p50_ms"] for k, v in res.items() if k.startswith("sasrec"))
     where = f"batch {p['batch']} x {'history' if 'history' in p else 'seq'} {p.get('seq', p.get('history'))}"
-    cells = ", ".join(f"{k} {v['p50_ms']:.3f} ms ({ref / v['p50_ms']:.2f}x)" for k, v in res.items())
+    cpu = next(v["cpu_p50_ms"] for k, v in res.items() if k.startswith("sasrec"))
+    cells = ", ".join(
+        f"{k} {v['p50_ms']:.3f} ms ({ref / v['p50_ms']:.2f}x; cpu {v['cpu_p50_ms']:.3f} ms, "
+        f"{cpu / max(v['cpu_p50_ms'], 1e-9):.2f}x)"
+        for k, v in res.items()
+    )
     return f"{p['threads']} thread(s), {where}: {cells}"
 
 
 def render_tables(result: dict[str, Any]) -> str:
     """Markdown: one table for the grid, one for streaming; columns = variants, ratio vs SASRec."""
     out = []
-    for title, key, dim in (("re-encode (model.onnx)", "grid", "seq"), ("streaming", "streaming", "history")):
+    tables = (
+        ("re-encode (model.onnx): p50 wall ms per call", "grid", "seq", "p50_ms"),
+        ("re-encode (model.onnx): p50 process CPU ms per call", "grid", "seq", "cpu_p50_ms"),
+        ("streaming: p50 wall ms per call", "streaming", "history", "p50_ms"),
+        ("streaming: p50 process CPU ms per call", "streaming", "history", "cpu_p50_ms"),
+    )
+    for title, key, dim, metric in tables:
         points = result[key]
         if not points:
             continue
@@ -373,13 +400,13 @@ def render_tables(result: dict[str, Any]) -> str:
         rows = []
         for p in points:
             r = p["results"]
-            cells = [f"{r[n]['p50_ms']:.3f}" for n in names]
-            ratios = [f"{r[ref]['p50_ms'] / r[n]['p50_ms']:.2f}x" for n in names[1:]]
+            cells = [f"{r[n][metric]:.3f}" for n in names]
+            ratios = [f"{r[ref][metric] / max(r[n][metric], 1e-9):.2f}x" for n in names[1:]]
             chunk = f" ({p['sasrec_chunks']} chunks)" if p["sasrec_chunks"] > 1 else ""
             rows.append(
                 f"| {p['threads']} | {p['batch']}{chunk} | {p[dim]} | " + " | ".join(cells + ratios) + " |"
             )
-        out.append(f"### {title}: p50 ms per call\n\n{head}\n{sep}\n" + "\n".join(rows))
+        out.append(f"### {title}\n\n{head}\n{sep}\n" + "\n".join(rows))
     env = result["environment"]
     out.append(
         f"{result['runtime']}; {env['processor'] or env['machine']}, {env['cpu_count']} CPUs; "

@@ -72,6 +72,12 @@ from ..errors import M4RError
     help="One m4r::MambaMixer node per Mamba block (fused CPU kernel in libm4r_ort_ops.so; the node's "
     "function body runs it without the library): docs/ort-custom-ops.md.",
 )
+@click.option(
+    "--int8",
+    is_flag=True,
+    help="Also write model.int8.onnx: weight GEMMs in int8 (ONNX Runtime dynamic quantization), the scan "
+    "and its state fp32 (docs/ort-custom-ops.md).",
+)
 @click.option("--no-trt", is_flag=True, help="Do not try to build a TensorRT engine after --fp16.")
 def export(
     ckpt: Path,
@@ -87,6 +93,7 @@ def export(
     dataset: Path | None,
     streaming: bool,
     fused: bool,
+    int8: bool,
     no_trt: bool,
 ) -> None:
     """Export a checkpoint to ONNX: one m4r::SelectiveScan node per layer with a portable function body.
@@ -120,6 +127,7 @@ def export(
         body=body,
         streaming=streaming,
         fused=fused,
+        int8=int8,
     )
     opts.validate(model.n_items, engine=fp16 and not no_trt)
     ensure_writable_dir(out_dir)  # fail fast, before the slow parts
