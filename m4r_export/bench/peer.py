@@ -7,20 +7,22 @@ GELU; the output at ``item_seq_len - 1``; scores = output @ item table^T). Rando
 does not depend on the values. It is exported with ``torch.onnx.export`` (the dynamo exporter, dynamic
 batch and seq), as a new user would, and run on plain ONNX Runtime.
 
-Per thread count, every session is created once; per (batch, seq) point every variant gets one
-warm-up call, then the variants take turns (one call each per round) so that a noisy neighbour slows
-them alike, and the p50 of each is reported with the ratio SASRec p50 / variant p50 (> 1: m4r is
-faster). All rows are full-length histories. SASRec's attention holds ``batch x heads x seq x seq``
-fp32 scores per layer (2 GB at 256 x 1000); a batch whose scores would exceed ``sasrec_max_bytes`` runs
-as consecutive row chunks inside one timed call (the same total work, recorded per point as
-``sasrec_chunks``).
+Every export is timed with the custom-op library (``<label> ops``) when one is given, and the first one also
+on plain ONNX Runtime (``<label> body``: the function bodies; a fused file's bodies inline to the same
+standard ops). Per thread count, every session is created once (without ONNX Runtime's memory arena); per
+(batch, seq) point every variant gets one warm-up call, then the variants take turns (one call each per
+round) so that a noisy neighbour slows them alike, and the p50 of each is reported with the ratio SASRec
+p50 / variant p50 (> 1: m4r is faster). All rows are full-length histories. SASRec's attention holds ``batch x
+heads x seq x seq`` fp32 scores per layer (2 GB at 256 x 1000); a batch whose scores would exceed
+``sasrec_max_bytes`` runs as consecutive row chunks inside one timed call (the same total work, recorded per
+point as ``sasrec_chunks``).
 
-An export with ``model.int8.onnx`` (``m4r export --int8``) adds ``<label> int8`` (with the library when
-given).
+An export with ``model.int8.onnx`` (``m4r export --int8``) adds ``<label>
+int8`` (with the library when given).
 
-Streaming: for every export with ``step.onnx``, one new event per row: ``step.onnx`` on the states of
-an L-item history (``init.onnx`` beforehand, untimed) beside SASRec re-encoding the L+1 items and m4r's
-``model.onnx`` re-encoding them, interleaved the same way.
+Streaming: for every export with ``step.onnx``, one new event per row:
+``step.onnx`` on the states of an L-item history (``init.onnx`` beforehand, untimed) beside SASRec
+re-encoding the L+1 items and m4r's ``model.onnx`` re-encoding them, interleaved the same way.
 """
 
 from __future__ import annotations
@@ -142,9 +144,20 @@ class Variant:
 
 
 def _session(model: bytes, threads: int, ort_ops: Path | None) -> Any:
-    from ..onnx.export import ort_session
+    """A CPU session without ONNX Runtime's memory arena: a run holds many sessions, and each arena would
+    keep its largest point's memory (11 GB in all at batch 256 x seq 1000) until the end."""
+    import onnxruntime as ort
 
-    return ort_session(model, threads, ort_ops)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.enable_cpu_mem_arena = False
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    if ort_ops is not None:
+        from ..onnx.ort_ops import register_ort_ops
+
+        register_ort_ops(so, ort_ops)
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
 
 def _feeds(sess: Any, item_seq: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:
@@ -222,9 +235,10 @@ def _m4r_variants(
     with_int8: bool = True,
 ) -> list[tuple[str, Any]]:
     out = []
-    for e in exports:
+    for i, e in enumerate(exports):
         blob = (e.directory / file).read_bytes()
-        out.append((f"{e.label} body", _session(blob, threads, None)))
+        if i == 0 or ort_ops is None:  # a fused file's body inlines to the same standard ops: timed once
+            out.append((f"{e.label} body", _session(blob, threads, None)))
         if ort_ops is not None:
             out.append((f"{e.label} ops", _session(blob, threads, ort_ops)))
         int8 = e.directory / INT8_FILE
