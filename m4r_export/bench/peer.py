@@ -144,13 +144,13 @@ class Variant:
 
 
 def _session(model: bytes, threads: int, ort_ops: Path | None) -> Any:
-    """A CPU session without ONNX Runtime's memory arena: a run holds many sessions, and each arena would
-    keep its largest point's memory (11 GB in all at batch 256 x seq 1000) until the end."""
+    """A CPU session with ONNX Runtime's defaults (the memory arena on: without it SASRec's large attention
+    buffers pay a page-fault penalty). Sessions live for one point only: a run that kept every variant's
+    arena until the end reached 11 GB at batch 256 x seq 1000 and was OOM-killed."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    so.enable_cpu_mem_arena = False
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     if ort_ops is not None:
@@ -273,10 +273,10 @@ def run_peer_bench(
     grid: list[dict[str, Any]] = []
     stream: list[dict[str, Any]] = []
     for nt in threads:
-        sas = _session(sasrec_bytes, nt, None)
-        m4r = _m4r_variants(exports, nt, ort_ops)
         for batch in sorted(set(batches)):
             for seq in sorted(set(seqs)):
+                sas = _session(sasrec_bytes, nt, None)
+                m4r = _m4r_variants(exports, nt, ort_ops)
                 item_seq = rng.integers(1, n_items, size=(batch, seq)).astype(np.int64)
                 lengths = np.full(batch, seq, np.int64)
                 sas_call, chunks = _sasrec_call(sas, item_seq, lengths)
@@ -285,13 +285,24 @@ def run_peer_bench(
                     f = _feeds(sess, item_seq, lengths)
                     variants.append(Variant(name, partial(sess.run, None, f)))
                 res = time_round_robin(variants, repeats, seconds_per_point)
+                del variants, sas, m4r  # this point's sessions and their arenas
                 point = {"threads": nt, "batch": batch, "seq": seq, "sasrec_chunks": chunks, "results": res}
                 grid.append(point)
                 say(_point_line(point))
         if streaming:
             stream.extend(
                 _streaming_points(
-                    exports, manifests, sas, nt, ort_ops, batches, seqs, rng, repeats, seconds_per_point, say
+                    exports,
+                    manifests,
+                    sasrec_bytes,
+                    nt,
+                    ort_ops,
+                    batches,
+                    seqs,
+                    rng,
+                    repeats,
+                    seconds_per_point,
+                    say,
                 )
             )
     import onnxruntime
@@ -321,7 +332,7 @@ def run_peer_bench(
 def _streaming_points(
     exports: list[M4RExport],
     manifests: list[dict[str, Any]],
-    sas: Any,
+    sasrec_bytes: bytes,
     nt: int,
     ort_ops: Path | None,
     batches: Any,
@@ -340,15 +351,15 @@ def _streaming_points(
             continue
         files = spec["files"]["fp32"]
         init = _session((e.directory / files["init"]).read_bytes(), nt, ort_ops)
-        steps = [(f"{e.label} step body", _session((e.directory / files["step"]).read_bytes(), nt, None))]
-        if ort_ops is not None:
-            steps.append(
-                (f"{e.label} step ops", _session((e.directory / files["step"]).read_bytes(), nt, ort_ops))
-            )
-        full = _m4r_variants([e], nt, ort_ops, with_int8=False)[-1]
+        step_blob = (e.directory / files["step"]).read_bytes()
         n_items = int(man["model"]["n_items"])
         for batch in sorted(set(batches)):
             for seq in sorted(set(seqs)):
+                sas = _session(sasrec_bytes, nt, None)
+                steps = [(f"{e.label} step body", _session(step_blob, nt, None))]
+                if ort_ops is not None:
+                    steps.append((f"{e.label} step ops", _session(step_blob, nt, ort_ops)))
+                full = _m4r_variants([e], nt, ort_ops, with_int8=False)[-1]
                 history = rng.integers(1, n_items, size=(batch, seq + 1)).astype(np.int64)
                 states = init_states(init, history[:, :seq], np.full(batch, seq, np.int64), man)
                 lengths = np.full(batch, seq + 1, np.int64)
@@ -362,6 +373,7 @@ def _streaming_points(
                         feeds["exclude_items"] = np.zeros((batch, 1), np.int64)
                     variants.append(Variant(name, partial(sess.run, None, feeds)))
                 res = time_round_robin(variants, repeats, budget)
+                del variants, sas, steps, full  # this point's sessions and their arenas
                 point = {
                     "threads": nt,
                     "batch": batch,
