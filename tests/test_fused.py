@@ -19,11 +19,11 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from test_ort_ops import N_ITEMS, lib, tiny_model  # noqa: F401  (lib: the library fixture)
 
 from m4r_export.onnx import bodies, fused
 from m4r_export.onnx import export as ex
 from m4r_export.onnx.ort_ops import mixer_calls
-from tests.test_ort_ops import N_ITEMS, lib, tiny_model  # noqa: F401  (lib: the library fixture)
 
 MAX_SEQ = 12
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from test_ort_ops import N_ITEMS, tiny_model
 
 from m4r_export.onnx import export as ex
 from m4r_export.verify.artifact import load_artifact
 from m4r_export.verify.verify import DEFAULT_THRESHOLDS
-from tests.test_ort_ops import N_ITEMS, tiny_model
 
 
 @pytest.fixture(scope="module")

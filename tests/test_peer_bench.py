@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_ort_ops import N_ITEMS, tiny_model
 
 from m4r_export.bench import peer
 from m4r_export.onnx import export as ex
-from tests.test_ort_ops import N_ITEMS, tiny_model
 
 
 def test_sasrec_onnx_matches_pytorch_with_padding_and_ragged_lengths() -> None:
