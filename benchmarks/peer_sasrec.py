@@ -56,9 +56,9 @@ def main() -> int:
         seconds_per_point=args.seconds_per_point,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
-    print(render_tables(result))
-    if args.json:
+    if args.json:  # first: the numbers survive whatever the rendering does
         write_json_atomic(args.json, result)
+    print(render_tables(result))
     return 0
 
 
