@@ -203,6 +203,7 @@ def test_manifest(exports: dict[str, Any]) -> None:
         "plugin_namespace": "m4r",
         "plugin_version": "1",
         "function_body": "chunked",
+        "fused_mixer": {"used": False, "name": "MambaMixer", "version": 1},
     }
     assert manifest["inputs"] == [
         {"name": "item_seq", "dtype": "int64", "shape": ["batch", "seq"]},

@@ -66,6 +66,18 @@ from ..errors import M4RError
     help="Also write init.onnx and step.onnx (and .fp16 variants with --fp16): recurrent-state "
     "graphs for O(1) work per new event (docs/streaming.md).",
 )
+@click.option(
+    "--fused",
+    is_flag=True,
+    help="One m4r::MambaMixer node per Mamba block (fused CPU kernel in libm4r_ort_ops.so; the node's "
+    "function body runs it without the library): docs/ort-custom-ops.md.",
+)
+@click.option(
+    "--int8",
+    is_flag=True,
+    help="Also write model.int8.onnx: weight GEMMs in int8 (ONNX Runtime dynamic quantization), the scan "
+    "and its state fp32 (docs/ort-custom-ops.md).",
+)
 @click.option("--no-trt", is_flag=True, help="Do not try to build a TensorRT engine after --fp16.")
 def export(
     ckpt: Path,
@@ -80,6 +92,8 @@ def export(
     body: str,
     dataset: Path | None,
     streaming: bool,
+    fused: bool,
+    int8: bool,
     no_trt: bool,
 ) -> None:
     """Export a checkpoint to ONNX: one m4r::SelectiveScan node per layer with a portable function body.
@@ -112,6 +126,8 @@ def export(
         opset=DEFAULT_OPSET if opset is None else opset,
         body=body,
         streaming=streaming,
+        fused=fused,
+        int8=int8,
     )
     opts.validate(model.n_items, engine=fp16 and not no_trt)
     ensure_writable_dir(out_dir)  # fail fast, before the slow parts

@@ -132,7 +132,15 @@ def previous_export(directory: Path) -> bool:
             listed = {str(k) for k in old["files"]}
     except (OSError, ValueError):
         pass
-    known = {MANIFEST_NAME, "model.onnx", "model.fp16.onnx", ITEMS_FILE, ITEM_TABLE, *listed}
+    known = {
+        MANIFEST_NAME,
+        "model.onnx",
+        "model.fp16.onnx",
+        "model.int8.onnx",
+        ITEMS_FILE,
+        ITEM_TABLE,
+        *listed,
+    }
     return all(
         e.name in known
         or e.name.endswith((".plan", ".plan.json"))

@@ -43,7 +43,7 @@ class ArtifactInfo:
     k: int | None
     exclude_history: bool
     max_seq_len: int | None
-    precision: str  # "fp32" | "fp16"
+    precision: str  # "fp32" | "fp16" | "int8"
     model_config: dict[str, Any] | None = None
     manifest: dict[str, Any] | None = None
     onnx_path: Path | None = None  # the ONNX file (for an engine: the one it was built from)
@@ -86,11 +86,14 @@ class ArtifactInfo:
         }
 
 
-def _onnx_facts(
-    onnx_path: Path, data: bytes
-) -> tuple[list[str], dict[str, list[int | str]], bool, list[str]]:
-    """Output names, their shapes (dims as int or symbolic name), whether the graph is fp16, inputs."""
+def _onnx_facts(onnx_path: Path, data: bytes) -> tuple[list[str], dict[str, list[int | str]], str, list[str]]:
+    """Output names, their shapes (dims as int or symbolic name), the graph's precision, inputs.
+
+    Precision: "int8" when the graph has quantized GEMMs (m4r export --int8), "fp16" when any output or
+    initializer is fp16, else "fp32"."""
     import onnx
+
+    from ..onnx.int8 import is_int8
 
     if not data:
         raise M4RError(f"{onnx_path} is empty (0 bytes): the file is truncated or corrupt; re-export it")
@@ -111,7 +114,8 @@ def _onnx_facts(
         shapes[out.name] = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]
         is_fp16 |= out.type.tensor_type.elem_type == fp16
     is_fp16 |= any(init.data_type == fp16 for init in model.graph.initializer)
-    return [o.name for o in model.graph.output], shapes, is_fp16, [i.name for i in model.graph.input]
+    precision = "int8" if is_int8({n.op_type for n in model.graph.node}) else "fp16" if is_fp16 else "fp32"
+    return [o.name for o in model.graph.output], shapes, precision, [i.name for i in model.graph.input]
 
 
 def _head_from_outputs(names: list[str], where: Path) -> str:
@@ -212,7 +216,7 @@ def load_artifact(path: str | Path) -> ArtifactInfo:
             "pass a model the manifest lists, or re-export"
         )
     data = files.read(onnx_path.name) if files is not None else onnx_path.read_bytes()
-    out_names, out_shapes, is_fp16, in_names = _onnx_facts(onnx_path, data)
+    out_names, out_shapes, precision, in_names = _onnx_facts(onnx_path, data)
     del data
     if manifest is None:
         notes.append(f"no manifest.json beside {onnx_path.name}: head inferred from the output names")
@@ -245,7 +249,7 @@ def load_artifact(path: str | Path) -> ArtifactInfo:
         k=k,
         exclude_history=exclude_history,
         max_seq_len=max_seq_len,
-        precision="fp16" if is_fp16 else "fp32",
+        precision=precision,
         model_config=config,
         manifest=manifest,
         onnx_path=onnx_path,

@@ -12,6 +12,7 @@
 #undef ORT_API_MANUAL_INIT
 
 #include "ortCustomOp.h"
+#include "ortMixerOp.h"
 #include "selectiveScanCpuFast.h"
 
 #include <algorithm>
@@ -402,6 +403,8 @@ extern "C" M4R_ORT_OPS_API OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionO
             auto* d = new Ort::CustomOpDomain(M4R_ORT_OPS_DOMAIN);
             d->Add(&gScanF32);
             d->Add(&gScanF16);
+            d->Add(m4r::mixerOpF32()); // fused Mamba block (ortMixerOp.cpp)
+            d->Add(m4r::mixerOpF16());
             return d;
         }();
         Ort::UnownedSessionOptions(options).Add(*domain);

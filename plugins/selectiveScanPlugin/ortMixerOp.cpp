@@ -1,0 +1,273 @@
+// ONNX Runtime kernel of m4r::MambaMixer (README-MambaMixer.md): glue only; the math is mambaMixerCpu.h.
+// One work item per batch row on ONNX Runtime's intra-op pool; weights are transposed (and fp16 converted to
+// fp32) once per call. fp16 I/O is computed in fp32 and rounded once at the output.
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+#undef ORT_API_MANUAL_INIT
+
+#include "mambaMixerCpu.h"
+#include "ortMixerOp.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <exception>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+namespace
+{
+std::atomic<int64_t> gMixerCalls{0};
+
+constexpr size_t kInputs = 11;
+char const* const kNames[kInputs] = {"hidden", "lengths", "in_proj_weight", "conv_weight", "conv_bias",
+    "x_proj_weight", "dt_proj_weight", "dt_bias", "A", "D", "out_proj_weight"};
+
+struct MixerError
+{
+    OrtErrorCode code;
+    std::string message;
+};
+
+[[noreturn]] void fail(OrtErrorCode code, std::string message)
+{
+    throw MixerError{code, "m4r::MambaMixer: " + std::move(message)};
+}
+
+std::string shapeStr(std::vector<int64_t> const& s)
+{
+    std::string out = "(";
+    for (size_t i = 0; i < s.size(); ++i)
+        out += (i ? ", " : "") + std::to_string(s[i]);
+    return out + ")";
+}
+
+template <typename Fn>
+OrtStatus* guarded(Fn&& fn)
+{
+    try
+    {
+        fn();
+        return nullptr;
+    }
+    catch (MixerError const& e)
+    {
+        return Ort::GetApi().CreateStatus(e.code, e.message.c_str());
+    }
+    catch (std::exception const& e)
+    {
+        return Ort::GetApi().CreateStatus(ORT_FAIL, (std::string("m4r::MambaMixer: ") + e.what()).c_str());
+    }
+}
+
+template <typename T>
+struct Elem;
+template <>
+struct Elem<float>
+{
+    static constexpr ONNXTensorElementDataType kType = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    static float get(float v) { return v; }
+    static float put(float v) { return v; }
+};
+template <>
+struct Elem<Ort::Float16_t>
+{
+    static constexpr ONNXTensorElementDataType kType = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+    static float get(Ort::Float16_t v) { return v.ToFloat(); }
+    static Ort::Float16_t put(float v) { return Ort::Float16_t(v); }
+};
+
+struct RowWork
+{
+    M4RMixerWeights w{};
+    float const* x = nullptr;      // (batch, seqlen, d_model) fp32
+    int32_t const* lengths = nullptr;
+    float* y = nullptr;            // (batch, d_model) or (batch, seqlen, d_model) fp32
+    int32_t seqlen = 0;
+    int32_t lastOnly = 0;
+    std::atomic<int> status{0};
+
+    static void entry(void* self, size_t row)
+    {
+        auto* s = static_cast<RowWork*>(self);
+        int64_t const b = static_cast<int64_t>(row), dm = s->w.d_model;
+        int const rc = m4r_mixer_forward_row(&s->w, s->x + b * s->seqlen * dm, s->seqlen,
+            s->lengths != nullptr ? s->lengths[b] : s->seqlen, s->lastOnly,
+            s->y + (s->lastOnly ? b * dm : b * s->seqlen * dm));
+        if (rc != 0)
+            s->status.store(rc, std::memory_order_relaxed);
+    }
+};
+
+template <typename T>
+struct MixerKernel
+{
+    bool lastOnly = true;
+
+    OrtStatusPtr ComputeV2(OrtKernelContext* context)
+    {
+        return guarded([&] { compute(context); });
+    }
+
+    // Input i as fp32 (converted when T is fp16; fp32 inputs are used in place).
+    static float const* asFloat(Ort::ConstValue const& v, std::vector<float>& store)
+    {
+        auto info = v.GetTensorTypeAndShapeInfo();
+        if (info.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+            return v.GetTensorData<float>();
+        size_t const count = info.GetElementCount();
+        T const* p = v.GetTensorData<T>();
+        store.resize(count);
+        for (size_t i = 0; i < count; ++i)
+            store[i] = Elem<T>::get(p[i]);
+        return store.data();
+    }
+
+    void compute(OrtKernelContext* context)
+    {
+        Ort::KernelContext ctx(context);
+        if (ctx.GetInputCount() != kInputs)
+            fail(ORT_INVALID_ARGUMENT, "needs 11 inputs, got " + std::to_string(ctx.GetInputCount()));
+        auto shape = [&](size_t i) { return ctx.GetInput(i).GetTensorTypeAndShapeInfo().GetShape(); };
+        auto const hs = shape(0), win = shape(2), conv = shape(3), xp = shape(5), dtp = shape(6), a = shape(8),
+                   wout = shape(10);
+        if (hs.size() != 3 || win.size() != 2 || conv.size() != 3 || xp.size() != 2 || dtp.size() != 2
+            || a.size() != 2 || wout.size() != 2)
+            fail(ORT_INVALID_ARGUMENT, "hidden must be (batch, seqlen, d_model), got " + shapeStr(hs));
+        int64_t const batch = hs[0], L = hs[1], dm = hs[2], di = a[0], n = a[1], r = dtp[1], k = conv[2];
+        auto expect = [&](size_t i, std::vector<int64_t> const& want) {
+            if (shape(i) != want)
+                fail(ORT_INVALID_ARGUMENT,
+                    std::string("input ") + kNames[i] + " has shape " + shapeStr(shape(i)) + ", expected "
+                        + shapeStr(want));
+        };
+        expect(1, {batch});
+        expect(2, {2 * di, dm});
+        expect(3, {di, 1, k});
+        expect(4, {di});
+        expect(5, {r + 2 * n, di});
+        expect(6, {di, r});
+        expect(7, {di});
+        expect(9, {di});
+        expect(10, {dm, di});
+        if (batch > INT32_MAX || L > INT32_MAX || dm > INT32_MAX || di > INT32_MAX)
+            fail(ORT_INVALID_ARGUMENT, "hidden " + shapeStr(hs) + ": dimensions above 2^31 - 1 are not supported");
+        std::vector<int64_t> const yShape{batch, lastOnly ? 1 : L, dm};
+        Ort::UnownedValue out = ctx.GetOutput(0, yShape);
+        if (batch == 0 || L == 0 || dm == 0)
+            return;
+
+        std::vector<float> st[11], tw[4];
+        auto in = [&](size_t i) { return asFloat(ctx.GetInput(i), st[i]); };
+        auto transposed = [&](size_t i, int64_t rows, int64_t cols, std::vector<float>& dst) {
+            dst.resize(static_cast<size_t>(rows * cols));
+            m4r_mixer_transpose(in(i), rows, cols, dst.data());
+            return dst.data();
+        };
+        RowWork work;
+        work.w.d_model = static_cast<int32_t>(dm);
+        work.w.d_inner = static_cast<int32_t>(di);
+        work.w.d_state = static_cast<int32_t>(n);
+        work.w.dt_rank = static_cast<int32_t>(r);
+        work.w.d_conv = static_cast<int32_t>(k);
+        work.w.in_proj_t = transposed(2, 2 * di, dm, tw[0]);
+        work.w.conv_w = in(3);
+        work.w.conv_b = in(4);
+        work.w.x_proj_t = transposed(5, r + 2 * n, di, tw[1]);
+        work.w.dt_proj_t = transposed(6, di, r, tw[2]);
+        work.w.dt_bias = in(7);
+        work.w.A = in(8);
+        work.w.D = in(9);
+        work.w.out_proj_t = transposed(10, dm, di, tw[3]);
+        work.x = in(0);
+        work.lengths = ctx.GetInput(1).GetTensorData<int32_t>();
+        work.seqlen = static_cast<int32_t>(L);
+        work.lastOnly = lastOnly ? 1 : 0;
+        size_t const yCount = static_cast<size_t>(lastOnly ? batch * dm : batch * L * dm);
+        std::vector<float> yStore;
+        if constexpr (std::is_same_v<T, float>)
+            work.y = out.GetTensorMutableData<float>();
+        else
+        {
+            yStore.resize(yCount);
+            work.y = yStore.data();
+        }
+        if (batch == 1)
+            RowWork::entry(&work, 0);
+        else
+            Ort::ThrowOnError(Ort::GetApi().KernelContext_ParallelFor(
+                context, &RowWork::entry, static_cast<size_t>(batch), 0, &work));
+        if (int const rc = work.status.load(); rc != 0)
+            fail(rc == 2 ? ORT_RUNTIME_EXCEPTION : ORT_FAIL,
+                "the CPU kernel failed (m4r_mixer_forward_row returned " + std::to_string(rc) + ")");
+        if constexpr (!std::is_same_v<T, float>)
+        {
+            T* o = out.GetTensorMutableData<T>();
+            for (size_t i = 0; i < yCount; ++i)
+                o[i] = Elem<T>::put(yStore[i]);
+        }
+        gMixerCalls.fetch_add(1, std::memory_order_relaxed);
+    }
+};
+
+bool readLastOnly(OrtKernelInfo const* info)
+{
+    Ort::ConstKernelInfo kinfo(info);
+    std::string const mode = kinfo.GetAttribute<std::string>("mode");
+    if (mode != "all" && mode != "last")
+        fail(ORT_INVALID_ARGUMENT,
+            "node '" + kinfo.GetNodeName() + "': attribute mode=\"" + mode
+                + "\" is not supported (\"all\" or \"last\"); re-export the model with m4r export");
+    return mode == "last";
+}
+
+template <typename T>
+struct MixerOp : Ort::CustomOpBase<MixerOp<T>, MixerKernel<T>, /*WithStatus=*/true>
+{
+    OrtStatusPtr CreateKernelV2(OrtApi const&, OrtKernelInfo const* info, void** kernel) const
+    {
+        return guarded([&] { *kernel = new MixerKernel<T>{readLastOnly(info)}; });
+    }
+    char const* GetName() const { return "MambaMixer"; }
+    size_t GetInputTypeCount() const { return kInputs; }
+    ONNXTensorElementDataType GetInputType(size_t i) const
+    {
+        switch (i)
+        {
+        case 1: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32; // lengths
+        case 7:
+        case 8:
+        case 9: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; // dt_bias, A, D: fp32 whatever T
+        default: return Elem<T>::kType;
+        }
+    }
+    size_t GetOutputTypeCount() const { return 1; }
+    ONNXTensorElementDataType GetOutputType(size_t) const { return Elem<T>::kType; }
+};
+
+MixerOp<float> gMixerF32;
+MixerOp<Ort::Float16_t> gMixerF16;
+} // namespace
+
+namespace m4r
+{
+OrtCustomOp* mixerOpF32()
+{
+    return &gMixerF32;
+}
+OrtCustomOp* mixerOpF16()
+{
+    return &gMixerF16;
+}
+int64_t mixerComputeCalls()
+{
+    return gMixerCalls.load(std::memory_order_relaxed);
+}
+} // namespace m4r
+
+// Number of MambaMixer node executions served by this library in this process (proves the fused kernel ran).
+extern "C" __attribute__((visibility("default"))) int64_t m4r_ort_ops_mixer_calls(void)
+{
+    return m4r::mixerComputeCalls();
+}

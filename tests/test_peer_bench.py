@@ -1,0 +1,83 @@
+"""The peer benchmark (m4r_export/bench/peer.py, benchmarks/peer_sasrec.py): SASRec's ONNX file computes
+what the PyTorch SASRec computes, and a run times every variant at every point."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_ort_ops import N_ITEMS, tiny_model
+
+from m4r_export.bench import peer
+from m4r_export.onnx import export as ex
+
+
+def test_sasrec_onnx_matches_pytorch_with_padding_and_ragged_lengths() -> None:
+    torch.set_num_threads(1)
+    blob, model = peer.export_sasrec(N_ITEMS, max_len=30)
+    sess = ex.ort_session(blob, 1)
+    rng = np.random.default_rng(0)
+    seq = rng.integers(1, N_ITEMS, (4, 20)).astype(np.int64)
+    lengths = np.array([20, 7, 1, 13], dtype=np.int64)
+    seq[1, 7:] = 0  # right padding
+    got = sess.run(None, {"item_seq": seq, "item_seq_len": lengths})[0]
+    with torch.no_grad():
+        want = model(torch.from_numpy(seq), torch.from_numpy(lengths)).numpy()
+    assert got.shape == (4, N_ITEMS)
+    assert float(np.abs(got - want).max()) <= 1e-4 * max(1.0, float(np.abs(want).max()))
+    # causal: a row's output must not depend on items after its last position
+    seq2 = seq.copy()
+    seq2[2, 1:] = 1
+    again = sess.run(None, {"item_seq": seq2, "item_seq_len": lengths})[0]
+    assert np.allclose(again[2], got[2], atol=1e-5)
+
+
+def test_chunk_rows_bound_the_attention_scores() -> None:
+    assert peer.sasrec_chunk_rows(256, 50) == 256
+    rows = peer.sasrec_chunk_rows(256, 1000)
+    assert rows * 2 * 1000 * 1000 * 4 <= peer.SASREC_MAX_BYTES < (rows + 1) * 2 * 1000 * 1000 * 4
+
+
+def test_run_times_sasrec_and_every_variant(tmp_path: Path) -> None:
+    model = tiny_model(num_layers=1)
+    opts = ex.ExportOptions(head="scores", max_seq_len=8, streaming=True)
+    ex.export_artifacts(model, tmp_path / "art", opts, build_trt=False)
+    result = peer.run_peer_bench(
+        [peer.M4RExport("m4r", tmp_path / "art")],
+        ort_ops=None,
+        batches=[1, 3],
+        seqs=[4],
+        threads=[1],
+        repeats=3,
+        seconds_per_point=0.5,
+    )
+    assert [(p["batch"], p["seq"]) for p in result["grid"]] == [(1, 4), (3, 4)]
+    assert all(set(p["results"]) == {"sasrec", "m4r body"} for p in result["grid"])
+    assert all(
+        r["runs"] >= peer.MIN_RUNS and r["cpu_p50_ms"] >= 0
+        for p in result["grid"]
+        for r in p["results"].values()
+    )
+    assert [set(p["results"]) for p in result["streaming"]][0] == {
+        "sasrec re-encode",
+        "m4r body re-encode",
+        "m4r step body",
+    }
+    table = peer.render_tables(result)
+    assert "sasrec/m4r body" in table and "streaming" in table
+
+
+@pytest.mark.parametrize("bad", ["nolabel", "x=/nonexistent"])
+def test_script_refuses_a_bad_export_argument(bad: str) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/peer_sasrec.py", "--export", bad],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 2 and proc.stdout.startswith("Error: --export")
