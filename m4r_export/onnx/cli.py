@@ -66,6 +66,13 @@ from ..errors import M4RError
     help="Also write init.onnx and step.onnx (and .fp16 variants with --fp16): recurrent-state "
     "graphs for O(1) work per new event (docs/streaming.md).",
 )
+@click.option(
+    "--topk-chunk",
+    type=int,
+    default=None,
+    help="--head topk scores the catalogue this many items at a time and merges the partial top-Ks "
+    "(exact; memory batch x chunk instead of batch x n_items). Default 65536.",
+)
 @click.option("--no-trt", is_flag=True, help="Do not try to build a TensorRT engine after --fp16.")
 def export(
     ckpt: Path,
@@ -80,6 +87,7 @@ def export(
     body: str,
     dataset: Path | None,
     streaming: bool,
+    topk_chunk: int | None,
     no_trt: bool,
 ) -> None:
     """Export a checkpoint to ONNX: one m4r::SelectiveScan node per layer with a portable function body.
@@ -112,6 +120,7 @@ def export(
         opset=DEFAULT_OPSET if opset is None else opset,
         body=body,
         streaming=streaming,
+        **({} if topk_chunk is None else {"topk_chunk": topk_chunk}),
     )
     opts.validate(model.n_items, engine=fp16 and not no_trt)
     ensure_writable_dir(out_dir)  # fail fast, before the slow parts

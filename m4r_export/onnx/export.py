@@ -48,7 +48,7 @@ from ..errors import M4RError, UsageError
 from ..integrity import ITEM_TABLE, ITEMS_FILE, ITEMS_FORMAT, MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION
 from ..model import Mamba4Rec, register_scan_backend
 from ..model.scan import selective_scan_fast
-from ..serving import EXCLUDE_INPUT, HEAD_OUTPUTS, HEADS, ServingModel, check_k, input_names
+from ..serving import EXCLUDE_INPUT, HEAD_OUTPUTS, HEADS, TOPK_CHUNK, ServingModel, check_k, input_names
 from . import bodies
 
 SCAN_BACKEND = "onnx-export"
@@ -163,6 +163,8 @@ class ExportOptions:
     opset: int = DEFAULT_OPSET
     body: str = bodies.DEFAULT_BODY
     streaming: bool = False
+    #: the topk head scores this many items at a time (serving.TOPK_CHUNK; memory batch x chunk)
+    topk_chunk: int = TOPK_CHUNK
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -179,6 +181,8 @@ class ExportOptions:
                 f"--k {self.k}: TensorRT's TopK supports K <= {TENSORRT_MAX_TOPK}, and --fp16 builds a "
                 f"TensorRT engine when TensorRT is there; choose --k <= {TENSORRT_MAX_TOPK} or pass --no-trt"
             )
+        if self.topk_chunk < 1:
+            raise UsageError(f"--topk-chunk {self.topk_chunk}: must be >= 1 (default {TOPK_CHUNK})")
         if self.opset not in SUPPORTED_OPSETS:
             raise UsageError(
                 f"--opset {self.opset} is not supported: m4r exports opsets {SUPPORTED_OPSETS[0]}.."
@@ -202,7 +206,9 @@ class ExportOptions:
 def _serving_module(model: Mamba4Rec, opts: ExportOptions, fp16: bool) -> nn.Module:
     m = half_model(model) if fp16 else copy.deepcopy(model).eval()
     m.set_scan_backend(SCAN_BACKEND)
-    serving = ServingModel(m, opts.head, opts.k, opts.exclude_history, opts.exclude_items).eval()
+    serving = ServingModel(
+        m, opts.head, opts.k, opts.exclude_history, opts.exclude_items, opts.topk_chunk
+    ).eval()
     return _FloatOutputs(serving).eval() if fp16 else serving
 
 
@@ -504,7 +510,9 @@ def measure_parity(
     """Run the ONNX model (ORT CPU) and the PyTorch ServingModel (fp32) on the parity inputs."""
     reference = copy.deepcopy(model).eval()
     reference.set_scan_backend("fast")
-    serving = ServingModel(reference, opts.head, opts.k, opts.exclude_history, opts.exclude_items)
+    serving = ServingModel(
+        reference, opts.head, opts.k, opts.exclude_history, opts.exclude_items, opts.topk_chunk
+    )
     table = model.item_embedding.weight.detach().numpy() if opts.head == "embedding" else None
     sess = ort_session(model_bytes)
     tol = TOLERANCES[precision]
@@ -722,6 +730,7 @@ def export_artifacts(
         "max_seq_len": opts.max_seq_len,
         "head": opts.head,
         "k": opts.k if opts.head == "topk" else None,
+        "topk_chunk": max(opts.topk_chunk, opts.k) if opts.head == "topk" else None,
         "exclude_history": opts.exclude_history,
         "exclude_items": EXCLUDE_INPUT in opts.input_names,
         "opset": opts.opset,
