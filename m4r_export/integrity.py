@@ -131,6 +131,11 @@ def required_files(manifest: dict[str, Any]) -> list[str]:
     need = ["model.onnx", ITEMS_FILE]
     if manifest.get("head") == "embedding":
         need.append(ITEM_TABLE)
+    files = manifest.get("files")
+    for entry in files.values() if isinstance(files, dict) else ():
+        side = entry.get("external_data") if isinstance(entry, dict) else None
+        if side is not None:  # ONNX external data: the model file is useless without it
+            need.append(side if isinstance(side, str) else repr(side))
     return need
 
 

@@ -73,6 +73,12 @@ from ..errors import M4RError
     help="--head topk scores the catalogue this many items at a time and merges the partial top-Ks "
     "(exact; memory batch x chunk instead of batch x n_items). Default 65536.",
 )
+@click.option(
+    "--external-data",
+    is_flag=True,
+    help="Write the weights to a side file MODEL.data (ONNX external data, listed and hashed in the "
+    "manifest) whatever their size; it is always done above 256 MiB of fp32 weights.",
+)
 @click.option("--no-trt", is_flag=True, help="Do not try to build a TensorRT engine after --fp16.")
 def export(
     ckpt: Path,
@@ -88,6 +94,7 @@ def export(
     dataset: Path | None,
     streaming: bool,
     topk_chunk: int | None,
+    external_data: bool,
     no_trt: bool,
 ) -> None:
     """Export a checkpoint to ONNX: one m4r::SelectiveScan node per layer with a portable function body.
@@ -120,6 +127,7 @@ def export(
         opset=DEFAULT_OPSET if opset is None else opset,
         body=body,
         streaming=streaming,
+        external_data=external_data,
         **({} if topk_chunk is None else {"topk_chunk": topk_chunk}),
     )
     opts.validate(model.n_items, engine=fp16 and not no_trt)

@@ -149,6 +149,37 @@ class _FloatOutputs(nn.Module):
 
 #: Largest K TensorRT's TopK layer accepts (ITopKLayer; TensorRT 10 and 11).
 TENSORRT_MAX_TOPK = 3840
+#: fp32 weights above this go to a side file (ONNX external data, ``model.onnx.data``): the graph
+#: then never passes protobuf's 2 GB limit, and the export streams the weights to disk instead of
+#: holding serialized copies of them (docs/onnx-export.md, "Large catalogues")
+EXTERNAL_DATA_BYTES = 256 * 2**20
+
+
+def uses_external_data(model: Mamba4Rec, opts: ExportOptions) -> bool:
+    """Whether this export writes its weights as external data (forced, or above the threshold)."""
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    return opts.external_data or weights > EXTERNAL_DATA_BYTES
+
+
+def side_file(name: str) -> str:
+    """The external-data file of ONNX file ``name`` (same directory; listed and hashed in the manifest)."""
+    return f"{name}.data"
+
+
+@contextlib.contextmanager
+def scan_backend(model: Mamba4Rec, backend: str) -> Iterator[Mamba4Rec]:
+    """``model`` with every layer on ``backend`` for the block, then as it was (no copy of the weights)."""
+    layers = [m for m in model.modules() if hasattr(m, "scan_backend")]
+    previous = [m.scan_backend for m in layers]
+    training = model.training
+    model.set_scan_backend(backend)
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, b in zip(layers, previous, strict=True):
+            m.scan_backend = b
+        model.train(training)
 
 
 @dataclass(frozen=True)
@@ -165,6 +196,9 @@ class ExportOptions:
     streaming: bool = False
     #: the topk head scores this many items at a time (serving.TOPK_CHUNK; memory batch x chunk)
     topk_chunk: int = TOPK_CHUNK
+    #: weights in a side file ``<model>.data`` whatever the size (``m4r export --external-data``);
+    #: they always are above :data:`EXTERNAL_DATA_BYTES`
+    external_data: bool = False
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -204,7 +238,8 @@ class ExportOptions:
 
 
 def _serving_module(model: Mamba4Rec, opts: ExportOptions, fp16: bool) -> nn.Module:
-    m = half_model(model) if fp16 else copy.deepcopy(model).eval()
+    """The module to trace: ``model`` itself (fp32; no copy of its weights) or its fp16 copy."""
+    m = half_model(model) if fp16 else model
     m.set_scan_backend(SCAN_BACKEND)
     serving = ServingModel(
         m, opts.head, opts.k, opts.exclude_history, opts.exclude_items, opts.topk_chunk
@@ -248,7 +283,23 @@ def export_program(
     opset: int,
     what: str = "torch.onnx.export",
 ) -> Any:
-    """torch.onnx.export (dynamo) with the exporter's chatter captured; its log is shown on failure."""
+    """torch.onnx.export (dynamo) -> ModelProto (weights inside: for graphs under 2 GB)."""
+    return export_ir(module, args, input_names, output_names, dynamic, opset, what).model_proto
+
+
+def export_ir(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    input_names: list[str],
+    output_names: list[str],
+    dynamic: Any,
+    opset: int,
+    what: str = "torch.onnx.export",
+) -> Any:
+    """torch.onnx.export (dynamo) with the exporter's chatter captured; its log is shown on failure.
+
+    Returns the ONNXProgram: its IR model refers to the module's tensors (no serialized copy yet).
+    """
     sink = io.StringIO()
     try:
         with contextlib.redirect_stdout(sink), torch.no_grad(), _quiet_exporter():
@@ -269,25 +320,44 @@ def export_program(
             f"{sink.getvalue()[-2000:]}"
         ) from exc
     assert program is not None
-    return program.model_proto
+    return program
 
 
-def trace_onnx(model: Mamba4Rec, opts: ExportOptions, fp16: bool = False) -> Any:
-    """ServingModel -> ONNX ModelProto with the SelectiveScan node(s) and the local function."""
+def trace_onnx(model: Mamba4Rec, opts: ExportOptions, fp16: bool = False, path: Path | None = None) -> Any:
+    """ServingModel -> ONNX ModelProto with the SelectiveScan node(s) and the local function.
+
+    ``path``: write the file there with its weights as external data (:func:`side_file`), streamed
+    tensor by tensor from the model's own tensors; the returned proto then refers to the side file.
+    """
+    with scan_backend(model, SCAN_BACKEND):
+        module = _serving_module(model, opts, fp16)
+        return _trace(module, model.n_items, opts, fp16, path)
+
+
+def _trace(module: nn.Module, n_items: int, opts: ExportOptions, fp16: bool, path: Path | None) -> Any:
     import onnx
+    import onnx_ir
 
-    module = _serving_module(model, opts, fp16)
     names = opts.input_names
-    args = _sample_inputs(model.n_items, opts.max_seq_len, EXCLUDE_INPUT in names)
+    args = _sample_inputs(n_items, opts.max_seq_len, EXCLUDE_INPUT in names)
     batch = torch.export.Dim("batch", min=1)
     seq = torch.export.Dim("seq", min=1, max=max(opts.max_seq_len, 2))
     dynamic: dict[str, Any] = {"item_seq": {0: batch, 1: seq}, "item_seq_len": {0: batch}}
     if EXCLUDE_INPUT in names:
         # traced with min 1; ONNX Runtime also runs E = 0 (tests/test_export.py checks it)
         dynamic[EXCLUDE_INPUT] = {0: batch, 1: torch.export.Dim("exclude", min=1)}
-    proto = export_program(module, args, list(names), list(HEAD_OUTPUTS[opts.head]), dynamic, opts.opset)
+    program = export_ir(module, args, list(names), list(HEAD_OUTPUTS[opts.head]), dynamic, opts.opset)
+    if path is None:
+        proto = program.model_proto
+        finalize_model(proto, opts, fp16)
+        onnx.checker.check_model(proto, full_check=True)
+        return proto
+    onnx_ir.save(program.model, path, external_data=side_file(path.name))
+    del program
+    proto = onnx.load(path, load_external_data=False)
     finalize_model(proto, opts, fp16)
-    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, path)
+    onnx.checker.check_model(str(path), full_check=True)
     return proto
 
 
@@ -466,7 +536,7 @@ def flush_denormal_enabled() -> bool:
     return bool((torch.tensor([1e-39]) * 1.0).item() == 0.0)
 
 
-def ort_session(model_bytes: bytes, threads: int | None = None, ort_ops: Path | None = None) -> Any:
+def ort_session(model_bytes: bytes | Path, threads: int | None = None, ort_ops: Path | None = None) -> Any:
     """A CPU InferenceSession; keeps the calling thread's flush-to-zero setting.
 
     ONNX Runtime's first session in a process clears the thread's FTZ/DAZ flags, which would make
@@ -486,7 +556,8 @@ def ort_session(model_bytes: bytes, threads: int | None = None, ort_ops: Path | 
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
     ftz = flush_denormal_enabled()
-    sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+    source = str(model_bytes) if isinstance(model_bytes, Path) else model_bytes
+    sess = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
     if ftz and not flush_denormal_enabled():
         torch.set_flush_denormal(True)
     return sess
@@ -505,11 +576,16 @@ def torch_outputs(
 
 
 def measure_parity(
-    model: Mamba4Rec, opts: ExportOptions, model_bytes: bytes, precision: str
+    model: Mamba4Rec, opts: ExportOptions, model_bytes: bytes | Path, precision: str
 ) -> dict[str, Any]:
-    """Run the ONNX model (ORT CPU) and the PyTorch ServingModel (fp32) on the parity inputs."""
-    reference = copy.deepcopy(model).eval()
-    reference.set_scan_backend("fast")
+    """Run the ONNX model (ORT CPU; bytes, or a file with its side file) and the PyTorch ServingModel."""
+    with scan_backend(model, "fast") as reference:
+        return _parity(model, reference, opts, model_bytes, precision)
+
+
+def _parity(
+    model: Mamba4Rec, reference: Mamba4Rec, opts: ExportOptions, model_bytes: bytes | Path, precision: str
+) -> dict[str, Any]:
     serving = ServingModel(
         reference, opts.head, opts.k, opts.exclude_history, opts.exclude_items, opts.topk_chunk
     )
@@ -633,7 +709,7 @@ def export_artifacts(
     echo: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export, check, measure parity, then write everything (see the module docstring)."""
-    from ..fileio import ensure_writable_dir, publish_directory, sha256_file
+    from ..fileio import ensure_writable_dir
 
     say = echo or (lambda _msg: None)
     opts.validate(model.n_items, engine=opts.fp16 and build_trt)
@@ -642,15 +718,41 @@ def export_artifacts(
     items_txt = _items_text(model)
     check_finite_weights(model)
 
+    with tempfile.TemporaryDirectory(prefix=".m4r-export-", dir=out.absolute().parent) as tmp:
+        return _export_in(model, out, opts, Path(tmp), checkpoint_path, build_trt, say, items_txt)
+
+
+def _export_in(
+    model: Mamba4Rec,
+    out: Path,
+    opts: ExportOptions,
+    tmp: Path,
+    checkpoint_path: str | os.PathLike[str] | None,
+    build_trt: bool,
+    say: Callable[[str], None],
+    items_txt: str,
+) -> ExportResult:
+    """The export with ``tmp`` for files too large to hold in memory (external data), then published."""
+    from ..fileio import publish_directory, sha256_file
+
     precisions = ["fp32", "fp16"] if opts.fp16 else ["fp32"]
+    names = {"fp32": "model.onnx", "fp16": "model.fp16.onnx"}
+    external = uses_external_data(model, opts)
+    if external and opts.streaming:
+        raise UsageError(
+            "--streaming with external data (weights above "
+            f"{EXTERNAL_DATA_BYTES // 2**20} MiB, or --external-data) is not supported yet: "
+            "export the streaming graphs of a smaller catalogue, or drop --streaming"
+        )
     protos: dict[str, Any] = {}
-    blobs: dict[str, bytes] = {}
+    blobs: dict[str, bytes | Path] = {}
     parity: dict[str, Any] = {}
     for precision in precisions:
         say(f"tracing the {opts.head} head ({precision}) ...")
-        proto = trace_onnx(model, opts, fp16=precision == "fp16")
+        path = tmp / names[precision] if external else None
+        proto = trace_onnx(model, opts, fp16=precision == "fp16", path=path)
         protos[precision] = proto
-        blobs[precision] = proto.SerializeToString()
+        blobs[precision] = path if path is not None else proto.SerializeToString()
         say(f"checking parity with PyTorch ({precision}) ...")
         parity[precision] = measure_parity(model, opts, blobs[precision], precision)
         if not parity[precision]["passed"]:
@@ -682,10 +784,15 @@ def export_artifacts(
                     "export: please report it with the checkpoint's config"
                 )
 
-    # everything validated: collect every file (name -> bytes), then publish them as one unit
-    names = {"fp32": "model.onnx", "fp16": "model.fp16.onnx"}
-    contents: dict[str, bytes] = {names[p]: blobs[p] for p in precisions}
+    # everything validated: collect every file (name -> bytes, or a file in tmp), publish them as one unit
+    contents: dict[str, bytes | Path] = {names[p]: blobs[p] for p in precisions}
     notes: dict[str, dict[str, Any]] = {names[p]: {"precision": p} for p in precisions}
+    if external:
+        for p in precisions:
+            side = side_file(names[p])
+            contents[side] = tmp / side
+            notes[names[p]]["external_data"] = side
+            notes[side] = {"precision": p, "external_data_of": names[p]}
     contents[ITEMS_FILE] = items_txt.encode("utf-8")
     notes[ITEMS_FILE] = {"format": ITEMS_FORMAT}
     for name, blob in stream_blobs.items():
@@ -704,15 +811,24 @@ def export_artifacts(
 
     trt = {"status": "skipped", "reason": "no --fp16 file (TensorRT engines are built from model.fp16.onnx)"}
     if opts.fp16 and build_trt:
-        with tempfile.TemporaryDirectory(prefix=".m4r-trt-", dir=out.absolute().parent) as tmp:
-            (Path(tmp) / names["fp16"]).write_bytes(blobs["fp16"])
-            trt = _try_trt(Path(tmp) / names["fp16"], Path(tmp), opts)
-            for produced in sorted(Path(tmp).iterdir()):
-                if produced.name != names["fp16"]:
+        with tempfile.TemporaryDirectory(prefix=".m4r-trt-", dir=out.absolute().parent) as trt_tmp:
+            fp16 = Path(trt_tmp) / names["fp16"]
+            if external:  # the parser reads the side file beside the model file
+                os.link(tmp / names["fp16"], fp16)
+                os.link(tmp / side_file(names["fp16"]), Path(trt_tmp) / side_file(names["fp16"]))
+            else:
+                fp16.write_bytes(blobs["fp16"])  # type: ignore[arg-type]
+            trt = _try_trt(fp16, Path(trt_tmp), opts)
+            for produced in sorted(Path(trt_tmp).iterdir()):
+                if produced.name not in (names["fp16"], side_file(names["fp16"])):
                     contents[produced.name] = produced.read_bytes()
 
     files = {
-        name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), **notes.get(name, {})}
+        name: {
+            "sha256": sha256_file(data) if isinstance(data, Path) else hashlib.sha256(data).hexdigest(),
+            "bytes": data.stat().st_size if isinstance(data, Path) else len(data),
+            **notes.get(name, {}),
+        }
         for name, data in contents.items()
     }
     inputs, outputs = _io_spec(protos["fp32"])
@@ -731,6 +847,11 @@ def export_artifacts(
         "head": opts.head,
         "k": opts.k if opts.head == "topk" else None,
         "topk_chunk": max(opts.topk_chunk, opts.k) if opts.head == "topk" else None,
+        "external_data": {
+            "files": [side_file(names[p]) for p in precisions] if external else [],
+            "threshold_bytes": EXTERNAL_DATA_BYTES,
+            "forced": opts.external_data,
+        },
         "exclude_history": opts.exclude_history,
         "exclude_items": EXCLUDE_INPUT in opts.input_names,
         "opset": opts.opset,
