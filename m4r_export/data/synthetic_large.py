@@ -18,7 +18,7 @@ are 1..n_users and item ids 1..n_items, as tokens. Same arguments -> same file (
 from __future__ import annotations
 
 import os
-from typing import TextIO
+from typing import IO, Any
 
 import numpy as np
 
@@ -61,7 +61,7 @@ def _block(
     return rows[valid], items[valid], times[valid]
 
 
-def _write_rows(fh: TextIO, users: np.ndarray, items: np.ndarray, times: np.ndarray) -> None:
+def _write_rows(fh: IO[Any], users: np.ndarray, items: np.ndarray, times: np.ndarray) -> None:
     fh.writelines(
         f"{u}\t{i}\t{t}\n" for u, i, t in zip(users.tolist(), items.tolist(), times.tolist(), strict=True)
     )

@@ -79,6 +79,13 @@ from ..errors import M4RError
     help="Write the weights to a side file MODEL.data (ONNX external data, listed and hashed in the "
     "manifest) whatever their size; it is always done above 256 MiB of fp32 weights.",
 )
+@click.option(
+    "--ann",
+    type=click.Choice(["ivf", "hnsw"]),
+    default=None,
+    help="--head embedding: also write item_index.faiss, an approximate nearest-neighbour index of the "
+    "item table (faiss, inner product; parameters and sha256 in the manifest).",
+)
 @click.option("--no-trt", is_flag=True, help="Do not try to build a TensorRT engine after --fp16.")
 def export(
     ckpt: Path,
@@ -95,6 +102,7 @@ def export(
     streaming: bool,
     topk_chunk: int | None,
     external_data: bool,
+    ann: str | None,
     no_trt: bool,
 ) -> None:
     """Export a checkpoint to ONNX: one m4r::SelectiveScan node per layer with a portable function body.
@@ -128,6 +136,7 @@ def export(
         body=body,
         streaming=streaming,
         external_data=external_data,
+        ann=ann,
         **({} if topk_chunk is None else {"topk_chunk": topk_chunk}),
     )
     opts.validate(model.n_items, engine=fp16 and not no_trt)

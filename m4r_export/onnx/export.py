@@ -199,6 +199,8 @@ class ExportOptions:
     #: weights in a side file ``<model>.data`` whatever the size (``m4r export --external-data``);
     #: they always are above :data:`EXTERNAL_DATA_BYTES`
     external_data: bool = False
+    #: embedding head: also build an ANN index of the item table (m4r_export.ann.KINDS), or None
+    ann: str | None = None
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -214,6 +216,11 @@ class ExportOptions:
             raise UsageError(
                 f"--k {self.k}: TensorRT's TopK supports K <= {TENSORRT_MAX_TOPK}, and --fp16 builds a "
                 f"TensorRT engine when TensorRT is there; choose --k <= {TENSORRT_MAX_TOPK} or pass --no-trt"
+            )
+        if self.ann is not None and self.head != "embedding":
+            raise UsageError(
+                f"--ann {self.ann}: an ANN index serves the embedding head's user vector; "
+                "pass --head embedding"
             )
         if self.topk_chunk < 1:
             raise UsageError(f"--topk-chunk {self.topk_chunk}: must be >= 1 (default {TOPK_CHUNK})")
@@ -798,10 +805,16 @@ def _export_in(
     for name, blob in stream_blobs.items():
         contents[name] = blob
         notes[name] = {"precision": "fp16" if ".fp16." in name else "fp32"}
+    ann: dict[str, Any] | None = None
     if opts.head == "embedding":
-        buf = io.BytesIO()
-        np.save(buf, model.item_embedding.weight.detach().float().numpy())
-        contents[ITEM_TABLE] = buf.getvalue()
+        table = model.item_embedding.weight.detach().float().numpy()
+        np.save(tmp / ITEM_TABLE, table)  # straight to disk: no serialized copy of a big table
+        contents[ITEM_TABLE] = tmp / ITEM_TABLE
+        if opts.ann is not None:
+            say(f"building the {opts.ann} ANN index ...")
+            ann = _build_ann(table, opts.ann, tmp)
+            contents[ann["file"]] = tmp / ann["file"]
+            notes[ann["file"]] = {"format": "faiss", "of": ITEM_TABLE}
         notes[ITEM_TABLE] = {
             "precision": "fp32",
             "shape": [model.n_items, model.config.hidden_size],
@@ -887,6 +900,8 @@ def _export_in(
         "parity": parity,
         "tensorrt": trt,
     }
+    if ann is not None:
+        manifest["ann"] = ann
     if opts.streaming:
         from .streaming import streaming_manifest
 
@@ -894,6 +909,23 @@ def _export_in(
     contents[MANIFEST_NAME] = (json.dumps(manifest, indent=2) + "\n").encode("utf-8")
     publish_directory(out, contents, replaceable=_previous_export)
     return ExportResult(out, manifest, [out / name for name in contents])
+
+
+def _build_ann(table: np.ndarray, kind: str, tmp: Path) -> dict[str, Any]:
+    """Build and write the ANN index (m4r_export.ann); its manifest section."""
+    import time
+
+    import faiss
+
+    from .. import ann as annmod
+
+    params = annmod.AnnParams(kind=kind)
+    t0 = time.perf_counter()
+    index = annmod.build_index(table, params)
+    seconds = time.perf_counter() - t0
+    annmod.write_index(index, tmp / annmod.INDEX_FILE)
+    spec = {**params.to_json(), "nlist": annmod.lists_for(len(table), params) if kind == "ivf" else None}
+    return {**spec, "file": annmod.INDEX_FILE, "faiss": faiss.__version__, "build_seconds": round(seconds, 1)}
 
 
 def _try_trt(fp16_path: Path, out: Path, opts: ExportOptions) -> dict[str, Any]:

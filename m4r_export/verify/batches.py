@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .metrics import NonFinite, ScoreErrors, ranking_parity
+from .metrics import NonFinite, ScoreErrors, offline_metrics, ranking_parity
 
 #: float64 score entries one comparison batch may hold (~32 MB each; the comparison makes ~10)
 SCORE_BUDGET = 1 << 22
@@ -37,6 +37,8 @@ class BatchComparison:
     #: per-batch extras: counts (summed) and ``(max, sum, n)`` triples of the embedding errors
     counts: dict[str, int] = field(default_factory=dict)
     embedding: tuple[float, float, int] | None = None
+    #: embedding artifacts with an ANN index: the index's top-K for the artifact's user vectors
+    ann_top: np.ndarray | None = None
 
 
 def _merge_errors(parts: list[BatchComparison], offsets: list[int]) -> ScoreErrors:
@@ -75,6 +77,8 @@ def merge(parts: list[BatchComparison], targets: np.ndarray | None) -> tuple[dic
     ranking = ranking_parity(
         np.concatenate([p.ref_top for p in parts]), np.concatenate([p.out_top for p in parts]), targets
     )
+    if parts and all(p.ann_top is not None for p in parts):
+        metrics.update(_ann_metrics(parts, targets))
     metrics.update(
         {
             "max_abs_error": err.max_abs,
@@ -92,3 +96,20 @@ def merge(parts: list[BatchComparison], targets: np.ndarray | None) -> tuple[dic
         }
     )
     return metrics, ranking.overlap
+
+
+def _ann_metrics(parts: list[BatchComparison], targets: np.ndarray | None) -> dict[str, float]:
+    """Recall@K of the ANN top-K against the exact top-K (of the same user vectors), and offline metrics."""
+    from ..ann import recall
+
+    exact = np.concatenate([p.out_top for p in parts])
+    approx = np.concatenate([p.ann_top for p in parts if p.ann_top is not None])
+    r = recall(exact, approx)
+    k = exact.shape[1]
+    out = {f"ann_recall@{k}_mean": float(r.mean()), f"ann_recall@{k}_min": float(r.min())}
+    if targets is not None:
+        for name, value in offline_metrics(approx, targets).items():
+            out[f"ann_{name}@{k}"] = value
+        for name, value in offline_metrics(exact, targets).items():
+            out[f"exact_{name}@{k}"] = value
+    return out

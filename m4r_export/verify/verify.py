@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
+from ..ann import search as ann_search
 from ..errors import M4RError, UsageError
 from ..integrity import ArtifactIntegrityError, check_checkpoint_matches
 from .artifact import ArtifactInfo, load_artifact
@@ -295,6 +296,16 @@ def dataset_inputs(
 # ---------------------------------------------------------------------------------------------- core
 
 
+def _ann_index(art: ArtifactInfo) -> Any:
+    """The export's ANN index (``m4r export --ann``; hashed with the other files), or None."""
+    spec = (art.manifest or {}).get("ann") if art.head == "embedding" else None
+    if not isinstance(spec, dict):
+        return None
+    from ..ann import AnnParams, read_index
+
+    return read_index(art.path.parent / str(spec.get("file")), AnnParams.from_json(spec))
+
+
 def _compare_in_batches(
     art: ArtifactInfo,
     inputs: VerifyInputs,
@@ -304,6 +315,7 @@ def _compare_in_batches(
     runners: list[Any],
     item_table: np.ndarray | None,
     rows: int,
+    index: Any = None,
 ) -> tuple[list[list[BatchComparison]], list[float]]:
     """Per runner, the comparison of every batch of ``rows`` users, and its seconds of inference.
 
@@ -321,11 +333,12 @@ def _compare_in_batches(
             t0 = time.perf_counter()
             outs = runner.run(*feed)
             seconds[j] += time.perf_counter() - t0
-            parts[j].append(
-                compare_batch(
-                    art, ref_scores, outs, k, batch, ref_embedding=ref_embedding, item_table=item_table
-                )
+            part = compare_batch(
+                art, ref_scores, outs, k, batch, ref_embedding=ref_embedding, item_table=item_table
             )
+            if index is not None:
+                part.ann_top = ann_search(index, outs["user_embedding"], k)[1]
+            parts[j].append(part)
     return parts, seconds
 
 
@@ -552,7 +565,15 @@ def run_verify(
         for backend in names:
             runners.append(make_runner(backend, art, threads=threads, ort_ops=ort_ops))
         parts, seconds = _compare_in_batches(
-            art, inputs, k, ref, emb_ref, runners, item_table, score_rows(batch_size, n_items)
+            art,
+            inputs,
+            k,
+            ref,
+            emb_ref,
+            runners,
+            item_table,
+            score_rows(batch_size, n_items),
+            _ann_index(art),
         )
         describes = [r.describe() for r in runners]
     finally:
