@@ -96,7 +96,9 @@ else:
         exact[i:i + 8] = np.argsort(-s, axis=1)[:, :10]
     ts, got = [], []
     for u in users:
-        t = time.perf_counter(); got.append(ann.search(index, u[None], 10)[1][0]); ts.append((time.perf_counter() - t) * 1e3)
+        t = time.perf_counter()
+        got.append(ann.search(index, u[None], 10)[1][0])
+        ts.append((time.perf_counter() - t) * 1e3)
     res['ann_batch1_ms'] = float(np.median(ts))
     res['ann_recall@10'] = float(ann.recall(exact, np.array(got)).mean())
     res['user_embedding_batch1_ms'] = median_ms(1, 30)
@@ -140,11 +142,12 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = [head, "|" + "---:|" * 10]
     for r in rows:
         f = r["files"]
-        mb = lambda name: (f.get(name, 0) + f.get(f"{name}.data", 0)) / 1e6  # noqa: E731
+        m32 = (f.get("model.onnx", 0) + f.get("model.onnx.data", 0)) / 1e6
+        m16 = (f.get("model.fp16.onnx", 0) + f.get("model.fp16.onnx.data", 0)) / 1e6
         e32, e16, a = r["exact_fp32"], r["exact_fp16"], r["ann_search"]
         lines.append(
             f"| {r['items']:,} | {r['export_s']:.1f} s | {r['export_peak_gib']:.2f} GiB "
-            f"({r['export_peak_x_table']:.1f}x) | {mb('model.onnx'):.1f} MB | {mb('model.fp16.onnx'):.1f} MB | "
+            f"({r['export_peak_x_table']:.1f}x) | {m32:.1f} MB | {m16:.1f} MB | "
             f"{e32['batch1_ms']:.2f} / {e16['batch1_ms']:.2f} ms | {e32['batch256_ms']:.0f} / "
             f"{e16['batch256_ms']:.0f} ms | {e32['batch256_extra_gib'] * 1024:.0f} / "
             f"{e16['batch256_extra_gib'] * 1024:.0f} MiB | {a['ann_batch1_ms']:.2f} ms | "
