@@ -113,7 +113,10 @@ class _Fp32LayerNorm(nn.LayerNorm):
 
 def half_model(model: Mamba4Rec) -> Mamba4Rec:
     """A copy in fp16 except LayerNorm (fp32 statistics and weights) and the scan's A_log/D/dt bias."""
-    half = copy.deepcopy(model).eval()
+    # the item table is converted on its own, so a big catalogue is never held twice in fp32
+    table = model.item_embedding.weight
+    placeholder = nn.Parameter(table.detach().half(), requires_grad=table.requires_grad)
+    half = copy.deepcopy(model, memo={id(table): placeholder}).eval()
     half.item_tokens = model.item_tokens
     keep = {name: p.detach().clone() for name, p in half.named_parameters() if name.endswith(("A_log", ".D"))}
     keep.update(
