@@ -54,7 +54,8 @@ class Checkpoint:
     def build_model(self) -> Mamba4Rec:
         source = self.meta.get("path", "checkpoint")
         check_against_tensors(self.config, self.state_dict, source)  # before allocating anything
-        model = Mamba4Rec.from_config(self.config)
+        with torch.device("meta"):  # no initialised weights: the checkpoint's tensors are assigned below
+            model = Mamba4Rec.from_config(self.config)
         check_state_dict(model, self.state_dict, source)
         # assign: the parameters become the checkpoint's tensors (a 10M-item table is 2.5 GB: no copy)
         model.load_state_dict(self.state_dict, strict=True, assign=True)
@@ -448,7 +449,7 @@ def read_checkpoint(path: str | Path, dataset: Any = None) -> Checkpoint:
             "RecBole checkpoint of the reference Mamba4Rec code)"
         )
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        obj = _load_weights_only(p)
     except Exception:
         obj = _load_restricted(p)  # RecBole: pickled Config -> restricted unpickler
     if not isinstance(obj, dict):
@@ -460,6 +461,15 @@ def read_checkpoint(path: str | Path, dataset: Any = None) -> Checkpoint:
     raise UsageError(
         f"{p} is a dict with keys {sorted(map(str, obj))[:8]}, not a known checkpoint; {_FORMATS_HINT}"
     )
+
+
+def _load_weights_only(p: Path) -> Any:
+    """torch.load(weights_only=True), memory-mapped where the file allows it (tensors are read from
+    the file as used, never staged in a second in-memory copy: a 10M-item table is 2.5 GB)."""
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return torch.load(p, map_location="cpu", weights_only=True)
 
 
 def _load_restricted(p: Path) -> Any:
