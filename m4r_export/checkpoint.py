@@ -63,9 +63,11 @@ class Checkpoint:
     def build_model(self) -> Mamba4Rec:
         source = self.meta.get("path", "checkpoint")
         check_against_tensors(self.config, self.state_dict, source)  # before allocating anything
-        model = Mamba4Rec.from_config(self.config)
+        with torch.device("meta"):  # no initialised weights: the checkpoint's tensors are assigned below
+            model = Mamba4Rec.from_config(self.config)
         check_state_dict(model, self.state_dict, source)
-        model.load_state_dict(self.state_dict, strict=True)
+        # assign: the parameters become the checkpoint's tensors (a 10M-item table is 2.5 GB: no copy)
+        model.load_state_dict(self.state_dict, strict=True, assign=True)
         model.item_tokens = self.item_tokens
         return model.eval()
 

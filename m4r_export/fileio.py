@@ -24,7 +24,7 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -187,12 +187,24 @@ def _remove_stale_siblings(parent: Path, name: str) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def _stage_files(staging: Path, files: dict[str, bytes], mode: int, out: Path) -> None:
-    """Write ``files`` into a new ``staging`` directory; a failed write names the file and the cause."""
+def _stage_files(staging: Path, files: Mapping[str, bytes | Path], mode: int, out: Path) -> None:
+    """Write ``files`` into a new ``staging`` directory; a failed write names the file and the cause.
+
+    A :class:`~pathlib.Path` value is a finished file on the same file system: fsynced and renamed
+    into place, never read into memory."""
     name = ""
     try:
         os.mkdir(staging)  # 0777 & ~umask, like any directory the user creates
         for name, data in files.items():
+            if isinstance(data, Path):
+                fd = os.open(data, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.chmod(data, mode)
+                os.rename(data, staging / name)
+                continue
             fd = os.open(staging / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
@@ -216,11 +228,15 @@ def _exclusive_lock(directory: Path) -> Iterator[None]:
 
 def publish_directory(
     out_dir: str | os.PathLike[str],
-    files: dict[str, bytes],
+    files: Mapping[str, bytes | Path],
     *,
     replaceable: Callable[[Path], bool] | None = None,
 ) -> Path:
-    """Make ``out_dir`` hold exactly ``files`` (name -> bytes), all at once.
+    """Make ``out_dir`` hold exactly ``files`` (name -> bytes, or a file to move in), all at once.
+
+    A :class:`~pathlib.Path` value is a finished file on the same file system (e.g. ONNX external
+    data written in a temporary directory beside ``out_dir``): it is fsynced and renamed into place,
+    never read into memory.
 
     The files are written (and fsynced) into a fresh sibling directory, which then replaces
     ``out_dir`` with one rename under an exclusive lock on the parent: a reader sees the old set

@@ -19,6 +19,13 @@ input window) are -inf too; ``exclude_items`` masks any further items (e.g. the 
 A row whose rankable items are fewer than K gets trailing entries with score -inf: those entries
 are not recommendations (their item id is meaningless).
 
+Chunked top-K (``topk_chunk``, default :data:`TOPK_CHUNK`): the ``topk`` head scores the catalogue
+``topk_chunk`` items at a time (masking each chunk with only the ids that fall in it), keeps each
+chunk's top-K, and merges the partial lists with one more TopK. Memory is then batch x chunk,
+never batch x n_items, and the result is the unchunked top-K exactly: ONNX's TopK breaks ties by
+the lower index, candidates are concatenated in item order, so equal scores still come out lowest
+item id first (tests/test_topk_chunked.py checks it with planted ties and exclude lists).
+
 Streaming (design.md, "Streaming state"; docs/streaming.md): :class:`StreamingInit` is the head
 plus every layer's recurrent state after the history, :class:`StreamingStep` folds one new item
 per row into those states and returns the head's outputs for the longer history.
@@ -27,6 +34,7 @@ per row into those states and returns the head's outputs for the longer history.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import UsageError
@@ -41,6 +49,8 @@ HEAD_OUTPUTS = {
 INPUT_NAMES = ("item_seq", "item_seq_len")
 EXCLUDE_INPUT = "exclude_items"
 RANKING_HEADS = ("scores", "topk")
+#: items scored at a time by the ``topk`` head (see the module docstring); chunks never hold fewer than K
+TOPK_CHUNK = 65536
 
 
 def input_names(head: str, exclude_items: bool = True) -> tuple[str, ...]:
@@ -80,6 +90,7 @@ class ServingModel(nn.Module):
         k: int = 100,
         exclude_history: bool = False,
         exclude_items: bool = True,
+        topk_chunk: int = TOPK_CHUNK,
     ) -> None:
         super().__init__()
         if head not in HEADS:
@@ -89,6 +100,9 @@ class ServingModel(nn.Module):
         self.model = model
         self.head = head
         self.k = k
+        if topk_chunk < 1:
+            raise ValueError(f"topk_chunk must be >= 1, got {topk_chunk}")
+        self.topk_chunk = max(topk_chunk, k)
         self.exclude_history = exclude_history
         #: whether the ranking heads take the ``exclude_items`` input (never the embedding head)
         self.exclude_items = exclude_items and head in RANKING_HEADS
@@ -120,20 +134,57 @@ class ServingModel(nn.Module):
         """The head's outputs from the user representation; ``history``/``exclude_items`` ids are -inf."""
         if self.head == "embedding":
             return (user,)
+        if exclude_items is not None and not self.exclude_items:
+            raise ValueError(f"this {self.head} head was built without the exclude_items input")
+        if self.head == "topk":
+            return self._chunked_topk(user, history, exclude_items)
         scores = user @ self.model.item_embedding.weight.t()
         mask = torch.zeros_like(scores, dtype=torch.bool)
         mask[:, 0] = True
         if history is not None:
             mask = _mask_items(mask, history)
         if exclude_items is not None:
-            if not self.exclude_items:
-                raise ValueError(f"this {self.head} head was built without the exclude_items input")
             mask = _mask_items(mask, exclude_items)
-        scores = scores.masked_fill(mask, float("-inf"))
-        if self.head == "scores":
-            return (scores,)
-        top_scores, top_items = torch.topk(scores, self.k, dim=1)
-        return (top_scores, top_items)
+        return (scores.masked_fill(mask, float("-inf")),)
+
+    def _chunked_topk(
+        self, user: Tensor, history: Tensor | None, exclude_items: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """Top-K over the catalogue, ``topk_chunk`` items at a time, partial lists merged in item order."""
+        table = self.model.item_embedding.weight
+        n_items = table.shape[0]
+        ids = [t for t in (history, exclude_items) if t is not None]
+        part_scores, part_items = [], []
+        for start in range(0, n_items, self.topk_chunk):
+            stop = min(n_items, start + self.topk_chunk)
+            scores = F.linear(user, table[start:stop])  # [batch, chunk]
+            mask = _chunk_mask(scores, ids, start, stop)
+            scores = scores.masked_fill(mask, float("-inf"))
+            top_scores, top_items = torch.topk(scores, min(self.k, stop - start))
+            part_scores.append(top_scores)
+            part_items.append(top_items + start)
+        if len(part_scores) == 1:
+            return part_scores[0], part_items[0]
+        merged_scores, where = torch.topk(torch.cat(part_scores, dim=1), self.k, dim=1)
+        return merged_scores, torch.gather(torch.cat(part_items, dim=1), 1, where)
+
+
+def _chunk_mask(scores: Tensor, id_lists: list[Tensor], start: int, stop: int) -> Tensor:
+    """Mask [batch, stop - start] of items ``start..stop-1``: padding (item 0) and every listed id.
+
+    Ids outside the chunk (other chunks, 0 = none, invalid ids) go to a spare last column that is
+    dropped, so each chunk's mask costs batch x chunk whatever the catalogue size.
+    """
+    width = stop - start
+    mask = torch.zeros((scores.shape[0], width + 1), dtype=torch.bool, device=scores.device)
+    if start == 0:
+        mask[:, 0] = True
+    for ids in id_lists:
+        local = ids - start
+        inside = (local >= 0) & (local < width)
+        local = torch.where(inside, local, torch.full_like(local, width))
+        mask = mask.scatter(1, local, torch.ones_like(local, dtype=torch.bool))
+    return mask[:, :width]
 
 
 # ------------------------------------------------------------------------------------ streaming

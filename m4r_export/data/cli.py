@@ -146,8 +146,21 @@ def convert(path: Path, out: Path, **cols: Any) -> None:
 @click.option("--users", "n_users", type=int, default=300, show_default=True)
 @click.option("--items", "n_items", type=int, default=120, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def synthetic(out: Path, n_users: int, n_items: int, seed: int) -> None:
-    """Write a small synthetic RecBole .inter file with learnable sequential structure."""
+@click.option(
+    "--large/--small",
+    default=None,
+    help="--large: the streaming generator for big catalogues (bounded memory, Zipf popularity, "
+    "successor walks; m4r_export.data.synthetic_large); --small: the demo generator (cycles, held in "
+    "memory). Default: --large from 100,000 items or users.",
+)
+def synthetic(out: Path, n_users: int, n_items: int, seed: int, large: bool | None) -> None:
+    """Write a synthetic RecBole .inter file with learnable sequential structure."""
+    if large or (large is None and max(n_users, n_items) >= 100_000):
+        from .synthetic_large import write_large_synthetic
+
+        rows = write_large_synthetic(out, n_users, n_items, seed)
+        click.echo(f"wrote {rows} interactions ({n_users} users, {n_items} items) to {out}")
+        return
     from .synthetic import synthetic_interactions, write_inter_file
 
     users, items, ts = synthetic_interactions(n_users=n_users, n_items=n_items, seed=seed)

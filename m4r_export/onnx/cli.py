@@ -78,6 +78,26 @@ from ..errors import M4RError
     help="Also write model.int8.onnx: weight GEMMs in int8 (ONNX Runtime dynamic quantization), the scan "
     "and its state fp32 (docs/ort-custom-ops.md).",
 )
+@click.option(
+    "--topk-chunk",
+    type=int,
+    default=None,
+    help="--head topk scores the catalogue this many items at a time and merges the partial top-Ks "
+    "(exact; memory batch x chunk instead of batch x n_items). Default 65536.",
+)
+@click.option(
+    "--external-data",
+    is_flag=True,
+    help="Write the weights to a side file MODEL.data (ONNX external data, listed and hashed in the "
+    "manifest) whatever their size; it is always done above 256 MiB of fp32 weights.",
+)
+@click.option(
+    "--ann",
+    type=click.Choice(["ivf", "hnsw"]),
+    default=None,
+    help="--head embedding: also write item_index.faiss, an approximate nearest-neighbour index of the "
+    "item table (faiss, inner product; parameters and sha256 in the manifest).",
+)
 @click.option("--no-trt", is_flag=True, help="Do not try to build a TensorRT engine after --fp16.")
 def export(
     ckpt: Path,
@@ -94,6 +114,9 @@ def export(
     streaming: bool,
     fused: bool,
     int8: bool,
+    topk_chunk: int | None,
+    external_data: bool,
+    ann: str | None,
     no_trt: bool,
 ) -> None:
     """Export a checkpoint to ONNX: one m4r::SelectiveScan node per layer with a portable function body.
@@ -128,6 +151,9 @@ def export(
         streaming=streaming,
         fused=fused,
         int8=int8,
+        external_data=external_data,
+        ann=ann,
+        **({} if topk_chunk is None else {"topk_chunk": topk_chunk}),
     )
     opts.validate(model.n_items, engine=fp16 and not no_trt)
     ensure_writable_dir(out_dir)  # fail fast, before the slow parts

@@ -45,7 +45,7 @@ from .. import __version__
 from ..errors import M4RError, UsageError
 from ..model import Mamba4Rec, register_scan_backend
 from ..model.scan import selective_scan_fast
-from ..serving import EXCLUDE_INPUT, HEAD_OUTPUTS, HEADS, ServingModel, check_k, input_names
+from ..serving import EXCLUDE_INPUT, HEAD_OUTPUTS, HEADS, TOPK_CHUNK, ServingModel, check_k, input_names
 from . import bodies
 from .manifest import (
     ITEM_TABLE,
@@ -124,7 +124,10 @@ class _Fp32LayerNorm(nn.LayerNorm):
 
 def half_model(model: Mamba4Rec) -> Mamba4Rec:
     """A copy in fp16 except LayerNorm (fp32 statistics and weights) and the scan's A_log/D/dt bias."""
-    half = copy.deepcopy(model).eval()
+    # the item table is converted on its own, so a big catalogue is never held twice in fp32
+    table = model.item_embedding.weight
+    placeholder = nn.Parameter(table.detach().half(), requires_grad=table.requires_grad)
+    half = copy.deepcopy(model, memo={id(table): placeholder}).eval()
     half.item_tokens = model.item_tokens
     keep = {name: p.detach().clone() for name, p in half.named_parameters() if name.endswith(("A_log", ".D"))}
     keep.update(
@@ -160,6 +163,37 @@ class _FloatOutputs(nn.Module):
 
 #: Largest K TensorRT's TopK layer accepts (ITopKLayer; TensorRT 10 and 11).
 TENSORRT_MAX_TOPK = 3840
+#: fp32 weights above this go to a side file (ONNX external data, ``model.onnx.data``): the graph
+#: then never passes protobuf's 2 GB limit, and the export streams the weights to disk instead of
+#: holding serialized copies of them (docs/onnx-export.md, "Large catalogues")
+EXTERNAL_DATA_BYTES = 256 * 2**20
+
+
+def uses_external_data(model: Mamba4Rec, opts: ExportOptions) -> bool:
+    """Whether this export writes its weights as external data (forced, or above the threshold)."""
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    return opts.external_data or weights > EXTERNAL_DATA_BYTES
+
+
+def side_file(name: str) -> str:
+    """The external-data file of ONNX file ``name`` (same directory; listed and hashed in the manifest)."""
+    return f"{name}.data"
+
+
+@contextlib.contextmanager
+def scan_backend(model: Mamba4Rec, backend: str) -> Iterator[Mamba4Rec]:
+    """``model`` with every layer on ``backend`` for the block, then as it was (no copy of the weights)."""
+    layers = [m for m in model.modules() if hasattr(m, "scan_backend")]
+    previous = [m.scan_backend for m in layers]
+    training = model.training
+    model.set_scan_backend(backend)
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, b in zip(layers, previous, strict=True):
+            m.scan_backend = b
+        model.train(training)
 
 
 @dataclass(frozen=True)
@@ -178,6 +212,13 @@ class ExportOptions:
     fused: bool = False
     #: also write model.int8.onnx (m4r_export/onnx/int8.py)
     int8: bool = False
+    #: the topk head scores this many items at a time (serving.TOPK_CHUNK; memory batch x chunk)
+    topk_chunk: int = TOPK_CHUNK
+    #: weights in a side file ``<model>.data`` whatever the size (``m4r export --external-data``);
+    #: they always are above :data:`EXTERNAL_DATA_BYTES`
+    external_data: bool = False
+    #: embedding head: also build an ANN index of the item table (m4r_export.ann.KINDS), or None
+    ann: str | None = None
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -194,6 +235,13 @@ class ExportOptions:
                 f"--k {self.k}: TensorRT's TopK supports K <= {TENSORRT_MAX_TOPK}, and --fp16 builds a "
                 f"TensorRT engine when TensorRT is there; choose --k <= {TENSORRT_MAX_TOPK} or pass --no-trt"
             )
+        if self.ann is not None and self.head != "embedding":
+            raise UsageError(
+                f"--ann {self.ann}: an ANN index serves the embedding head's user vector; "
+                "pass --head embedding"
+            )
+        if self.topk_chunk < 1:
+            raise UsageError(f"--topk-chunk {self.topk_chunk}: must be >= 1 (default {TOPK_CHUNK})")
         if self.opset not in SUPPORTED_OPSETS:
             raise UsageError(
                 f"--opset {self.opset} is not supported: m4r exports opsets {SUPPORTED_OPSETS[0]}.."
@@ -215,13 +263,16 @@ class ExportOptions:
 
 
 def _serving_module(model: Mamba4Rec, opts: ExportOptions, fp16: bool) -> nn.Module:
-    m = half_model(model) if fp16 else copy.deepcopy(model).eval()
+    """The module to trace: ``model`` itself (fp32; no copy of its weights) or its fp16 copy."""
+    m = half_model(model) if fp16 else model
     m.set_scan_backend(SCAN_BACKEND)
     if opts.fused:
         from .fused import fuse_mixers
 
         fuse_mixers(m)
-    serving = ServingModel(m, opts.head, opts.k, opts.exclude_history, opts.exclude_items).eval()
+    serving = ServingModel(
+        m, opts.head, opts.k, opts.exclude_history, opts.exclude_items, opts.topk_chunk
+    ).eval()
     return _FloatOutputs(serving).eval() if fp16 else serving
 
 
@@ -261,7 +312,23 @@ def export_program(
     opset: int,
     what: str = "torch.onnx.export",
 ) -> Any:
-    """torch.onnx.export (dynamo) with the exporter's chatter captured; its log is shown on failure."""
+    """torch.onnx.export (dynamo) -> ModelProto (weights inside: for graphs under 2 GB)."""
+    return export_ir(module, args, input_names, output_names, dynamic, opset, what).model_proto
+
+
+def export_ir(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    input_names: list[str],
+    output_names: list[str],
+    dynamic: Any,
+    opset: int,
+    what: str = "torch.onnx.export",
+) -> Any:
+    """torch.onnx.export (dynamo) with the exporter's chatter captured; its log is shown on failure.
+
+    Returns the ONNXProgram: its IR model refers to the module's tensors (no serialized copy yet).
+    """
     sink = io.StringIO()
     try:
         with contextlib.redirect_stdout(sink), torch.no_grad(), _quiet_exporter():
@@ -282,25 +349,44 @@ def export_program(
             f"{sink.getvalue()[-2000:]}"
         ) from exc
     assert program is not None
-    return program.model_proto
+    return program
 
 
-def trace_onnx(model: Mamba4Rec, opts: ExportOptions, fp16: bool = False) -> Any:
-    """ServingModel -> ONNX ModelProto with the SelectiveScan node(s) and the local function."""
+def trace_onnx(model: Mamba4Rec, opts: ExportOptions, fp16: bool = False, path: Path | None = None) -> Any:
+    """ServingModel -> ONNX ModelProto with the SelectiveScan node(s) and the local function.
+
+    ``path``: write the file there with its weights as external data (:func:`side_file`), streamed
+    tensor by tensor from the model's own tensors; the returned proto then refers to the side file.
+    """
+    with scan_backend(model, SCAN_BACKEND):
+        module = _serving_module(model, opts, fp16)
+        return _trace(module, model.n_items, opts, fp16, path)
+
+
+def _trace(module: nn.Module, n_items: int, opts: ExportOptions, fp16: bool, path: Path | None) -> Any:
     import onnx
+    import onnx_ir
 
-    module = _serving_module(model, opts, fp16)
     names = opts.input_names
-    args = sample_inputs(model.n_items, opts.max_seq_len, EXCLUDE_INPUT in names)
+    args = sample_inputs(n_items, opts.max_seq_len, EXCLUDE_INPUT in names)
     batch = torch.export.Dim("batch", min=1)
     seq = torch.export.Dim("seq", min=1, max=max(opts.max_seq_len, 2))
     dynamic: dict[str, Any] = {"item_seq": {0: batch, 1: seq}, "item_seq_len": {0: batch}}
     if EXCLUDE_INPUT in names:
         # traced with min 1; ONNX Runtime also runs E = 0 (tests/test_export.py checks it)
         dynamic[EXCLUDE_INPUT] = {0: batch, 1: torch.export.Dim("exclude", min=1)}
-    proto = export_program(module, args, list(names), list(HEAD_OUTPUTS[opts.head]), dynamic, opts.opset)
+    program = export_ir(module, args, list(names), list(HEAD_OUTPUTS[opts.head]), dynamic, opts.opset)
+    if path is None:
+        proto = program.model_proto
+        finalize_model(proto, opts, fp16)
+        onnx.checker.check_model(proto, full_check=True)
+        return proto
+    onnx_ir.save(program.model, path, external_data=side_file(path.name))
+    del program
+    proto = onnx.load(path, load_external_data=False)
     finalize_model(proto, opts, fp16)
-    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, path)
+    onnx.checker.check_model(str(path), full_check=True)
     return proto
 
 
@@ -491,7 +577,7 @@ def flush_denormal_enabled() -> bool:
 
 
 def ort_session(
-    model: bytes | tuple[ArtifactFiles, str], threads: int | None = None, ort_ops: Path | None = None
+    model: bytes | Path | tuple[ArtifactFiles, str], threads: int | None = None, ort_ops: Path | None = None
 ) -> Any:
     """A CPU InferenceSession; keeps the calling thread's flush-to-zero setting.
 
@@ -518,7 +604,8 @@ def ort_session(
     if isinstance(model, tuple):
         sess = listed_session(*model, so)
     else:
-        sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        source = str(model) if isinstance(model, Path) else model  # a Path: external data beside it
+        sess = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
     if ftz and not flush_denormal_enabled():
         torch.set_flush_denormal(True)
     return sess
@@ -537,12 +624,19 @@ def torch_outputs(
 
 
 def measure_parity(
-    model: Mamba4Rec, opts: ExportOptions, model_bytes: bytes, precision: str
+    model: Mamba4Rec, opts: ExportOptions, model_bytes: bytes | Path, precision: str
 ) -> dict[str, Any]:
-    """Run the ONNX model (ORT CPU) and the PyTorch ServingModel (fp32) on the parity inputs."""
-    reference = copy.deepcopy(model).eval()
-    reference.set_scan_backend("fast")
-    serving = ServingModel(reference, opts.head, opts.k, opts.exclude_history, opts.exclude_items)
+    """Run the ONNX model (ORT CPU; bytes, or a file with its side file) and the PyTorch ServingModel."""
+    with scan_backend(model, "fast") as reference:
+        return _parity(model, reference, opts, model_bytes, precision)
+
+
+def _parity(
+    model: Mamba4Rec, reference: Mamba4Rec, opts: ExportOptions, model_bytes: bytes | Path, precision: str
+) -> dict[str, Any]:
+    serving = ServingModel(
+        reference, opts.head, opts.k, opts.exclude_history, opts.exclude_items, opts.topk_chunk
+    )
     table = model.item_embedding.weight.detach().numpy() if opts.head == "embedding" else None
     sess = ort_session(model_bytes)
     tol = TOLERANCES[precision]
@@ -603,17 +697,19 @@ def _items_text(model: Mamba4Rec) -> str:
                 "any character that str.splitlines() splits on: rename the item in the dataset"
             )
     text = "".join(f"{t}\n" for t in tokens)
-    assert len(text.splitlines()) == len(tokens)
+    assert text.count("\n") == len(tokens)  # no token holds a line break (checked above)
     return text
+
+
+def _all_finite(t: Tensor, chunk: int = 1 << 22) -> bool:
+    """torch.isfinite(t).all() in slices: its temporaries for a 10M-item table were ~2x the table."""
+    flat = t.detach().reshape(-1)
+    return all(bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk))
 
 
 def check_finite_weights(model: Mamba4Rec) -> None:
     """Refuse a model with NaN/Inf weights (a diverged training run), naming the tensors."""
-    bad = [
-        n
-        for n, t in model.state_dict().items()
-        if t.is_floating_point() and not bool(torch.isfinite(t).all())
-    ]
+    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not _all_finite(t)]
     if bad:
         raise UsageError(
             f"the checkpoint has non-finite weights (NaN or Inf) in {len(bad)} tensor(s), "
@@ -632,7 +728,7 @@ def export_artifacts(
     echo: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export, check, measure parity, then write everything (see the module docstring)."""
-    from ..fileio import ensure_writable_dir, publish_directory, sha256_file, write_error
+    from ..fileio import ensure_writable_dir
 
     say = echo or (lambda _msg: None)
     opts.validate(model.n_items, engine=opts.fp16 and build_trt)
@@ -641,15 +737,46 @@ def export_artifacts(
     items_txt = _items_text(model)
     check_finite_weights(model)
 
+    with tempfile.TemporaryDirectory(prefix=".m4r-export-", dir=out.absolute().parent) as tmp:
+        return _export_in(model, out, opts, Path(tmp), checkpoint_path, build_trt, say, items_txt)
+
+
+def _export_in(
+    model: Mamba4Rec,
+    out: Path,
+    opts: ExportOptions,
+    tmp: Path,
+    checkpoint_path: str | os.PathLike[str] | None,
+    build_trt: bool,
+    say: Callable[[str], None],
+    items_txt: str,
+) -> ExportResult:
+    """The export with ``tmp`` for files too large to hold in memory (external data), then published."""
+    from ..fileio import publish_directory, sha256_file, write_error
+
     precisions = ["fp32", "fp16"] if opts.fp16 else ["fp32"]
+    names = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+    external = uses_external_data(model, opts)
+    if external and opts.int8:
+        raise UsageError(
+            "--int8 with external data (weights above "
+            f"{EXTERNAL_DATA_BYTES // 2**20} MiB, or --external-data) is not supported yet: drop --int8"
+        )
+    if external and opts.streaming:
+        raise UsageError(
+            "--streaming with external data (weights above "
+            f"{EXTERNAL_DATA_BYTES // 2**20} MiB, or --external-data) is not supported yet: "
+            "export the streaming graphs of a smaller catalogue, or drop --streaming"
+        )
     protos: dict[str, Any] = {}
-    blobs: dict[str, bytes] = {}
+    blobs: dict[str, bytes | Path] = {}
     parity: dict[str, Any] = {}
     for precision in precisions:
         say(f"tracing the {opts.head} head ({precision}) ...")
-        proto = trace_onnx(model, opts, fp16=precision == "fp16")
+        path = tmp / names[precision] if external else None
+        proto = trace_onnx(model, opts, fp16=precision == "fp16", path=path)
         protos[precision] = proto
-        blobs[precision] = proto.SerializeToString()
+        blobs[precision] = path if path is not None else proto.SerializeToString()
         say(f"checking parity with PyTorch ({precision}) ...")
         parity[precision] = measure_parity(model, opts, blobs[precision], precision)
         if not parity[precision]["passed"]:
@@ -664,7 +791,9 @@ def export_artifacts(
         from .int8 import quantize_int8
 
         say("quantizing the fp32 file to int8 (ONNX Runtime dynamic quantization) ...")
-        blobs["int8"] = quantize_int8(blobs["fp32"])
+        fp32_blob = blobs["fp32"]
+        assert isinstance(fp32_blob, bytes)  # --int8 with external data is refused above
+        blobs["int8"] = quantize_int8(fp32_blob)
         parity["int8"] = measure_parity(model, opts, blobs["int8"], "int8")
         if not parity["int8"]["passed"]:
             p = parity["int8"]
@@ -695,20 +824,31 @@ def export_artifacts(
                     "export: please report it with the checkpoint's config"
                 )
 
-    # everything validated: collect every file (name -> bytes), then publish them as one unit
-    names = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+    # everything validated: collect every file (name -> bytes, or a file in tmp), publish them as one unit
     written = [*precisions, *(["int8"] if opts.int8 else [])]
-    contents: dict[str, bytes] = {names[p]: blobs[p] for p in written}
+    contents: dict[str, bytes | Path] = {names[p]: blobs[p] for p in written}
     notes: dict[str, dict[str, Any]] = {names[p]: {"precision": p} for p in written}
+    if external:
+        for p in precisions:
+            side = side_file(names[p])
+            contents[side] = tmp / side
+            notes[names[p]]["external_data"] = [side]
+            notes[side] = {"precision": p, "external_data_of": names[p]}
     contents[ITEMS_FILE] = items_txt.encode("utf-8")
     notes[ITEMS_FILE] = {"format": ITEMS_FORMAT}
     for name, blob in stream_blobs.items():
         contents[name] = blob
         notes[name] = {"precision": "fp16" if ".fp16." in name else "fp32"}
+    ann: dict[str, Any] | None = None
     if opts.head == "embedding":
-        buf = io.BytesIO()
-        np.save(buf, model.item_embedding.weight.detach().float().numpy())
-        contents[ITEM_TABLE] = buf.getvalue()
+        table = model.item_embedding.weight.detach().float().numpy()
+        np.save(tmp / ITEM_TABLE, table)  # straight to disk: no serialized copy of a big table
+        contents[ITEM_TABLE] = tmp / ITEM_TABLE
+        if opts.ann is not None:
+            say(f"building the {opts.ann} ANN index ...")
+            ann = _build_ann(table, opts.ann, tmp)
+            contents[ann["file"]] = tmp / ann["file"]
+            notes[ann["file"]] = {"format": "faiss", "of": ITEM_TABLE}
         notes[ITEM_TABLE] = {
             "precision": "fp32",
             "shape": [model.n_items, model.config.hidden_size],
@@ -718,14 +858,19 @@ def export_artifacts(
 
     trt = {"status": "skipped", "reason": "no --fp16 file (TensorRT engines are built from model.fp16.onnx)"}
     if opts.fp16 and build_trt:
-        with tempfile.TemporaryDirectory(prefix=".m4r-trt-", dir=out.absolute().parent) as tmp:
+        with tempfile.TemporaryDirectory(prefix=".m4r-trt-", dir=out.absolute().parent) as trt_tmp:
+            fp16 = Path(trt_tmp) / names["fp16"]
             try:
-                (Path(tmp) / names["fp16"]).write_bytes(blobs["fp16"])  # TensorRT parses a path
+                if external:  # the parser reads the side file beside the model file
+                    os.link(tmp / names["fp16"], fp16)
+                    os.link(tmp / side_file(names["fp16"]), Path(trt_tmp) / side_file(names["fp16"]))
+                else:
+                    fp16.write_bytes(blobs["fp16"])  # type: ignore[arg-type]  # TensorRT parses a path
             except OSError as exc:
-                raise write_error(Path(tmp) / names["fp16"], exc) from exc
-            trt = _try_trt(Path(tmp) / names["fp16"], Path(tmp), opts)
-            for produced in sorted(Path(tmp).iterdir()):
-                if produced.name != names["fp16"]:
+                raise write_error(fp16, exc) from exc
+            trt = _try_trt(fp16, Path(trt_tmp), opts)
+            for produced in sorted(Path(trt_tmp).iterdir()):
+                if produced.name not in (names["fp16"], side_file(names["fp16"])):
                     contents[produced.name] = produced.read_bytes()
 
     files = file_entries(contents, notes)
@@ -744,6 +889,12 @@ def export_artifacts(
         "max_seq_len": opts.max_seq_len,
         "head": opts.head,
         "k": opts.k if opts.head == "topk" else None,
+        "topk_chunk": max(opts.topk_chunk, opts.k) if opts.head == "topk" else None,
+        "external_data": {
+            "files": [side_file(names[p]) for p in precisions] if external else [],
+            "threshold_bytes": EXTERNAL_DATA_BYTES,
+            "forced": opts.external_data,
+        },
         "exclude_history": opts.exclude_history,
         "exclude_items": EXCLUDE_INPUT in opts.input_names,
         "opset": opts.opset,
@@ -782,6 +933,8 @@ def export_artifacts(
         "parity": parity,
         "tensorrt": trt,
     }
+    if ann is not None:
+        manifest["ann"] = ann
     if opts.streaming:
         from .streaming import streaming_manifest
 
@@ -789,6 +942,23 @@ def export_artifacts(
     contents[MANIFEST_NAME] = manifest_bytes(manifest)
     publish_directory(out, contents, replaceable=previous_export)
     return ExportResult(out, manifest, [out / name for name in contents])
+
+
+def _build_ann(table: np.ndarray, kind: str, tmp: Path) -> dict[str, Any]:
+    """Build and write the ANN index (m4r_export.ann); its manifest section."""
+    import time
+
+    import faiss
+
+    from .. import ann as annmod
+
+    params = annmod.AnnParams(kind=kind)
+    t0 = time.perf_counter()
+    index = annmod.build_index(table, params)
+    seconds = time.perf_counter() - t0
+    annmod.write_index(index, tmp / annmod.INDEX_FILE)
+    spec = {**params.to_json(), "nlist": annmod.lists_for(len(table), params) if kind == "ivf" else None}
+    return {**spec, "file": annmod.INDEX_FILE, "faiss": faiss.__version__, "build_seconds": round(seconds, 1)}
 
 
 def _try_trt(fp16_path: Path, out: Path, opts: ExportOptions) -> dict[str, Any]:

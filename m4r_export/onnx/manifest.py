@@ -88,9 +88,13 @@ def is_plain_name(name: object) -> bool:
 
 
 def file_entries(
-    contents: Mapping[str, bytes], notes: Mapping[str, Mapping[str, Any]] | None = None
+    contents: Mapping[str, bytes | Path], notes: Mapping[str, Mapping[str, Any]] | None = None
 ) -> dict[str, dict[str, Any]]:
-    """The manifest's ``files``: every name -> sha256, size and its notes (``manifest.json`` excluded)."""
+    """The manifest's ``files``: every name -> sha256, size and its notes (``manifest.json`` excluded).
+
+    A value is the file's bytes, or a finished file on disk (large ones: external data, indexes)."""
+    from ..fileio import sha256_file
+
     out: dict[str, dict[str, Any]] = {}
     for name, data in contents.items():
         if name == MANIFEST_NAME:
@@ -98,8 +102,8 @@ def file_entries(
         if not is_plain_name(name):
             raise ValueError(f"file_entries: {name!r} is not a plain file name")
         out[name] = {
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "bytes": len(data),
+            "sha256": sha256_file(data) if isinstance(data, Path) else hashlib.sha256(data).hexdigest(),
+            "bytes": data.stat().st_size if isinstance(data, Path) else len(data),
             **(notes or {}).get(name, {}),
         }
     return out
@@ -174,6 +178,9 @@ def referenced_names(manifest: Mapping[str, Any]) -> list[tuple[str, Any]]:
                     refs.append((f"streaming.files.{precision}", graphs))
                     continue
                 refs += [(f"streaming.files.{precision}.{k}", v) for k, v in graphs.items()]
+    ann = manifest.get("ann")
+    if isinstance(ann, dict) and "file" in ann:
+        refs.append(("ann.file", ann["file"]))
     trt = manifest.get("tensorrt")
     if isinstance(trt, dict):
         refs += [(f"tensorrt.{k}", trt[k]) for k in ("engine", "engine_manifest") if trt.get(k) is not None]

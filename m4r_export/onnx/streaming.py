@@ -59,7 +59,7 @@ STREAMING_FORMAT_VERSION = 1
 def _modules(model: Mamba4Rec, opts: ExportOptions, fp16: bool) -> tuple[StreamingInit, StreamingStep]:
     m = half_model(model) if fp16 else copy.deepcopy(model).eval()
     m.set_scan_backend(SCAN_BACKEND)
-    serving = ServingModel(m, opts.head, opts.k, exclude_history=False, exclude_items=opts.exclude_items)
+    serving = ServingModel(m, opts.head, opts.k, False, opts.exclude_items, opts.topk_chunk)
     return StreamingInit(serving), StreamingStep(serving)
 
 
@@ -247,7 +247,7 @@ def measure_streaming_parity(
     """ORT init + steps against the fp32 PyTorch ServingModel on the full histories."""
     reference = copy.deepcopy(model).eval()
     reference.set_scan_backend("fast")
-    serving = ServingModel(reference, opts.head, opts.k, exclude_items=opts.exclude_items)
+    serving = ServingModel(reference, opts.head, opts.k, False, opts.exclude_items, opts.topk_chunk)
     table = model.item_embedding.weight.detach().numpy() if opts.head == "embedding" else None
     n_heads = len(HEAD_OUTPUTS[opts.head])
     states = state_names(model.config.num_layers)

@@ -161,7 +161,7 @@ def plan_repository(artifacts: Path, opts: TritonOptions, manifest: dict[str, An
     }
     if opts.backend == "python":
         cfg = cfgmod.model_config(backend="python", parameters={"onnx_file": "model.onnx"}, **common)
-        plan.copies[f"{name}/1/model.onnx"] = _onnx_file(artifacts, manifest)
+        _copy_onnx(plan.copies, f"{name}/1", artifacts, manifest)
         plan.texts[f"{name}/1/model.py"] = _python_model_source("onnx_model.py")
     elif opts.backend == "onnxruntime":
         op_library = None
@@ -170,7 +170,7 @@ def plan_repository(artifacts: Path, opts: TritonOptions, manifest: dict[str, An
             op_library = f"../../ortops/{library.name}"  # relative to the version directory
             plan.copies[f"ortops/{library.name}"] = library
         cfg = cfgmod.model_config(platform=PLATFORMS["onnxruntime"], op_library=op_library, **common)
-        plan.copies[f"{name}/1/model.onnx"] = _onnx_file(artifacts, manifest)
+        _copy_onnx(plan.copies, f"{name}/1", artifacts, manifest)
     else:
         cfg = cfgmod.model_config(platform=PLATFORMS["tensorrt"], **common)
         plan.data[f"{name}/1/model.plan"] = _engine_file(artifacts, manifest, opts)
@@ -182,6 +182,13 @@ def plan_repository(artifacts: Path, opts: TritonOptions, manifest: dict[str, An
         _plan_tokens(plan, artifacts, manifest, opts, name, (inputs, outputs), known)
     plan.texts["README.md"] = _readme(name, opts, manifest, plan)
     return plan
+
+
+def _copy_onnx(copies: dict[str, Path], version_dir: str, artifacts: Path, manifest: dict[str, Any]) -> None:
+    """model.onnx, and its external-data side file under the name the model refers to."""
+    copies[f"{version_dir}/model.onnx"] = _onnx_file(artifacts, manifest)
+    for side in manifest["files"]["model.onnx"].get("external_data") or []:  # plain names (checked)
+        copies[f"{version_dir}/{side}"] = artifacts / side
 
 
 def _onnx_file(artifacts: Path, manifest: dict[str, Any]) -> Path:

@@ -29,10 +29,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import __version__
+from ..ann import search as ann_search
 from ..errors import M4RError, UsageError
 from ..integrity import ArtifactIntegrityError, check_checkpoint_matches
 from .artifact import ArtifactInfo, load_artifact
-from .metrics import non_finite, ranking_parity, score_errors, topk_from_scores
+from .batches import BatchComparison, merge, score_rows
+from .metrics import non_finite, score_errors, topk_from_scores
 from .runners import TorchRunner, default_backend, default_threads, fit_width, make_runner
 
 if TYPE_CHECKING:
@@ -130,6 +132,17 @@ class VerifyInputs:
     @property
     def users(self) -> int:
         return int(self.item_seq.shape[0])
+
+    def rows(self, rows: slice) -> VerifyInputs:
+        """The same inputs for users ``rows`` only (views, no copies)."""
+        return VerifyInputs(
+            self.item_seq[rows],
+            self.item_seq_len[rows],
+            None if self.targets is None else self.targets[rows],
+            self.source,
+            self.notes,
+            None if self.exclude_items is None else self.exclude_items[rows],
+        )
 
 
 @dataclass
@@ -299,15 +312,51 @@ def dataset_inputs(
 # ---------------------------------------------------------------------------------------------- core
 
 
-def _batched(runner: Any, inputs: VerifyInputs, batch_size: int) -> dict[str, np.ndarray]:
-    parts: dict[str, list[np.ndarray]] = {}
-    for i in range(0, inputs.users, batch_size):
-        rows = slice(i, i + batch_size)
-        exclude = None if inputs.exclude_items is None else inputs.exclude_items[rows]
-        outs = runner.run(inputs.item_seq[rows], inputs.item_seq_len[rows], exclude)
-        for name, value in outs.items():
-            parts.setdefault(name, []).append(value)
-    return {name: np.concatenate(v) for name, v in parts.items()}
+def _ann_index(art: ArtifactInfo) -> Any:
+    """The export's ANN index (``m4r export --ann``; hashed with the other files), or None."""
+    spec = (art.manifest or {}).get("ann") if art.head == "embedding" else None
+    if not isinstance(spec, dict):
+        return None
+    from ..ann import AnnParams, read_index
+
+    # the bytes that were hashed (issue 20.5), not the path again
+    return read_index(art.read(art.path.parent / str(spec.get("file"))), AnnParams.from_json(spec))
+
+
+def _compare_in_batches(
+    art: ArtifactInfo,
+    inputs: VerifyInputs,
+    k: int,
+    ref: Any,
+    emb_ref: Any,
+    runners: list[Any],
+    item_table: np.ndarray | None,
+    rows: int,
+    index: Any = None,
+) -> tuple[list[list[BatchComparison]], list[float]]:
+    """Per runner, the comparison of every batch of ``rows`` users, and its seconds of inference.
+
+    Only one batch's reference scores (``rows x n_items``) exist at a time, so peak memory does not
+    depend on the number of users (:mod:`.batches`).
+    """
+    parts: list[list[BatchComparison]] = [[] for _ in runners]
+    seconds = [0.0 for _ in runners]
+    for i in range(0, inputs.users, rows):
+        batch = inputs.rows(slice(i, i + rows))
+        feed = (batch.item_seq, batch.item_seq_len, batch.exclude_items)
+        ref_scores = ref.run(*feed)["scores"]
+        ref_embedding = None if emb_ref is None else emb_ref.run(*feed[:2])["user_embedding"]
+        for j, runner in enumerate(runners):
+            t0 = time.perf_counter()
+            outs = runner.run(*feed)
+            seconds[j] += time.perf_counter() - t0
+            part = compare_batch(
+                art, ref_scores, outs, k, batch, ref_embedding=ref_embedding, item_table=item_table
+            )
+            if index is not None:
+                part.ann_top = ann_search(index, outs["user_embedding"], k)[1]
+            parts[j].append(part)
+    return parts, seconds
 
 
 def _history_mask(item_seq: np.ndarray, item_seq_len: np.ndarray, n_items: int) -> np.ndarray:
@@ -330,7 +379,25 @@ def compare_outputs(
     item_table: np.ndarray | None = None,
 ) -> tuple[dict[str, Any], np.ndarray]:
     """All metrics of one backend's outputs against the reference scores; also per-user overlap."""
-    metrics: dict[str, Any] = {}
+    part = compare_batch(
+        artifact, ref_scores, outs, k, inputs, ref_embedding=ref_embedding, item_table=item_table
+    )
+    return merge([part], inputs.targets)
+
+
+def compare_batch(
+    artifact: ArtifactInfo,
+    ref_scores: np.ndarray,
+    outs: dict[str, np.ndarray],
+    k: int,
+    inputs: VerifyInputs,
+    *,
+    ref_embedding: np.ndarray | None = None,
+    item_table: np.ndarray | None = None,
+) -> BatchComparison:
+    """One batch of users: errors, non-finite counts and both top-K lists (merged by :func:`merge`)."""
+    counts: dict[str, int] = {}
+    embedding = None
     n_items = ref_scores.shape[1]
     ref_top = topk_from_scores(ref_scores, k)
     if artifact.head == "scores":
@@ -349,20 +416,21 @@ def compare_outputs(
                 f"--k {k} is larger than the artifact's top-K ({items.shape[1]}); pass --k <= that"
             )
         out_of_range = (items < 0) | (items >= n_items)
-        metrics["topk_items_out_of_range"] = int(np.count_nonzero(out_of_range))
+        counts["topk_items_out_of_range"] = int(np.count_nonzero(out_of_range))
         safe = np.where(out_of_range, 0, items)
         ref_at = np.take_along_axis(ref_scores, safe, axis=1)
         ref_at = np.where(out_of_range, np.nan, ref_at)
         err = score_errors(ref_at, scores)
         bad = non_finite(scores, ref_at)
-        bad.nan += metrics["topk_items_out_of_range"]
+        bad.nan += counts["topk_items_out_of_range"]
         out_top = items[:, :k]
     else:  # embedding
         emb = outs["user_embedding"]
         assert ref_embedding is not None and item_table is not None
         e = score_errors(ref_embedding, emb)
-        metrics.update({"embedding_max_abs_error": e.max_abs, "embedding_mean_abs_error": e.mean_abs})
-        out_scores = emb.astype(np.float64) @ item_table.T.astype(np.float64)
+        embedding = (e.max_abs, e.mean_abs * e.compared, e.compared)
+        # fp32 product (a float64 copy of a 1M-item table per batch would cost more than the batch)
+        out_scores = (emb.astype(np.float32) @ item_table.T).astype(np.float64)
         mask = np.zeros_like(out_scores, dtype=bool)
         mask[:, 0] = True
         if artifact.exclude_history:
@@ -371,24 +439,7 @@ def compare_outputs(
         err = score_errors(ref_scores, out_scores)
         bad = non_finite(emb)
         out_top = topk_from_scores(out_scores, k)
-    ranking = ranking_parity(ref_top, out_top, inputs.targets)
-    metrics.update(
-        {
-            "max_abs_error": err.max_abs,
-            "mean_abs_error": err.mean_abs,
-            "max_rel_error": err.max_rel,
-            "mean_rel_error": err.mean_rel,
-            "worst_user_abs_error": err.worst_user,
-            "scores_compared": err.compared,
-            "mask_mismatches": err.mask_mismatches,
-            "nan": bad.nan,
-            "pos_inf": bad.pos_inf,
-            "unexpected_neg_inf": bad.unexpected_neg_inf,
-            "non_finite": bad.total,
-            **ranking.summary(),
-        }
-    )
-    return metrics, ranking.overlap
+    return BatchComparison(err, bad, ref_top, out_top, counts, embedding)
 
 
 def check_metrics(metrics: dict[str, Any], t: Thresholds, k: int) -> list[Check]:
@@ -518,38 +569,43 @@ def run_verify(
         if given:
             source += f", overridden: {given}"
 
-    ref = TorchRunner(model, "scores", k, art.exclude_history, scan_backend=scan_backend, threads=threads)
-    try:
-        ref_scores = _batched(ref, inputs, batch_size)["scores"]
-        ref_embedding = item_table = None
-        if art.head == "embedding":
-            emb_runner = TorchRunner(model, "embedding", scan_backend=scan_backend, threads=threads)
-            ref_embedding = _batched(emb_runner, inputs, batch_size)["user_embedding"]
-            emb_runner.close()
-    finally:
-        ref.close()
+    item_table = None
     if art.head == "embedding":
         if art.item_table is not None:
             item_table = np.load(io.BytesIO(art.read(art.item_table)), allow_pickle=False)
         else:
             item_table = model.item_embedding.weight.detach().cpu().numpy()
             notes.append("no item table (.npy) beside the artifact: the checkpoint's item embedding is used")
-
-    results = []
-    for backend in backends or [default_backend(art, ort_ops)]:
-        runner = make_runner(backend, art, threads=threads, ort_ops=ort_ops)
-        t0 = time.perf_counter()
-        try:
-            outs = _batched(runner, inputs, batch_size)
-            describe = runner.describe()
-        finally:
-            runner.close()
-        seconds = time.perf_counter() - t0
-        metrics, overlap = compare_outputs(
-            art, ref_scores, outs, k, inputs, ref_embedding=ref_embedding, item_table=item_table
+    ref = TorchRunner(model, "scores", k, art.exclude_history, scan_backend=scan_backend, threads=threads)
+    emb_ref = None
+    if art.head == "embedding":
+        emb_ref = TorchRunner(model, "embedding", scan_backend=scan_backend, threads=threads)
+    names = backends or [default_backend(art, ort_ops)]
+    runners = []
+    try:
+        for backend in names:
+            runners.append(make_runner(backend, art, threads=threads, ort_ops=ort_ops))
+        parts, seconds = _compare_in_batches(
+            art,
+            inputs,
+            k,
+            ref,
+            emb_ref,
+            runners,
+            item_table,
+            score_rows(batch_size, n_items),
+            _ann_index(art),
         )
+        describes = [r.describe() for r in runners]
+    finally:
+        for r in [ref, emb_ref, *runners]:
+            if r is not None:
+                r.close()
+    results = []
+    for backend, describe, backend_parts, secs in zip(names, describes, parts, seconds, strict=True):
+        metrics, overlap = merge(backend_parts, inputs.targets)
         results.append(
-            BackendResult(backend, describe, metrics, check_metrics(metrics, thresholds, k), seconds, overlap)
+            BackendResult(backend, describe, metrics, check_metrics(metrics, thresholds, k), secs, overlap)
         )
 
     import onnxruntime

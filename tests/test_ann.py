@@ -1,0 +1,104 @@
+"""Approximate retrieval (issue 19 item 5): the faiss index as an export artifact, its recall in verify."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+
+from m4r_export import ann
+from m4r_export.checkpoint import save_checkpoint
+from m4r_export.cli import main
+from m4r_export.fileio import sha256_file
+from m4r_export.onnx import export as ex
+from m4r_export.verify import run_verify
+from m4r_export.verify.testing import tiny_model
+from m4r_export.verify.verify import generated_inputs
+
+N_ITEMS, K = 400, 5
+
+
+def test_recall_counts_shared_items_not_positions() -> None:
+    exact = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    approx = np.array([[4, 3, 2, 1], [5, 9, 10, 6]])  # same set in another order; 2 of 4
+    np.testing.assert_allclose(ann.recall(exact, approx), [1.0, 0.5])
+
+
+def test_exhaustive_ivf_is_exact_and_skips_padding() -> None:
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(N_ITEMS, 16)).astype(np.float32)
+    table[0] = 100.0  # padding would win every query if it were indexed
+    users = rng.normal(size=(20, 16)).astype(np.float32)
+    nlist = ann.lists_for(N_ITEMS, ann.AnnParams())
+    index = ann.build_index(table, ann.AnnParams(nprobe=nlist), threads=1)
+    scores, items = ann.search(index, users, K)
+    exact_scores = users @ table.T
+    exact_scores[:, 0] = -np.inf
+    exact = np.argsort(-exact_scores, axis=1)[:, :K]
+    np.testing.assert_array_equal(items, exact)
+    np.testing.assert_allclose(scores, np.take_along_axis(exact_scores, exact, axis=1), rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ann")
+    model = tiny_model(N_ITEMS, seed=1)
+    save_checkpoint(root / "model.pt", model, None, {"max_seq_len": 8})
+    ex.export_artifacts(
+        model,
+        root / "out",
+        ex.ExportOptions(head="embedding", max_seq_len=8, ann="ivf"),
+        checkpoint_path=root / "model.pt",
+        build_trt=False,
+    )
+    return {"dir": root / "out", "ckpt": root / "model.pt"}
+
+
+def test_index_is_an_artifact_with_parameters_and_sha256(exported: dict[str, Path]) -> None:
+    d = exported["dir"]
+    m = json.loads((d / "manifest.json").read_text())
+    assert m["ann"]["file"] == ann.INDEX_FILE and m["ann"]["kind"] == "ivf"
+    assert m["ann"]["nlist"] == ann.lists_for(N_ITEMS, ann.AnnParams()) and m["ann"]["nprobe"] == 32
+    assert m["files"][ann.INDEX_FILE]["sha256"] == sha256_file(d / ann.INDEX_FILE)
+
+
+def test_verify_reports_the_recall_it_should(exported: dict[str, Path]) -> None:
+    d = exported["dir"]
+    report = run_verify(exported["ckpt"], d / "model.onnx", users=60, k=K)
+    metrics = report.results[0].metrics
+    # the same recall computed independently: ORT user vectors, numpy exact top-K, faiss search
+    inputs = generated_inputs(N_ITEMS, 60, 8)
+    sess = ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"])
+    (user,) = sess.run(None, {"item_seq": inputs.item_seq, "item_seq_len": inputs.item_seq_len})
+    table = np.load(d / "item_embedding.npy")
+    scores = user @ table.T
+    scores[:, 0] = -np.inf
+    exact = np.argsort(-scores, axis=1, kind="stable")[:, :K]
+    spec = json.loads((d / "manifest.json").read_text())["ann"]
+    _, approx = ann.search(ann.read_index(d / ann.INDEX_FILE, ann.AnnParams.from_json(spec)), user, K)
+    expected = ann.recall(exact, approx)
+    assert metrics[f"ann_recall@{K}_mean"] == pytest.approx(expected.mean())
+    assert metrics[f"ann_recall@{K}_min"] == pytest.approx(expected.min())
+    assert 0.0 < expected.mean() <= 1.0
+
+
+def test_tampered_index_is_refused(exported: dict[str, Path], tmp_path: Path) -> None:
+    d = tmp_path / "art"
+    shutil.copytree(exported["dir"], d)
+    data = bytearray((d / ann.INDEX_FILE).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (d / ann.INDEX_FILE).write_bytes(bytes(data))
+    res = CliRunner().invoke(
+        main, ["verify", "--ckpt", str(exported["ckpt"]), "--artifact", str(d / "model.onnx"), "--k", str(K)]
+    )
+    assert res.exit_code == 3 and "item_index.faiss does not match its sha256" in res.output, res.output
+
+
+def test_ann_needs_the_embedding_head() -> None:
+    with pytest.raises(Exception, match="--head embedding"):
+        ex.ExportOptions(head="topk", ann="ivf").validate(N_ITEMS)
