@@ -178,14 +178,17 @@ def test_early_stopping_follows_recbole(ds: SequenceDataset, tmp_path: Path, mon
     assert read_checkpoint(tmp_path / "e.pt").meta["epoch"] == 2
 
 
-def test_time_budget_stops_mid_epoch_and_resume_is_exact(ds: SequenceDataset, tmp_path: Path) -> None:
-    cfg = tiny(epochs=2, train_batch_size=128)
+@pytest.mark.parametrize(("objective", "batch"), [("prefix", 128), ("every-position", 16)])
+def test_time_budget_stops_mid_epoch_and_resume_is_exact(
+    ds: SequenceDataset, tmp_path: Path, objective: str, batch: int
+) -> None:
+    cfg = tiny(epochs=2, train_batch_size=batch, objective=objective)
     straight = tmp_path / "straight.pt"
     train(ds, cfg, straight, progress=False, log=lambda m: None)
     st_straight = torch.load(default_state_path(straight), weights_only=True)
 
     split = tmp_path / "split.pt"
-    budget = tiny(epochs=2, train_batch_size=128, max_minutes=1e-9)
+    budget = tiny(epochs=2, train_batch_size=batch, objective=objective, max_minutes=1e-9)
     res = train(ds, budget, split, progress=False, log=lambda m: None)
     assert res.stopped == "time-budget" and res.history[-1]["partial"] and res.history[-1]["batches"] == 1
     assert split.exists()  # a checkpoint exists even after a partial epoch
