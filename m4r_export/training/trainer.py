@@ -99,10 +99,15 @@ class _Objective(nn.Module):
                 return F.cross_entropy(self.model.logits(item_seq, item_seq_len), target)
             hidden = self.model(item_seq, item_seq_len)
         else:
-            mask = target > 0
-            hidden = self.model.hidden_states(item_seq, item_seq_len)[mask]
-            target = target[mask]
+            hidden, target = self.every_position_pairs(item_seq, item_seq_len, target)
         return self.per_target(hidden, weight, target).mean()
+
+    def every_position_pairs(
+        self, item_seq: Tensor, item_seq_len: Tensor, target: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """(representation, target) of every trained position of a batch of windows: ``(N, H), (N,)``."""
+        mask = target > 0
+        return self.model.hidden_states(item_seq, item_seq_len)[mask], target[mask]
 
     def per_target(self, hidden: Tensor, weight: Tensor, target: Tensor) -> Tensor:
         if self.loss_type == "CE":
