@@ -94,7 +94,7 @@ def test_reference_config_yaml_is_accepted(tmp_path: Path) -> None:
     paper = load_config(RECIPES / "ml-1m.yaml")
     assert paper.train_batch_size == 16 and dataclasses.replace(paper, train_batch_size=2048) == cfg
     small = load_config(RECIPES / "ml-100k.yaml")
-    assert small.hidden_size == 64 and small.d_state == 32 and small.max_seq_len == 200
+    assert small.hidden_size == 64 and small.d_state == 32 and small.max_seq_len == 50
     beauty = load_config(RECIPES / "amazon-beauty.yaml")
     assert (beauty.hidden_size, beauty.num_layers, beauty.d_state, beauty.d_conv, beauty.expand) == (
         64,
