@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from m4r_export.data import SequenceDataset, build_dataset, synthetic_interactions
-from m4r_export.training import config_from_dict, train
+from m4r_export.training import config_from_dict, losses, train
 from m4r_export.training.losses import SampledSoftmax, ce_chunk, chunked_cross_entropy
 from m4r_export.training.trainer import Trainer
 from m4r_export.training.windows import batch_plan, build_windows, user_histories
@@ -94,7 +94,10 @@ def test_every_position_loss_equals_the_prefix_loss_per_target(ds: SequenceDatas
     torch.testing.assert_close(ours, prefix, rtol=0, atol=1e-5)
 
 
-def test_chunked_ce_equals_full_ce_in_value_and_gradient() -> None:
+@pytest.mark.parametrize("keep", [True, False])
+def test_chunked_ce_equals_full_ce_in_value_and_gradient(keep: bool, monkeypatch: Any) -> None:
+    """Both backward paths: the softmax kept from the forward pass, or recomputed per chunk."""
+    monkeypatch.setattr(losses, "CE_KEEP_LOGITS", 10**9 if keep else 0)
     torch.manual_seed(0)
     h = torch.randn(37, 8, dtype=torch.float64, requires_grad=True)
     w = torch.randn(11, 8, dtype=torch.float64, requires_grad=True)
