@@ -87,7 +87,7 @@ def main() -> None:
         return
     rows = []
     for n in a.items:
-        for loss in ("full-ce", "sampled"):
+        for loss in ("sampled", "full-ce"):
             if loss == "full-ce" and n > a.max_full_ce_items:
                 continue
             cmd = [sys.executable, __file__, "--cell", str(n), loss, "--batch", str(a.batch)]
