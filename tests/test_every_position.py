@@ -190,3 +190,10 @@ def test_sampled_and_every_position_training_learns(ds: SequenceDataset, tmp_pat
         meta = torch.load(out, weights_only=True)["meta"]
         assert meta["objective"] == "every-position"
         assert meta["loss"] == extra.get("loss_type", "CE")
+
+
+def test_auto_loss_is_full_ce_below_the_documented_size() -> None:
+    cfg = config_from_dict({}, "test")
+    assert cfg.loss_type == "AUTO" and cfg.objective == "every-position"
+    assert cfg.resolved_loss_type(100_000) == "CE" and cfg.resolved_loss_type(100_001) == "SAMPLED"
+    assert config_from_dict({"loss_type": "ce"}, "test").resolved_loss_type(10**7) == "CE"

@@ -43,7 +43,7 @@ BACKENDS = ["auto", "fast", "native", "reference", "cuda"]
     "loss_type",
     type=click.Choice(["AUTO", "CE", "SAMPLED", "BPR"]),
     default=None,
-    help="Override loss_type (AUTO: full CE up to 200,000 items, sampled softmax above).",
+    help="Override loss_type (AUTO: full CE up to 100,000 items, sampled softmax above).",
 )
 @click.option(
     "--objective",

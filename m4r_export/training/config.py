@@ -23,7 +23,7 @@ OBJECTIVES = ("every-position", "prefix")
 LOSS_TYPES = ("AUTO", "CE", "SAMPLED", "BPR")
 #: loss_type AUTO: full CE up to this many items (embedding rows), sampled softmax above; see
 #: docs/training.md for the step-time measurements behind it
-SAMPLED_SOFTMAX_ABOVE = 200_000
+SAMPLED_SOFTMAX_ABOVE = 100_000
 
 
 @dataclass
