@@ -34,7 +34,7 @@ d_conv: 4
 expand: 2
 loss_type: CE
 MAX_ITEM_LIST_LENGTH: 50
-train_batch_size: 256
+train_batch_size: 16      # windows (users' histories of <= 50 items) per step, every position trained
 learning_rate: 0.003
 epochs: 8
 stopping_step: 3

@@ -16,6 +16,7 @@ from m4r_export.checkpoint import load_checkpoint
 from m4r_export.data import load_dataset, synthetic_interactions, write_inter_file
 from m4r_export.training.distributed import shard_indices
 from m4r_export.training.evaluation import evaluate_checkpoint
+from m4r_export.training.windows import batch_plan, build_windows
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
 
@@ -68,11 +69,16 @@ def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
     r1 = json.loads((dump / "rank1.json").read_text())
     assert r0["world_size"] == r1["world_size"] == 2
     ds = load_dataset(data, max_seq_len=12)
-    n = len(ds.train)
+    # the every-position objective (the default) shards windows: each global batch of 64 windows
+    # is split over the ranks
+    win = build_windows(ds.train, 12)
+    n = len(win)
     for epoch in ("0", "1"):
+        plan = batch_plan(win.length, 64, 7, int(epoch))
+        pads = sum(len(b) % 2 for b in plan)
         s0, s1 = set(r0["shards"][epoch]), set(r1["shards"][epoch])
-        assert len(r0["shards"][epoch]) == len(r1["shards"][epoch]) == -(-n // 2)
-        assert len(s0 & s1) <= n % 2  # disjoint apart from the one wrap-around row of an odd n
+        assert len(r0["shards"][epoch]) == len(r1["shards"][epoch]) == sum(-(-len(b) // 2) for b in plan)
+        assert len(s0 & s1) <= pads  # disjoint apart from the wrap-around row of an odd batch
         assert s0 | s1 == set(range(n))  # together they cover the epoch
     assert r0["shards"]["0"] != r0["shards"]["1"]  # reshuffled per epoch
     assert r0["weights_sha256"] == r1["weights_sha256"]  # identical weights after training
@@ -80,7 +86,7 @@ def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
     model = load_checkpoint(out)  # rank 0's checkpoint: safe format, loads and evaluates
     assert model.item_tokens == ds.item_tokens
     ckpt_meta = torch.load(out, weights_only=True)["meta"]
-    assert ckpt_meta["world_size"] == 2
+    assert ckpt_meta["world_size"] == 2 and ckpt_meta["objective"] == "every-position"
     report = evaluate_checkpoint(out, data, ks=[10])
     assert report.rows == len(ds.test)
     assert report.model["hit@10"] == pytest.approx(ckpt_meta["test"]["hit@10"])

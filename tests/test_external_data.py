@@ -54,8 +54,8 @@ def test_weights_are_in_side_files_listed_in_the_manifest(exported: dict[str, ob
     manifest = json.loads((d / "manifest.json").read_text())
     files = manifest["files"]
     for name in ("model.onnx", "model.fp16.onnx"):
-        side = files[name]["external_data"]
-        assert side == f"{name}.data"
+        assert files[name]["external_data"] == [f"{name}.data"]
+        side = f"{name}.data"
         assert files[side]["sha256"] == sha256_file(d / side)
         assert files[side]["bytes"] == (d / side).stat().st_size
         proto = onnx.load(str(d / name), load_external_data=False)

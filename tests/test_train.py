@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -88,9 +89,21 @@ def test_reference_config_yaml_is_accepted(tmp_path: Path) -> None:
     assert cfg.learning_rate == 0.001 and cfg.stopping_step == 10 and cfg.epochs == 300
     assert (cfg.min_user_inter, cfg.min_item_inter) == (5, 5)
     assert cfg.valid_metric_key() == ("ndcg", 10)
-    assert load_config(RECIPES / "ml-1m.yaml") == cfg  # the paper's recipe is the reference config
+    assert cfg.objective == "every-position"  # the default objective
+    # the paper's recipe is the reference config, with the batch counted in windows (~2048 targets)
+    paper = load_config(RECIPES / "ml-1m.yaml")
+    assert paper.train_batch_size == 16 and dataclasses.replace(paper, train_batch_size=2048) == cfg
     small = load_config(RECIPES / "ml-100k.yaml")
     assert small.hidden_size == 64 and small.d_state == 32 and small.max_seq_len == 50
+    beauty = load_config(RECIPES / "amazon-beauty.yaml")
+    assert (beauty.hidden_size, beauty.num_layers, beauty.d_state, beauty.d_conv, beauty.expand) == (
+        64,
+        1,
+        32,
+        4,
+        2,
+    )
+    assert beauty.max_seq_len == 50 and beauty.loss_type == "CE"
 
 
 def test_config_errors_name_the_key(tmp_path: Path) -> None:
@@ -178,14 +191,17 @@ def test_early_stopping_follows_recbole(ds: SequenceDataset, tmp_path: Path, mon
     assert read_checkpoint(tmp_path / "e.pt").meta["epoch"] == 2
 
 
-def test_time_budget_stops_mid_epoch_and_resume_is_exact(ds: SequenceDataset, tmp_path: Path) -> None:
-    cfg = tiny(epochs=2, train_batch_size=128)
+@pytest.mark.parametrize(("objective", "batch"), [("prefix", 128), ("every-position", 16)])
+def test_time_budget_stops_mid_epoch_and_resume_is_exact(
+    ds: SequenceDataset, tmp_path: Path, objective: str, batch: int
+) -> None:
+    cfg = tiny(epochs=2, train_batch_size=batch, objective=objective)
     straight = tmp_path / "straight.pt"
     train(ds, cfg, straight, progress=False, log=lambda m: None)
     st_straight = torch.load(default_state_path(straight), weights_only=True)
 
     split = tmp_path / "split.pt"
-    budget = tiny(epochs=2, train_batch_size=128, max_minutes=1e-9)
+    budget = tiny(epochs=2, train_batch_size=batch, objective=objective, max_minutes=1e-9)
     res = train(ds, budget, split, progress=False, log=lambda m: None)
     assert res.stopped == "time-budget" and res.history[-1]["partial"] and res.history[-1]["batches"] == 1
     assert split.exists()  # a checkpoint exists even after a partial epoch

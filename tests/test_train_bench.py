@@ -36,3 +36,11 @@ def test_budget_bounds_repeats() -> None:
     )
     assert all(r["steps_timed"] == 1 for r in rep["results"])  # one timed step each, then the budget stops
     assert (torch.tensor([1e-39]) * 1.0).item() != 0.0  # flush-denormal restored to off
+
+
+def test_every_position_variant_counts_every_target() -> None:
+    rep = run_benchmark(lengths=[5], variants=["fast+ftz", "every-position"], batch=3, n_items=20, repeats=1)
+    by = {r["variant"]: r for r in rep["results"]}
+    assert by["fast+ftz"]["targets_per_step"] == 3 and by["every-position"]["targets_per_step"] == 15
+    ep = by["every-position"]
+    assert ep["samples_per_s_wall"] == 15 / ep["median_wall_s"]

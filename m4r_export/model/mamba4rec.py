@@ -201,6 +201,15 @@ class Mamba4Rec(nn.Module):
             ssms.append(ssm)
         return h, convs, ssms
 
+    def hidden_states(self, item_seq: Tensor, item_seq_len: Tensor) -> Tensor:
+        """Every position's output (batch, L, hidden), every layer unpruned: the output at position
+        t is the user representation of the prefix ``item_seq[:, :t+1]`` (the model is causal)."""
+        item_seq, item_seq_len = self.sanitize(item_seq, item_seq_len)
+        h = self.LayerNorm(self.dropout(self.item_embedding(item_seq)))
+        for layer in self.mamba_layers:
+            h = layer(h, item_seq_len)
+        return h
+
     def forward_all_positions(self, item_seq: Tensor, item_seq_len: Tensor) -> Tensor:
         """Unpruned forward (every position, every layer), then gather; for parity tests."""
         item_seq, item_seq_len = self.sanitize(item_seq, item_seq_len)

@@ -61,7 +61,17 @@ def _config_options(f: Any) -> Any:
     "--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Override learning_rate."
 )
 @click.option(
-    "--loss", "loss_type", type=click.Choice(["CE", "BPR"]), default=None, help="Override loss_type."
+    "--loss",
+    "loss_type",
+    type=click.Choice(["AUTO", "CE", "SAMPLED", "BPR"]),
+    default=None,
+    help="Override loss_type (AUTO: full CE up to 100,000 items, sampled softmax above).",
+)
+@click.option(
+    "--objective",
+    type=click.Choice(["every-position", "prefix"]),
+    default=None,
+    help="Override objective (default every-position; prefix = RecBole's one sample per target).",
 )
 @click.option("--resume", is_flag=True, help="Continue from the state file (--state).")
 @click.option(
@@ -94,6 +104,7 @@ def train(
     batch_size: int | None,
     lr: float | None,
     loss_type: str | None,
+    objective: str | None,
     resume: bool,
     state_path: Path | None,
     no_progress: bool,
@@ -124,6 +135,7 @@ def train(
         train_batch_size=batch_size,
         learning_rate=lr,
         loss_type=loss_type,
+        objective=objective,
         **{key: more.pop(key) for key, _, _ in CONFIG_OPTIONS.values()},
     )
     columns = columns_from(more).with_defaults(cfg.user_id_field, cfg.item_id_field, cfg.time_field)
@@ -151,8 +163,8 @@ def train(
             console.print(ds.summary(), highlight=False)
             console.print(
                 f"model: hidden {cfg.hidden_size}, {cfg.num_layers} layer(s), d_state {cfg.d_state}; "
-                f"{cfg.loss_type} loss, batch {cfg.train_batch_size}, lr {cfg.learning_rate}, scan backend "
-                f"{trainer.backend}, {trainer.info.world_size} process(es), "
+                f"{trainer.loss_type} loss, {_objective_text(cfg, trainer)}, lr {cfg.learning_rate}, "
+                f"scan backend {trainer.backend}, {trainer.info.world_size} process(es), "
                 f"{torch.get_num_threads()} thread(s)",
                 highlight=False,
             )
@@ -161,6 +173,15 @@ def train(
             _print_train_result(result, out, cfg.valid_metric)
     finally:
         shutdown_distributed()
+
+
+def _objective_text(cfg: Any, trainer: Any) -> str:
+    if trainer.windows is None:
+        return f"prefix objective, batch {cfg.train_batch_size} samples"
+    return (
+        f"every-position objective ({len(trainer.windows)} windows of <= {cfg.max_seq_len}, stride "
+        f"{cfg.effective_stride()}), batch {cfg.train_batch_size} windows"
+    )
 
 
 def _print_train_result(result: Any, out: Path, valid_metric: str) -> None:

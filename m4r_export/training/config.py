@@ -19,6 +19,11 @@ from typing import Any
 from ..errors import UsageError
 
 METRIC_NAMES = ("hit", "ndcg", "mrr")
+OBJECTIVES = ("every-position", "prefix")
+LOSS_TYPES = ("AUTO", "CE", "SAMPLED", "BPR")
+#: loss_type AUTO: full CE up to this many items (embedding rows), sampled softmax above; see
+#: docs/training.md for the step-time measurements behind it
+SAMPLED_SOFTMAX_ABOVE = 100_000
 
 
 @dataclass
@@ -39,7 +44,16 @@ class TrainConfig:
     item_id_field: str = "item_id"
     time_field: str = "timestamp"
     # optimisation
-    loss_type: str = "CE"
+    #: "every-position" (one forward per window trains all its targets) or "prefix" (RecBole's
+    #: one right-padded sample per target); see docs/training.md
+    objective: str = "every-position"
+    #: every-position windows start every window_stride inputs (0: max_seq_len, consecutive windows)
+    window_stride: int = 0
+    #: CE (all items), SAMPLED (sampled softmax with logQ correction), BPR, or AUTO: CE up to
+    #: SAMPLED_SOFTMAX_ABOVE items, SAMPLED above (see losses.py)
+    loss_type: str = "AUTO"
+    num_negatives: int = 1000
+    negative_distribution: str = "uniform"
     epochs: int = 300
     train_batch_size: int = 2048
     learning_rate: float = 0.001
@@ -67,6 +81,15 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def resolved_loss_type(self, n_items: int) -> str:
+        """The loss actually trained: ``AUTO`` becomes CE or SAMPLED by catalogue size."""
+        if self.loss_type != "AUTO":
+            return self.loss_type
+        return "CE" if n_items <= SAMPLED_SOFTMAX_ABOVE else "SAMPLED"
+
+    def effective_stride(self) -> int:
+        return self.window_stride or self.max_seq_len
+
     def valid_metric_key(self) -> tuple[str, int]:
         return parse_metric(self.valid_metric)
 
@@ -88,7 +111,24 @@ class TrainConfig:
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         need(self.stopping_step >= 0, f"stopping_step must be >= 0, got {self.stopping_step}")
         need(self.eval_step >= 1, f"eval_step must be >= 1, got {self.eval_step}")
-        need(self.loss_type in ("CE", "BPR"), f"loss_type must be 'CE' or 'BPR', got {self.loss_type!r}")
+        need(
+            self.loss_type in LOSS_TYPES,
+            f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}",
+        )
+        need(
+            self.objective in OBJECTIVES,
+            f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}",
+        )
+        need(
+            0 <= self.window_stride <= self.max_seq_len,
+            f"window_stride must be in [0, max_seq_len={self.max_seq_len}] (0 = max_seq_len), "
+            f"got {self.window_stride}",
+        )
+        need(self.num_negatives >= 1, f"num_negatives must be >= 1, got {self.num_negatives}")
+        need(
+            self.negative_distribution in ("uniform", "popularity"),
+            f"negative_distribution must be 'uniform' or 'popularity', got {self.negative_distribution!r}",
+        )
         need(self.device in ("cpu", "cuda"), f"device must be 'cpu' or 'cuda', got {self.device!r}")
         need(
             self.max_minutes is None or self.max_minutes > 0,
@@ -186,9 +226,10 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> TrainConfig
         cfg = _coerce(cfg)
     except (TypeError, ValueError) as exc:
         raise UsageError(f"{source}: bad value ({exc})") from None
-    if cfg.loss_type == "CE" and raw.get("train_neg_sample_args") not in (None, {}):
+    if cfg.loss_type != "BPR" and raw.get("train_neg_sample_args") not in (None, {}):
         raise UsageError(
-            f"{source}: train_neg_sample_args must be empty (~) with loss_type CE (CE scores every item)"
+            f"{source}: train_neg_sample_args must be empty (~) with loss_type {cfg.loss_type} "
+            "(only BPR samples one negative per target)"
         )
     cfg.validate(source)
     return cfg
@@ -211,6 +252,8 @@ def _coerce(cfg: TrainConfig) -> TrainConfig:
         elif f.type == "list[int]":
             setattr(cfg, f.name, [int(x) for x in v])
     cfg.loss_type = cfg.loss_type.upper()
+    cfg.objective = cfg.objective.lower()
+    cfg.negative_distribution = cfg.negative_distribution.lower()
     return cfg
 
 

@@ -86,15 +86,18 @@ def evaluate_scorer(
         raise ValueError(f"exclude has {len(exclude)} rows, the split {len(split)}")
     sums: dict[str, float] = {}
     n = len(split)
+    # rows in order of history length (the sums do not depend on the order): with ``crop``, each
+    # batch is then cut to a length close to its rows' own, not to the longest of a random batch
+    order = np.argsort(split.item_seq_len, kind="stable") if crop else np.arange(n)
     for a in range(0, n, batch_size):
-        b = min(a + batch_size, n)
-        lens = torch.from_numpy(split.item_seq_len[a:b]).to(device)
-        width = int(lens.max()) if crop and b > a else split.item_seq.shape[1]
-        seq = torch.from_numpy(np.ascontiguousarray(split.item_seq[a:b, : max(width, 1)])).to(device)
-        tgt = torch.from_numpy(split.target[a:b]).to(device)
+        rows = order[a : a + batch_size]
+        lens = torch.from_numpy(split.item_seq_len[rows]).to(device)
+        width = int(lens.max()) if crop and len(rows) else split.item_seq.shape[1]
+        seq = torch.from_numpy(np.ascontiguousarray(split.item_seq[rows, : max(width, 1)])).to(device)
+        tgt = torch.from_numpy(split.target[rows]).to(device)
         scores = scorer(seq, lens)
         if exclude is not None:
-            scores = _mask_rows(scores, exclude[a:b])
+            scores = _mask_rows(scores, [exclude[r] for r in rows.tolist()])
         for key, v in metric_sums(target_ranks(scores, tgt), ks).items():
             sums[key] = sums.get(key, 0.0) + v
     if n == 0:

@@ -56,8 +56,10 @@ from ..fileio import atomic_write
 from ..model import Mamba4Rec
 from ..model.scan import resolve_backend
 from . import distributed as D
+from . import losses
 from .config import TrainConfig
 from .metrics import evaluate_scorer, means, model_scorer
+from .windows import Windows, batch_plan, build_windows
 
 STATE_FORMAT = "m4r-train-state"
 STATE_VERSION = 1
@@ -76,24 +78,43 @@ class TrainResult:
 
 
 class _Objective(nn.Module):
-    """Loss as a module so DistributedDataParallel can wrap it (DDP hooks ``forward`` only)."""
+    """Loss as a module so DistributedDataParallel can wrap it (DDP hooks ``forward`` only).
 
-    def __init__(self, model: Mamba4Rec, loss_type: str) -> None:
+    ``prefix``: one user representation per sample (``target`` (B,)); ``every-position``: every
+    position of each window (``target`` (B, W), 0 where no loss is taken). Returns the mean loss
+    over the batch's targets.
+    """
+
+    def __init__(self, model: Mamba4Rec, loss_type: str, every_position: bool, sampled: Any = None) -> None:
         super().__init__()
         self.model = model
         self.loss_type = loss_type
+        self.every_position = every_position
+        self.sampled = sampled
 
     def forward(self, item_seq: Tensor, item_seq_len: Tensor, target: Tensor) -> Tensor:
+        weight = self.model.item_embedding.weight
+        if not self.every_position:
+            if self.loss_type == "CE":  # exactly the reference's computation
+                return F.cross_entropy(self.model.logits(item_seq, item_seq_len), target)
+            hidden = self.model(item_seq, item_seq_len)
+        else:
+            hidden, target = self.every_position_pairs(item_seq, item_seq_len, target)
+        return self.per_target(hidden, weight, target).mean()
+
+    def every_position_pairs(
+        self, item_seq: Tensor, item_seq_len: Tensor, target: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """(representation, target) of every trained position of a batch of windows: ``(N, H), (N,)``."""
+        mask = target > 0
+        return self.model.hidden_states(item_seq, item_seq_len)[mask], target[mask]
+
+    def per_target(self, hidden: Tensor, weight: Tensor, target: Tensor) -> Tensor:
         if self.loss_type == "CE":
-            return F.cross_entropy(self.model.logits(item_seq, item_seq_len), target)
-        user = self.model(item_seq, item_seq_len)
-        n = self.model.n_items
-        neg = torch.randint(1, n, target.shape, device=target.device)
-        neg = torch.where(neg == target, (neg % (n - 1)) + 1, neg)  # never the target itself
-        emb = self.model.item_embedding
-        pos_score = (user * emb(target)).sum(-1)
-        neg_score = (user * emb(neg)).sum(-1)
-        return -F.logsigmoid(pos_score - neg_score).mean()
+            return losses.chunked_cross_entropy(hidden, weight, target, losses.ce_chunk(weight.shape[0]))
+        if self.loss_type == "SAMPLED":
+            return self.sampled(hidden, weight, target)
+        return losses.bpr_loss(hidden, weight, target)
 
 
 def set_cpu_flush_denormal() -> bool:
@@ -132,6 +153,16 @@ def _batch_tensors(split: Any, rows: np.ndarray, device: torch.device) -> tuple[
     )
 
 
+def _window_tensors(win: Windows, rows: np.ndarray, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    lens = win.length[rows]
+    width = max(int(lens.max()), 1)  # crop to the longest window of the batch
+    return (
+        torch.from_numpy(win.seq[rows, :width]).to(device),
+        torch.from_numpy(lens).to(device),
+        torch.from_numpy(win.target[rows, :width]).to(device),
+    )
+
+
 # Model-shape and data-protocol fields that a resumed run must share with the state file.
 _FIXED_ON_RESUME = (
     "hidden_size",
@@ -146,7 +177,18 @@ _FIXED_ON_RESUME = (
     "loss_type",
     "train_batch_size",
     "seed",
+    "objective",
+    "window_stride",
+    "num_negatives",
+    "negative_distribution",
 )
+#: values of keys added since state files were first written (an older state trained with these)
+_OLD_STATE_DEFAULTS = {
+    "objective": "prefix",
+    "window_stride": 0,
+    "num_negatives": 1000,
+    "negative_distribution": "uniform",
+}
 
 
 class TrainingDiverged(M4RError):
@@ -198,7 +240,20 @@ class Trainer:
         self.model = build_model(cfg, dataset.n_items).to(self.device)
         self.model.set_scan_backend(self.backend)
         self.model.item_tokens = list(dataset.item_tokens)
-        self.objective: nn.Module = _Objective(self.model, cfg.loss_type)
+        self.loss_type = cfg.resolved_loss_type(dataset.n_items)
+        self.every_position = cfg.objective == "every-position"
+        self.windows = (
+            build_windows(dataset.train, cfg.max_seq_len, cfg.effective_stride())
+            if self.every_position
+            else None
+        )
+        sampled = None
+        if self.loss_type == "SAMPLED":
+            counts = np.bincount(dataset.train.target, minlength=dataset.n_items)
+            sampled = losses.SampledSoftmax(
+                dataset.n_items, cfg.num_negatives, cfg.negative_distribution, counts
+            )
+        self.objective: nn.Module = _Objective(self.model, self.loss_type, self.every_position, sampled)
         if self.info.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -295,9 +350,10 @@ class Trainer:
                 f"cannot resume from {p}: it was trained on another item vocabulary ({st['n_items']} items) "
                 f"than {self.ds.source or 'this dataset'} ({self.ds.n_items}); pass the same --data"
             )
-        changed = [k for k in _FIXED_ON_RESUME if st["config"].get(k) != getattr(self.cfg, k)]
+        old = {**_OLD_STATE_DEFAULTS, **st["config"]}
+        changed = [k for k in _FIXED_ON_RESUME if old.get(k) != getattr(self.cfg, k)]
         if changed:
-            diffs = ", ".join(f"{k}: {st['config'].get(k)!r} -> {getattr(self.cfg, k)!r}" for k in changed)
+            diffs = ", ".join(f"{k}: {old.get(k)!r} -> {getattr(self.cfg, k)!r}" for k in changed)
             raise UsageError(f"cannot resume from {p}: the config changed ({diffs}); use the run's config")
         if st["config"].get("valid_metric") != self.cfg.valid_metric:
             raise UsageError(
@@ -346,6 +402,10 @@ class Trainer:
             "scan_backend": self.backend,
             "world_size": self.info.world_size,
             "train_samples": len(self.ds.train),
+            "objective": self.cfg.objective,
+            "window_stride": self.cfg.effective_stride() if self.every_position else None,
+            "train_windows": len(self.windows) if self.windows is not None else None,
+            "loss": self.loss_type,
         }
 
     def save_best(self) -> None:
@@ -413,15 +473,18 @@ class Trainer:
             if cfg.epochs == 0:
                 self.save_best()
         self.model.train()
-        n = len(self.ds.train)
         if self.epoch < cfg.epochs:
+            what = (
+                f"{self.windows.n_targets:,} targets in {len(self.windows):,} windows"
+                if self.windows is not None
+                else f"{len(self.ds.train):,} samples"
+            )
             self.log(
-                f"training: {n:,} samples per epoch, epochs {self.epoch + 1} to {cfg.epochs} (early stopping "
+                f"training: {what} per epoch, epochs {self.epoch + 1} to {cfg.epochs} (early stopping "
                 f"after {cfg.stopping_step} evaluations without improvement) ..."
             )
         while self.epoch < cfg.epochs:
-            shard = D.shard_indices(n, cfg.seed, self.epoch, self.info.rank, self.info.world_size)
-            batches = [shard[a : a + self.rank_batch] for a in range(0, len(shard), self.rank_batch)]
+            batches = self._epoch_batches()
             if self._rng_states is not None:
                 torch.set_rng_state(self._rng_states[self.info.rank])
                 self._rng_states = None
@@ -435,7 +498,8 @@ class Trainer:
                     rows = batches[bi]
                     if self.debug_dump is not None:
                         self._shards.setdefault(self.epoch, []).extend(rows.tolist())
-                    seq, lens, tgt = _batch_tensors(self.ds.train, rows, self.device)
+                    seq, lens, tgt = self._tensors(rows)
+                    n_targets = int((tgt > 0).sum()) if self.every_position else len(rows)
                     self.optimizer.zero_grad(set_to_none=True)
                     loss = self.objective(seq, lens, tgt)
                     if not bool(torch.isfinite(loss.detach())):
@@ -443,10 +507,10 @@ class Trainer:
                     loss.backward()
                     self.optimizer.step()
                     self._check_finite(loss, bi)
-                    loss_sum += float(loss.detach()) * len(rows)
-                    loss_n += len(rows)
+                    loss_sum += float(loss.detach()) * n_targets
+                    loss_n += n_targets
                     bar(
-                        len(rows),
+                        n_targets,
                         loss_sum / loss_n,
                         (loss_n * self.info.world_size) / (time.perf_counter() - t_epoch),
                     )
@@ -533,6 +597,22 @@ class Trainer:
             wall_seconds=time.perf_counter() - self._t0,
             history=list(self.history),
         )
+
+    def _epoch_batches(self) -> list[np.ndarray]:
+        """This rank's batches of the current epoch: training rows (prefix) or windows."""
+        info, cfg = self.info, self.cfg
+        if self.windows is not None:  # every-position: length-bucketed global batches of windows
+            return batch_plan(
+                self.windows.length, cfg.train_batch_size, cfg.seed, self.epoch, info.rank, info.world_size
+            )
+        n = len(self.ds.train)
+        shard = D.shard_indices(n, cfg.seed, self.epoch, info.rank, info.world_size)
+        return [shard[a : a + self.rank_batch] for a in range(0, len(shard), self.rank_batch)]
+
+    def _tensors(self, rows: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
+        if self.windows is not None:
+            return _window_tensors(self.windows, rows, self.device)
+        return _batch_tensors(self.ds.train, rows, self.device)
 
     def _log_epoch(self, rec: dict[str, Any], n_batches: int) -> None:
         part = f" (partial: {rec['batches']}/{n_batches} batches)" if rec["partial"] else ""
