@@ -102,7 +102,7 @@ def _drop_entry(d: Path) -> None:
 TAMPER = {
     "flipped": (lambda d: _flip(d / "model.onnx.data"), "model.onnx.data does not match its sha256"),
     "missing": (lambda d: (d / "model.onnx.data").unlink(), "model.onnx.data is listed"),
-    "unlisted": (_drop_entry, "does not list model.onnx.data"),
+    "unlisted": (_drop_entry, "listed and hashed in 'files'"),
 }
 
 
