@@ -468,8 +468,7 @@ def test_bounded_load_forms_batches_without_errors(server: Any, capsys: pytest.C
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    after = _batch_counts(server)
-    formed = {b: after.get(b, 0) - before.get(b, 0) for b in after if after.get(b, 0) > before.get(b, 0)}
+    formed = _batches_formed(server, before, clients * per_client)
     p50, p99 = np.percentile(np.array(latencies) * 1e3, [50, 99])
     with capsys.disabled():  # shown in CI logs too (the issue asks for these numbers)
         print(
@@ -481,6 +480,19 @@ def test_bounded_load_forms_batches_without_errors(server: Any, capsys: pytest.C
     assert len(latencies) == clients * per_client
     assert sum(b * n for b, n in formed.items()) == clients * per_client
     assert any(b > 1 for b in formed), f"the dynamic batcher formed no batch > 1: {formed}"
+
+
+def _batches_formed(server: Any, before: dict[int, int], requests: int) -> dict[int, int]:
+    """Batch size -> batches formed since ``before``. Triton updates its statistics after it has sent
+    the responses, so the last batch may be counted a moment after its client got the answer (seen
+    once in CI: 799 of 800 requests counted): poll for up to 10 s until every request is counted."""
+    deadline = time.monotonic() + 10.0
+    while True:
+        after = _batch_counts(server)
+        formed = {b: after.get(b, 0) - before.get(b, 0) for b in after if after.get(b, 0) > before.get(b, 0)}
+        if sum(b * n for b, n in formed.items()) >= requests or time.monotonic() > deadline:
+            return formed
+        time.sleep(0.1)
 
 
 def _batch_counts(server: Any) -> dict[int, int]:
