@@ -17,8 +17,8 @@ with :class:`Columns` (``--user-col``, ``--item-col``, ``--time-col``, or a reci
 
 from __future__ import annotations
 
+import io
 import os
-import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UsageError
+from ..safeopen import open_regular
 from .readers import Interactions
 
 CSV_SUFFIXES = (".csv", ".tsv", ".tab", ".txt")
@@ -106,7 +107,8 @@ def table_format(path: Path, columns: Columns | None) -> str | None:
     if suffix in CSV_SUFFIXES:
         return "csv"
     if suffix == ".inter":
-        first = _header_line(path)
+        with _open(path) as fh:
+            first = _header_line(fh, path)
         other = "\t" not in first and any(d in first for d in DELIMITERS)  # e.g. a comma-separated export
         return "csv" if other or (columns is not None and columns.explicit) else None
     if columns is not None and columns.explicit:
@@ -117,8 +119,12 @@ def table_format(path: Path, columns: Columns | None) -> str | None:
 def read_table(path: Path, fmt: str, columns: Columns | None = None, encoding: str = "utf-8") -> Interactions:
     """Read a CSV/TSV or Parquet interaction log (module docstring)."""
     cols = columns or Columns()
-    _refuse_special(path)
-    batches = _parquet_batches(path, cols) if fmt == "parquet" else _csv_batches(path, cols, encoding)
+    with _open(path) as fh:  # one descriptor, checked to be a regular file, handed to pyarrow
+        return _collect(path, fh, fmt, cols, encoding)
+
+
+def _collect(path: Path, fh: io.BufferedReader, fmt: str, cols: Columns, encoding: str) -> Interactions:
+    batches = _parquet_batches(fh, path, cols) if fmt == "parquet" else _csv_batches(fh, path, cols, encoding)
     users: list[str] = []
     items: list[str] = []
     times: list[np.ndarray] = []
@@ -149,20 +155,16 @@ def read_table(path: Path, fmt: str, columns: Columns | None = None, encoding: s
     return Interactions(users, items, ts, source=str(path), n_skipped=skipped)
 
 
-def _refuse_special(path: Path) -> None:
-    try:
-        mode = path.stat().st_mode
-    except OSError as exc:
-        raise UsageError(f"cannot read data file {path}: {exc.strerror}") from None
-    if not stat.S_ISREG(mode):
-        raise UsageError(f"data file {path} is not a regular file (a FIFO or device?); pass a file")
+def _open(path: Path) -> io.BufferedReader:
+    """The log opened for reading: a regular file (no FIFO or device), never blocking on open."""
+    return open_regular(path, "data file", "pass a CSV/TSV or Parquet interaction log")
 
 
-def _header_line(path: Path) -> str:
-    _refuse_special(path)
+def _header_line(fh: io.BufferedReader, path: Path) -> str:
+    """The first line (at most HEADER_LIMIT bytes) of ``fh``; ``fh`` is rewound afterwards."""
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(HEADER_LIMIT)
+        head = fh.read(HEADER_LIMIT)
+        fh.seek(0)
     except OSError as exc:
         raise UsageError(f"cannot read data file {path}: {exc.strerror}") from None
     if head.startswith(b"\xef\xbb\xbf"):
@@ -207,11 +209,13 @@ def _resolve(path: Path, found: list[str], cols: Columns, how: str) -> list[str]
     return [found[plain.index(name)] for _, name, _ in wanted]
 
 
-def _csv_batches(path: Path, cols: Columns, encoding: str) -> Iterator[tuple[Any, Any, Any]]:
+def _csv_batches(
+    fh: io.BufferedReader, path: Path, cols: Columns, encoding: str
+) -> Iterator[tuple[Any, Any, Any]]:
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
-    header = _header_line(path)
+    header = _header_line(fh, path)
     delim = cols.delimiter or _detect_delimiter(path, header)
     names = [n.strip().strip('"') for n in header.split(delim)]
     how = f"(split on {DELIMITERS.get(delim, repr(delim))})"
@@ -224,7 +228,7 @@ def _csv_batches(path: Path, cols: Columns, encoding: str) -> Iterator[tuple[Any
     return _guard(
         path,
         lambda: pacsv.open_csv(
-            str(path),
+            fh,
             read_options=pacsv.ReadOptions(block_size=BLOCK_SIZE, encoding=encoding),
             parse_options=pacsv.ParseOptions(delimiter=delim),
             convert_options=opts,
@@ -234,11 +238,11 @@ def _csv_batches(path: Path, cols: Columns, encoding: str) -> Iterator[tuple[Any
     )
 
 
-def _parquet_batches(path: Path, cols: Columns) -> Iterator[tuple[Any, Any, Any]]:
+def _parquet_batches(fh: io.BufferedReader, path: Path, cols: Columns) -> Iterator[tuple[Any, Any, Any]]:
     import pyarrow.parquet as pq
 
     def open_file() -> Any:
-        pf = pq.ParquetFile(str(path))
+        pf = pq.ParquetFile(fh)
         u, i, t = _resolve(path, list(pf.schema_arrow.names), cols, "(Parquet schema)")
         return pf.iter_batches(batch_size=65536, columns=[u, i, t])
 
