@@ -4,7 +4,7 @@
   reference), computed ``chunk`` rows at a time; the softmax is kept for the backward pass only
   when the whole batch has at most ``CE_KEEP_LOGITS`` (16M) logits, otherwise the backward pass
   recomputes it chunk by chunk, so no larger ``N x n_items`` matrix ever exists: peak extra memory
-  is about ``max(16M, 3 * chunk * n_items) * 4`` bytes (<= 192 MiB) whatever N is.
+  is about ``(16M + 3 * chunk * n_items) * 4`` bytes (<= 136 MiB) whatever N is.
 * :class:`SampledSoftmax` -- the positive plus ``num_negatives`` items drawn once per step (shared by
   every row) from a uniform or popularity distribution ``q``, with the logQ correction
   (``logit - log q(item)``, Jean et al. 2015; Yi et al. 2019) so that the softmax over the sample
@@ -25,15 +25,19 @@ from torch import Tensor
 
 #: rows of logits computed at once by the chunked CE (bounds its memory; see the module docstring)
 DEFAULT_CE_CHUNK = 2048
-#: the chunk is also capped so that one chunk's logits hold at most this many floats (64 MiB fp32)
-CE_CHUNK_LOGITS = 16 * 1024 * 1024
+#: the chunk is also capped so that one chunk's logits hold at most this many floats (24 MiB fp32).
+#: Why so small: glibc serves blocks above its mmap threshold (at most 32 MiB) with a fresh mmap that
+#: is zero-filled page by page and unmapped again when freed. A 36 MiB logits chunk (Beauty, 747
+#: targets x 12,101 items) cost 50 ms of kernel time per step that way, against 85 ms of arithmetic;
+#: below the threshold the heap reuses the block and the kernel time drops to ~2 ms per step.
+CE_CHUNK_LOGITS = 6 * 1024 * 1024
 #: batches with at most this many logits keep their softmax for the backward pass (saves the
 #: recomputation: ~25% of the step at 12K items); larger ones recompute it chunk by chunk
 CE_KEEP_LOGITS = 16 * 1024 * 1024
 
 
 def ce_chunk(n_items: int) -> int:
-    """Rows per chunk: ``min(2048, 16M / n_items)`` (at least 1); peak ~3 chunks of fp32 logits."""
+    """Rows per chunk: ``min(2048, 6M / n_items)`` (at least 1); peak ~3 chunks of fp32 logits."""
     return max(1, min(DEFAULT_CE_CHUNK, CE_CHUNK_LOGITS // max(1, n_items)))
 
 
