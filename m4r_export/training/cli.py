@@ -19,6 +19,11 @@ CONFIG_OPTIONS: dict[str, tuple[str, Any, str]] = {
     "--num-layers": ("num_layers", click.IntRange(min=1), "Mamba layers."),
     "--d-state": ("d_state", click.IntRange(min=1), "SSM state size."),
     "--dropout": ("dropout_prob", click.FloatRange(0, 1, max_open=True), "dropout_prob."),
+    "--lr-schedule": (
+        "lr_schedule",
+        click.Choice(["constant", "cosine", "linear"]),
+        "lr_schedule: decay of the learning rate over --max-minutes (or the epochs).",
+    ),
     "--weight-decay": ("weight_decay", click.FloatRange(min=0), "Adam weight decay."),
     "--stopping-step": ("stopping_step", click.IntRange(min=0), "Evaluations without improvement."),
     "--min-user-inter": ("min_user_inter", click.IntRange(min=0), "k-core: interactions per user."),

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
+from .schedule import LR_SCHEDULES
 
 METRIC_NAMES = ("hit", "ndcg", "mrr")
 OBJECTIVES = ("every-position", "prefix")
@@ -57,6 +58,8 @@ class TrainConfig:
     epochs: int = 300
     train_batch_size: int = 2048
     learning_rate: float = 0.001
+    #: "constant", "cosine" or "linear" decay of learning_rate over the run (see schedule.py)
+    lr_schedule: str = "constant"
     weight_decay: float = 0.0
     stopping_step: int = 10
     eval_step: int = 1
@@ -123,6 +126,10 @@ class TrainConfig:
             0 <= self.window_stride <= self.max_seq_len,
             f"window_stride must be in [0, max_seq_len={self.max_seq_len}] (0 = max_seq_len), "
             f"got {self.window_stride}",
+        )
+        need(
+            self.lr_schedule in LR_SCHEDULES,
+            f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}",
         )
         need(self.num_negatives >= 1, f"num_negatives must be >= 1, got {self.num_negatives}")
         need(

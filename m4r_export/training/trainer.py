@@ -59,6 +59,7 @@ from . import distributed as D
 from . import losses
 from .config import TrainConfig
 from .metrics import evaluate_scorer, means, model_scorer
+from .schedule import lr_factor, run_progress
 from .windows import Windows, batch_plan, build_windows
 
 STATE_FORMAT = "m4r-train-state"
@@ -277,6 +278,8 @@ class Trainer:
         self.cur_step = 0
         self.history: list[dict[str, Any]] = []
         self.elapsed_before = 0.0
+        #: progress through the lr_schedule (schedule.py) reached so far; kept across --resume
+        self.lr_progress = 0.0
         self._rng_states: list[Tensor] | None = None
         self._shards: dict[int, list[int]] = {}
 
@@ -318,6 +321,7 @@ class Trainer:
             "cur_step": self.cur_step,
             "history": list(self.history),
             "elapsed": self.elapsed_before + (time.perf_counter() - self._t0),
+            "lr_progress": self.lr_progress,
             "rng": rng,
             "config": self.cfg.to_dict(),
             "n_items": self.ds.n_items,
@@ -369,6 +373,7 @@ class Trainer:
         self.best_valid, self.best_test = dict(st["best_valid"]), dict(st["best_test"])
         self.cur_step, self.history = int(st["cur_step"]), list(st["history"])
         self.elapsed_before = float(st["elapsed"])
+        self.lr_progress = float(st.get("lr_progress", 0.0))
         if self.next_batch and st["world_size"] != self.info.world_size:
             self.log(
                 f"note: the state was written by {st['world_size']} process(es), this run has "
@@ -386,6 +391,21 @@ class Trainer:
                 group[group_key] = value
             if saved.get(key) != value:
                 self.log(f"resume: {key} {saved.get(key)} -> {value} (this run's value applies from now on)")
+
+    def _schedule_lr(self, batch: int, n_batches: int, deadline: float | None, start: float) -> None:
+        """Set this step's learning rate from ``lr_schedule`` (schedule.py); same value on every rank."""
+        cfg = self.cfg
+        if cfg.lr_schedule == "constant":
+            return
+        if deadline is not None:  # the share of this run's time budget spent
+            share = (time.perf_counter() - self._t0) / max(deadline - self._t0, 1e-9)
+            progress = D.max_over_ranks(run_progress(start, share), self.info, self.device)
+        else:  # the share of epochs x batches done
+            progress = (self.epoch * n_batches + batch) / max(1, cfg.epochs * n_batches)
+        self.lr_progress = progress
+        lr = cfg.learning_rate * lr_factor(cfg.lr_schedule, progress)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     # ------------------------------------------------------------------ checkpoint
     def _meta(self) -> dict[str, Any]:
@@ -459,6 +479,7 @@ class Trainer:
             self.log(f"resumed from {self.state_path} at epoch {self.epoch + 1}, batch {self.next_batch}")
         cfg = self.cfg
         deadline = self._t0 + 60.0 * cfg.max_minutes if cfg.max_minutes else None
+        lr_start = self.lr_progress
         epochs_run = 0
         stopped = "epochs"
         if self.best_epoch == 0 and not self.best_valid and self.epoch == 0 and self.next_batch == 0:
@@ -501,6 +522,7 @@ class Trainer:
                     seq, lens, tgt = self._tensors(rows)
                     n_targets = int((tgt > 0).sum()) if self.every_position else len(rows)
                     self.optimizer.zero_grad(set_to_none=True)
+                    self._schedule_lr(bi, len(batches), deadline, lr_start)
                     loss = self.objective(seq, lens, tgt)
                     if not bool(torch.isfinite(loss.detach())):
                         self._check_finite(loss, bi)  # before the step: the weights are still finite
@@ -534,6 +556,7 @@ class Trainer:
                 "partial": partial,
                 "seconds": time.perf_counter() - t_epoch,
                 "samples": int(train_loss["n"]),
+                "lr": float(self.optimizer.param_groups[0]["lr"]),
             }
             if not partial:
                 self.epoch += 1
@@ -621,6 +644,8 @@ class Trainer:
             f"epoch {rec['epoch']}{part}: train loss {rec['train_loss']:.4f}, {rec['seconds']:.1f} s "
             f"({rate:,.0f} samples/s)"
         )
+        if self.cfg.lr_schedule != "constant":
+            msg += f", lr now {rec['lr']:.2g}"
         if "valid" in rec:
             msg += ", valid " + ", ".join(f"{k} {v:.4f}" for k, v in rec["valid"].items())
         if rec.get("best"):
