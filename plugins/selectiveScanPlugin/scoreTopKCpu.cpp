@@ -263,13 +263,13 @@ M4R_TOPK_TARGET inline __m512 score1x16(float const* u, void const* table, int64
     for (auto& x : acc)
         x = _mm512_setzero_ps();
     int64_t const base = j * d;
-    for (int64_t c = 0; c < d; c += 16)
-    {
-        __mmask16 const m = d - c >= 16 ? __mmask16(0xffff) : __mmask16((1u << (d - c)) - 1u);
-        __m512 const uc = _mm512_maskz_loadu_ps(m, u + c);
-        for (int q = 0; q < 16; ++q)
-            acc[q] = _mm512_fmadd_ps(uc, load16<Half>(table, base + q * d + c, m), acc[q]);
-    }
+    // item by item: each item's row is read front to back (one sequential stream over the table)
+    for (int q = 0; q < 16; ++q)
+        for (int64_t c = 0; c < d; c += 16)
+        {
+            __mmask16 const m = d - c >= 16 ? __mmask16(0xffff) : __mmask16((1u << (d - c)) - 1u);
+            acc[q] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, u + c), load16<Half>(table, base + q * d + c, m), acc[q]);
+        }
     return reduce16(acc);
 }
 
@@ -315,6 +315,17 @@ M4R_TOPK_TARGET inline __m512 thresholds4(Entry const* h, int64_t const* nn, int
     return _mm512_load_ps(t);
 }
 
+// Items [j, j1) copied into a zero-padded buffer of `items` rows: tails score exactly like full groups (identical
+// rows must tie exactly, whatever their position).
+void const* tail(Plan const& p, std::vector<unsigned char>& pad, int64_t j, int64_t j1, int64_t items)
+{
+    size_t const row = static_cast<size_t>(p.a.dim) * (p.half ? 2 : 4);
+    pad.assign(row * static_cast<size_t>(items), 0);
+    std::memcpy(pad.data(), static_cast<unsigned char const*>(p.a.table) + static_cast<size_t>(j) * row,
+        row * static_cast<size_t>(j1 - j));
+    return pad.data();
+}
+
 template <bool Half>
 M4R_TOPK_TARGET void blockSimdT(Plan const& p, int64_t r0, int64_t r1, int64_t j0, int64_t j1, Entry* heaps, int64_t* n)
 {
@@ -322,6 +333,7 @@ M4R_TOPK_TARGET void blockSimdT(Plan const& p, int64_t r0, int64_t r1, int64_t j
     void const* table = p.a.table;
     float const inf = std::numeric_limits<float>::infinity();
     alignas(64) float s[16];
+    std::vector<unsigned char> pad;
     int64_t r = r0;
     // 4-row tiles x 4 items: each table vector feeds 4 rows.
     for (; r + 4 <= r1; r += 4)
@@ -345,9 +357,14 @@ M4R_TOPK_TARGET void blockSimdT(Plan const& p, int64_t r0, int64_t r1, int64_t j
             filling = nn[0] < k || nn[1] < k || nn[2] < k || nn[3] < k;
             thr = thresholds4(h, nn, k);
         }
-        for (; j < j1; ++j)
-            for (int q = 0; q < 4; ++q)
-                p.offer(r + q, h + q * k, nn[q], j, p.dotGeneric(u + q * d, j));
+        if (j < j1) // the last 1-3 items, zero-padded to 4: the same arithmetic as every other item
+        {
+            __m512 const v = rounded<Half>(score4x4<Half>(u, tail(p, pad, j, j1, 4), 0, d));
+            _mm512_store_ps(s, v);
+            for (int q = 0; q < 16; ++q)
+                if (j + q % 4 < j1)
+                    p.offer(r + q / 4, h + (q / 4) * k, nn[q / 4], j + q % 4, s[q]);
+        }
     }
     for (; r < r1; ++r)
     {
@@ -358,8 +375,6 @@ M4R_TOPK_TARGET void blockSimdT(Plan const& p, int64_t r0, int64_t r1, int64_t j
         int64_t j = j0;
         for (; j + 16 <= j1; j += 16)
         {
-            if (j + 64 < j1) // next-but-three group of 16 items: keep two cache lines per item in flight
-                _mm_prefetch(reinterpret_cast<char const*>(table) + (j + 64) * d * (Half ? 2 : 4), _MM_HINT_T0);
             __m512 const v = rounded<Half>(score1x16<Half>(u, table, j, d));
             __mmask16 m = nn < k ? __mmask16(0xffff) : _mm512_cmp_ps_mask(v, thr, _CMP_GT_OQ);
             if (m == 0)
@@ -370,8 +385,12 @@ M4R_TOPK_TARGET void blockSimdT(Plan const& p, int64_t r0, int64_t r1, int64_t j
                     p.offer(r, h, nn, j + q, s[q]);
             thr = _mm512_set1_ps(nn < k ? -inf : h[0].s);
         }
-        for (; j < j1; ++j)
-            p.offer(r, h, nn, j, p.dotGeneric(u, j));
+        if (j < j1) // the last 1-15 items, zero-padded to 16
+        {
+            _mm512_store_ps(s, rounded<Half>(score1x16<Half>(u, tail(p, pad, j, j1, 16), 0, d)));
+            for (int q = 0; j + q < j1; ++q)
+                p.offer(r, h, nn, j + q, s[q]);
+        }
     }
 }
 } // namespace

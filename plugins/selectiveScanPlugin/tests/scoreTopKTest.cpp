@@ -147,6 +147,70 @@ int runCase(Case const& c, unsigned seed)
     }
     return 0;
 }
+// Random (inexact) floats, every item a copy of one of 7 base rows: copies must tie exactly whatever their
+// position (vector groups, zero-padded tails, 4-row tiles), so row r's top K are the lowest ids of its best base.
+int runTieCase(int64_t batch, int64_t n, int64_t dim, int64_t k, bool half, int threads)
+{
+    std::mt19937 rng(99);
+    std::uniform_real_distribution<float> uni(-1.0f, 1.0f);
+    std::vector<float> base(static_cast<size_t>(7 * dim)), user(static_cast<size_t>(batch * dim));
+    for (auto& v : base)
+        v = uni(rng);
+    for (auto& v : user)
+        v = uni(rng);
+    std::vector<float> table(static_cast<size_t>(n * dim));
+    for (int64_t i = 0; i < n; ++i)
+        std::copy(base.begin() + (i % 7) * dim, base.begin() + (i % 7 + 1) * dim, table.begin() + i * dim);
+    std::vector<uint16_t> th, uh;
+    if (half) // fp16 bits of values rounded to fp16 (any rounding: copies stay identical)
+    {
+        for (float& v : table)
+        {
+            v = static_cast<float>(roundToHalf(v));
+            th.push_back(toHalfBits(v));
+        }
+        for (float& v : user)
+        {
+            v = static_cast<float>(roundToHalf(v));
+            uh.push_back(toHalfBits(v));
+        }
+    }
+    M4RScoreTopKArgs a{};
+    a.user = half ? static_cast<void const*>(uh.data()) : user.data();
+    a.table = half ? static_cast<void const*>(th.data()) : table.data();
+    a.dtype = half ? M4R_TOPK_F16 : M4R_TOPK_F32;
+    a.batch = batch;
+    a.n_items = n;
+    a.dim = dim;
+    a.k = k;
+    std::vector<float> scores(static_cast<size_t>(batch * k));
+    std::vector<int64_t> items(static_cast<size_t>(batch * k));
+    if (m4r_score_topk(&a, scores.data(), items.data(), threads, nullptr, nullptr) != 0)
+        return 1;
+    for (int64_t r = 0; r < batch; ++r)
+    {
+        int best = 0;
+        double bestScore = -1e30;
+        for (int b = 0; b < 7; ++b)
+        {
+            double acc = 0;
+            for (int64_t c = 0; c < dim; ++c)
+                acc += static_cast<double>(user[r * dim + c]) * base[b * dim + c];
+            if (acc > bestScore)
+                bestScore = acc, best = b;
+        }
+        int64_t want = best == 0 ? 7 : best; // item 0 is padding
+        for (int64_t i = 0; i < k; ++i, want += 7)
+            if (items[r * k + i] != want)
+            {
+                std::printf("FAIL: tie case batch=%lld dim=%lld half=%d row %lld rank %lld: got item %lld, want %lld\n",
+                    (long long) batch, (long long) dim, half ? 1 : 0, (long long) r, (long long) i,
+                    (long long) items[r * k + i], (long long) want);
+                return 1;
+            }
+    }
+    return 0;
+}
 } // namespace
 
 int main()
@@ -168,6 +232,12 @@ int main()
     int failures = 0, i = 0;
     for (Case const& c : cases)
         failures += runCase(c, 1234u + static_cast<unsigned>(i++));
+    for (bool half : {false, true})
+    {
+        failures += runTieCase(1, 1013, 37, 40, half, 1);
+        failures += runTieCase(6, 1013, 37, 40, half, 2);
+        failures += runTieCase(5, 70001, 19, 30, half, 2);
+    }
     // bad arguments are refused
     M4RScoreTopKArgs bad{};
     bad.n_items = 5;
