@@ -1,0 +1,117 @@
+"""The ``topk`` head as one ``m4r::ScoreTopK`` node (m4r_export/onnx/topk_op.py): ONNX Runtime with
+libm4r_ort_ops.so (the native one-pass kernel; its counter ``m4r_ort_ops_topk_calls`` proves it ran), ONNX
+Runtime without it (the node's function body: the chunked subgraph) and the PyTorch ServingModel agree,
+ties (lower item id first), exclude lists (duplicates, 0, out-of-range ids) and the -inf tail of a row with
+fewer rankable items than K included, in fp32 and fp16 files. The library: as in tests/test_ort_ops.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from test_ort_ops import lib, tiny_model  # noqa: F401  (lib: the library fixture)
+from test_topk_chunked import CHUNK, K, N_ITEMS, inputs, reference_topk, tied_model
+
+from m4r_export.onnx import export as ex
+from m4r_export.onnx.ort_ops import topk_calls
+from m4r_export.onnx.topk_op import ScoreTopKServing
+from m4r_export.serving import ServingModel
+
+
+@pytest.fixture(scope="module")
+def ops(lib: Path) -> Path:  # noqa: F811
+    return lib
+
+
+def _run(proto: Any, library: Path | None, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    sess = ex.ort_session(proto.SerializeToString(), threads=2, ort_ops=library)
+    names = {i.name for i in sess.get_inputs()}
+    scores, items = sess.run(None, {k: v for k, v in feeds.items() if k in names})
+    return scores, items
+
+
+def _feeds() -> dict[str, np.ndarray]:
+    seq, lens, exclude = inputs()
+    exclude[3, :3] = [5, 5, 0]  # duplicates and "none"
+    return {"item_seq": seq, "item_seq_len": lens, "exclude_items": exclude}
+
+
+@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
+def test_native_op_and_function_body_match_pytorch(ops: Path, fp16: bool) -> None:
+    model = tied_model()
+    proto = ex.trace_onnx(model, ex.ExportOptions(head="topk", k=K, max_seq_len=9, topk_chunk=CHUNK), fp16=fp16)
+    nodes = [n for n in proto.graph.node if (n.domain, n.op_type) == ("m4r", "ScoreTopK")]
+    assert len(nodes) == 1 and not [n for n in proto.graph.node if n.op_type == "TopK"]
+    body = next(f for f in proto.functions if f.name == "ScoreTopK")
+    assert sum(n.op_type == "TopK" for n in body.node) == -(-N_ITEMS // CHUNK) + 1  # chunks + merge
+    onnx.checker.check_model(proto, full_check=True)
+    feeds = _feeds()
+    before = topk_calls(ops)
+    native = _run(proto, ops, feeds)
+    assert topk_calls(ops) == (before or 0) + 1  # the native kernel ran, not the body
+    fallback = _run(proto, None, feeds)
+    ref_scores, ref_items = reference_topk(model, feeds["item_seq"], feeds["item_seq_len"], feeds["exclude_items"])
+    finite = np.isfinite(ref_scores)
+    tol = 2e-2 if fp16 else 1e-5
+    for name, (scores, items) in (("native", native), ("body", fallback)):
+        assert scores.dtype == np.float32 and items.dtype == np.int64 and items.shape == ref_items.shape
+        np.testing.assert_allclose(scores[finite], ref_scores[finite], rtol=tol, atol=tol, err_msg=name)
+        np.testing.assert_array_equal(np.where(finite, items, -1), np.where(finite, ref_items, -1), name)
+        assert np.isneginf(scores[~finite]).all(), name
+    # the -inf tail (row 5 ranks 2 items) is defined: lowest non-rankable ids, exactly as the body returns it
+    np.testing.assert_array_equal(native[1], fallback[1])
+    # fp16: the native op returns fp16 scores; ONNX Runtime's CPU run of the body drops the fp16 round trip
+    # (fp32 Gemm -> Cast fp16 -> Cast fp32 pairs are removed), so its scores differ by < half an fp16 ulp
+    tail_tol = 1e-3 if fp16 else 1e-6
+    np.testing.assert_allclose(native[0], fallback[0], rtol=tail_tol, atol=tail_tol)
+    assert list(native[1][5]) == [40, 2, 0, 1, 3, 4]
+
+
+def test_heads_without_exclude_input_and_with_exclude_history(ops: Path) -> None:
+    model = tied_model()
+    feeds = _feeds()
+    for opts in (
+        ex.ExportOptions(head="topk", k=K, max_seq_len=9, topk_chunk=CHUNK, exclude_items=False),
+        ex.ExportOptions(head="topk", k=K, max_seq_len=9, topk_chunk=CHUNK, exclude_history=True),
+    ):
+        proto = ex.trace_onnx(model, opts)
+        native, fallback = _run(proto, ops, feeds), _run(proto, None, feeds)
+        # the reference: PyTorch's masked score rows (the scores head), stable sort: ties lower id first
+        serving = ServingModel(model, "scores", K, opts.exclude_history, opts.exclude_items, CHUNK)
+        with torch.no_grad():
+            rows = serving(*[torch.from_numpy(feeds[n]) for n in opts.input_names])[0].numpy()
+        order = np.argsort(-rows, axis=1, kind="stable")[:, :K]
+        want_scores, want_items = np.take_along_axis(rows, order, axis=1), order
+        finite = np.isfinite(want_scores)
+        for got in (native, fallback):
+            np.testing.assert_allclose(got[0], want_scores, rtol=1e-5, atol=1e-5)
+            np.testing.assert_array_equal(np.where(finite, got[1], -1), np.where(finite, want_items, -1))
+        np.testing.assert_array_equal(native[1], fallback[1])
+
+
+def test_eager_module_is_the_serving_model() -> None:
+    model = tied_model()
+    seq, lens, exclude = (torch.from_numpy(a) for a in inputs())
+    with torch.no_grad():
+        a = ScoreTopKServing(model, "topk", K, topk_chunk=CHUNK)(seq, lens, exclude)
+        b = ServingModel(model, "topk", K, topk_chunk=CHUNK)(seq, lens, exclude)
+    torch.testing.assert_close(a, b)
+
+
+def test_no_native_topk_writes_plain_ops_and_the_manifest_says_which(tmp_path: Path) -> None:
+    model = tiny_model(num_layers=1)  # no planted ties: the export's own parity check compares top-10 sets
+    for native in (True, False):
+        opts = ex.ExportOptions(head="topk", k=K, max_seq_len=9, topk_chunk=CHUNK, native_topk=native)
+        out = tmp_path / str(native)
+        ex.export_artifacts(model, out, opts, build_trt=False)
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["custom_op"]["score_topk"]["used"] is native
+        proto = onnx.load(out / "model.onnx")
+        has_node = any(n.op_type == "ScoreTopK" for n in proto.graph.node)
+        assert has_node is native
+        assert any(f.name == "ScoreTopK" for f in proto.functions) is native
