@@ -1,7 +1,7 @@
 // m4r_score_topk (scoreTopKCpu.h) against a plain reference: full score rows, item 0 and exclude ids -inf,
-// stable sort on (score desc, id asc), first K. Data are multiples of 1/4 so that every fp32 sum is exact in
+// stable sort on (score desc, id asc), first K. Data are multiples of 1/64 (|v| <= 3) so that every fp32 sum is exact in
 // any order (the kernel's and the reference's agree bit for bit); fp16 cases round scores to fp16 (planting
-// ties by rounding) with an independent rounding routine. Covers ties across work items, exclude lists with
+// ties by rounding: sums need up to 22 significant bits) with an independent rounding routine. Covers ties across work items, exclude lists with
 // duplicates / 0 / out-of-range ids, rows with fewer rankable items than K (-inf tail), batch 1/3/6/256,
 // n_items not a multiple of the block or range, dims below/above/not a multiple of 16, 1 and 2 threads.
 // Run twice by ctest: the run-time chosen path and M4R_TOPK_GENERIC=1.
@@ -27,7 +27,7 @@ uint16_t toHalfBits(float f) // exact for the values used here (representable in
         return sign;
     int const e = static_cast<int>((x >> 23) & 0xff) - 127;
     uint32_t const man = x & 0x7fffffu;
-    if (e < -14) // subnormal: not produced by this test's data (multiples of 1/4)
+    if (e < -14) // subnormal: not produced by this test's data (multiples of 1/64)
         return sign;
     return static_cast<uint16_t>(sign | ((e + 15) << 10) | (man >> 13));
 }
@@ -52,17 +52,17 @@ struct Case
 int runCase(Case const& c, unsigned seed)
 {
     std::mt19937 rng(seed);
-    std::uniform_int_distribution<int> q(-12, 12); // value = q / 4
+    std::uniform_int_distribution<int> q(-192, 192); // value = q / 64: exact in fp16; every fp32 sum exact
     int const distinct = 7;                         // items repeat 7 base rows: ties everywhere
     std::vector<float> base(static_cast<size_t>(distinct * c.dim)), table(static_cast<size_t>(c.n * c.dim)),
         user(static_cast<size_t>(c.batch * c.dim));
     for (auto& v : base)
-        v = q(rng) / 4.0f;
+        v = q(rng) / 64.0f;
     for (int64_t i = 0; i < c.n; ++i)
         for (int64_t j = 0; j < c.dim; ++j)
-            table[i * c.dim + j] = i % 13 == 5 ? q(rng) / 4.0f : base[(i % distinct) * c.dim + j];
+            table[i * c.dim + j] = i % 13 == 5 ? q(rng) / 64.0f : base[(i % distinct) * c.dim + j];
     for (auto& v : user)
-        v = q(rng) / 4.0f;
+        v = q(rng) / 64.0f;
     std::vector<int64_t> ex(static_cast<size_t>(c.batch * c.width));
     std::uniform_int_distribution<int64_t> id(-3, c.n + 3);
     for (auto& v : ex)
@@ -237,6 +237,10 @@ int main()
         failures += runTieCase(1, 1013, 37, 40, half, 1);
         failures += runTieCase(6, 1013, 37, 40, half, 2);
         failures += runTieCase(5, 70001, 19, 30, half, 2);
+        // 21 items: ids 16-20 are a tail group (1x16 path, batch 3) / id 20 (4x4 path, batch 8) and tie
+        // with copies scored in full groups; a copy scored with other arithmetic would move ahead of them
+        failures += runTieCase(3, 21, 37, 2, half, 1);
+        failures += runTieCase(8, 21, 37, 2, half, 1);
     }
     // bad arguments are refused
     M4RScoreTopKArgs bad{};
