@@ -7,6 +7,7 @@ fewer rankable items than K included, in fp32 and fp16 files. The library: as in
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from test_ort_ops import lib, tiny_model  # noqa: F401  (lib: the library fixture)
-from test_topk_chunked import CHUNK, K, N_ITEMS, inputs, reference_topk, tied_model
+from click.testing import CliRunner
+from test_ort_ops import lib, ort_recommend, tiny_model  # noqa: F401  (fixtures)
+from test_topk_chunked import CHUNK, N_ITEMS, K, inputs, reference_topk, tied_model
 
+from m4r_export.checkpoint import save_checkpoint
+from m4r_export.cli import main
 from m4r_export.onnx import export as ex
 from m4r_export.onnx.ort_ops import topk_calls
 from m4r_export.onnx.topk_op import ScoreTopKServing
@@ -44,7 +48,8 @@ def _feeds() -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
 def test_native_op_and_function_body_match_pytorch(ops: Path, fp16: bool) -> None:
     model = tied_model()
-    proto = ex.trace_onnx(model, ex.ExportOptions(head="topk", k=K, max_seq_len=9, topk_chunk=CHUNK), fp16=fp16)
+    opts = ex.ExportOptions(head="topk", k=K, max_seq_len=9, topk_chunk=CHUNK)
+    proto = ex.trace_onnx(model, opts, fp16=fp16)
     nodes = [n for n in proto.graph.node if (n.domain, n.op_type) == ("m4r", "ScoreTopK")]
     assert len(nodes) == 1 and not [n for n in proto.graph.node if n.op_type == "TopK"]
     body = next(f for f in proto.functions if f.name == "ScoreTopK")
@@ -55,7 +60,7 @@ def test_native_op_and_function_body_match_pytorch(ops: Path, fp16: bool) -> Non
     native = _run(proto, ops, feeds)
     assert topk_calls(ops) == (before or 0) + 1  # the native kernel ran, not the body
     fallback = _run(proto, None, feeds)
-    ref_scores, ref_items = reference_topk(model, feeds["item_seq"], feeds["item_seq_len"], feeds["exclude_items"])
+    ref_scores, ref_items = reference_topk(model, *(feeds[n] for n in opts.input_names))
     finite = np.isfinite(ref_scores)
     tol = 2e-2 if fp16 else 1e-5
     for name, (scores, items) in (("native", native), ("body", fallback)):
@@ -103,15 +108,60 @@ def test_eager_module_is_the_serving_model() -> None:
     torch.testing.assert_close(a, b)
 
 
-def test_no_native_topk_writes_plain_ops_and_the_manifest_says_which(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def topk_exports(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint and its topk exports: DIR/True (ScoreTopK node, the default) and DIR/False (plain ops)."""
     model = tiny_model(num_layers=1)  # no planted ties: the export's own parity check compares top-10 sets
+    out = tmp_path_factory.mktemp("topk")
+    save_checkpoint(out / "model.pt", model, model.item_tokens, {"max_seq_len": 9})
     for native in (True, False):
         opts = ex.ExportOptions(head="topk", k=K, max_seq_len=9, topk_chunk=CHUNK, native_topk=native)
-        out = tmp_path / str(native)
-        ex.export_artifacts(model, out, opts, build_trt=False)
-        manifest = json.loads((out / "manifest.json").read_text())
+        ex.export_artifacts(model, out / str(native), opts, build_trt=False)
+    return out
+
+
+def test_no_native_topk_writes_plain_ops_and_the_manifest_says_which(topk_exports: Path) -> None:
+    for native in (True, False):
+        manifest = json.loads((topk_exports / str(native) / "manifest.json").read_text())
         assert manifest["custom_op"]["score_topk"]["used"] is native
-        proto = onnx.load(out / "model.onnx")
-        has_node = any(n.op_type == "ScoreTopK" for n in proto.graph.node)
-        assert has_node is native
+        proto = onnx.load(topk_exports / str(native) / "model.onnx")
+        assert any(n.op_type == "ScoreTopK" for n in proto.graph.node) is native
         assert any(f.name == "ScoreTopK" for f in proto.functions) is native
+
+
+def test_verify_with_the_library_passes_and_reports_the_native_op(
+    ops: Path, topk_exports: Path, tmp_path: Path
+) -> None:
+    res = CliRunner().invoke(
+        main,
+        ["verify", "--ckpt", str(topk_exports / "model.pt"), "--artifact",
+         str(topk_exports / "True" / "model.onnx"), "--users", "16", "--ort-ops", str(ops),
+         "--json", str(tmp_path / "v.json")],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    result = json.loads((tmp_path / "v.json").read_text())["results"][0]
+    assert result["backend"] == "ort-cpu-ops" and result["runner"]["ort_ops"]["topk_calls"] > 0
+
+
+@pytest.mark.parametrize("with_library", [True, False])
+def test_ort_recommend_runs_the_topk_node(
+    ops: Path,
+    ort_recommend: Path,  # noqa: F811
+    topk_exports: Path,
+    with_library: bool,
+) -> None:
+    """recipes/cpp/ort_recommend on the ScoreTopK file prints what the plain-ops file gives in Python."""
+    history = ["i3", "i17", "i5", "i22", "i9"]
+    cmd = [str(ort_recommend), "--model", str(topk_exports / "True" / "model.onnx"), "--k", str(K), *history]
+    if with_library:
+        cmd[1:1] = ["--ort-ops", str(ops)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split("\t") for line in proc.stdout.strip().splitlines()]
+    tokens = tiny_model(num_layers=1).item_tokens  # the vocabulary items.txt was written from
+    ids = np.array([[tokens.index(t) for t in history]], dtype=np.int64)
+    plain = onnx.load(topk_exports / "False" / "model.onnx")
+    feeds = {"item_seq": ids, "item_seq_len": np.array([5]), "exclude_items": np.zeros((1, 1), np.int64)}
+    scores, items = _run(plain, None, feeds)
+    assert [r[1] for r in rows] == [tokens[i] for i in items[0]]
+    np.testing.assert_allclose([float(r[2]) for r in rows], scores[0], rtol=1e-5, atol=1e-5)

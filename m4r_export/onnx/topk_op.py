@@ -30,7 +30,7 @@ OUTPUTS = ("topk_scores", "topk_items")
 
 
 class ScoreTopKServing(ServingModel):
-    """A :class:`ServingModel` whose ``topk`` head traces to one ``m4r::ScoreTopK`` node (eager: unchanged)."""
+    """:class:`ServingModel` whose ``topk`` head traces to one ``m4r::ScoreTopK`` node (eager: unchanged)."""
 
     def _chunked_topk(
         self, user: Tensor, history: Tensor | None, exclude_items: Tensor | None
@@ -91,6 +91,7 @@ def make_topk_function(node: onnx.NodeProto, opset: int) -> onnx.FunctionProto:
     nodes.append(n("Shape", ["user"], ["batch"], start=0, end=1))
     nodes.append(n("Concat", ["batch", "c_one"], ["col_shape"], axis=0))
     nodes.append(n("Expand", ["c_zero_col", "col_shape"], ["zero_col"]))
+    false = helper.make_tensor("v", onnx.TensorProto.BOOL, [1], [False])
     part_scores, part_items = [], []
     for c, start in enumerate(range(0, n_items, chunk)):
         stop = min(n_items, start + chunk)
@@ -118,7 +119,7 @@ def make_topk_function(node: onnx.NodeProto, opset: int) -> onnx.FunctionProto:
             idx = p + "idx"
         nodes += [
             n("Concat", ["batch", p + "w1"], [p + "mshape"], axis=0),
-            n("ConstantOfShape", [p + "mshape"], [p + "zeros"], value=helper.make_tensor("v", 9, [1], [False])),
+            n("ConstantOfShape", [p + "mshape"], [p + "zeros"], value=false),
             n("Shape", [idx], [p + "ishape"]),
             n("Expand", ["c_true", p + "ishape"], [p + "ones"]),
             n("ScatterElements", [p + "zeros", idx, p + "ones"], [p + "mfull"], axis=1),
