@@ -135,7 +135,7 @@ def test_verify_with_the_library_passes_and_reports_the_native_op(
     res = CliRunner().invoke(
         main,
         ["verify", "--ckpt", str(topk_exports / "model.pt"), "--artifact",
-         str(topk_exports / "True" / "model.onnx"), "--users", "16", "--ort-ops", str(ops),
+         str(topk_exports / "True" / "model.onnx"), "--users", "16", "--k", str(K), "--ort-ops", str(ops),
          "--json", str(tmp_path / "v.json")],
     )  # fmt: skip
     assert res.exit_code == 0, res.output
