@@ -165,3 +165,58 @@ def test_ort_recommend_runs_the_topk_node(
     scores, items = _run(plain, None, feeds)
     assert [r[1] for r in rows] == [tokens[i] for i in items[0]]
     np.testing.assert_allclose([float(r[2]) for r in rows], scores[0], rtol=1e-5, atol=1e-5)
+
+
+def _single_node(n_items: int, k: int, chunk: int, fp16: bool, table: np.ndarray) -> onnx.ModelProto:
+    from onnx import TensorProto, helper, numpy_helper
+
+    from m4r_export.onnx.topk_op import make_topk_function
+
+    t = TensorProto.FLOAT16 if fp16 else TensorProto.FLOAT
+    info = helper.make_tensor_value_info
+    node = helper.make_node(
+        "ScoreTopK", ["user", "table", "exclude"], ["topk_scores", "topk_items"], domain="m4r",
+        k=k, topk_chunk=chunk, n_items=n_items,
+    )  # fmt: skip
+    graph = helper.make_graph(
+        [node],
+        "score_topk",
+        [info("user", t, ["b", 8]), info("exclude", TensorProto.INT64, ["b", "e"])],
+        [info("topk_scores", t, ["b", k]), info("topk_items", TensorProto.INT64, ["b", k])],
+        [numpy_helper.from_array(table, "table")],
+    )  # fmt: skip
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("m4r", 1)]
+    )
+    model.functions.append(make_topk_function(node, 20))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
+def test_single_node_on_the_intra_op_pool_matches_its_body(ops: Path, fp16: bool) -> None:
+    """batch 130 (3 row groups of 64) x 3,001 items on 2 intra-op threads: ONNX Runtime's ParallelFor runs
+    the work items; data in steps of 1/8 so every score is exact (and an fp16 value) in both runs: ties
+    between the 5 distinct table rows come out identically; E = 0 (nothing excluded) works too."""
+    rng = np.random.default_rng(5)
+    dtype = np.float16 if fp16 else np.float32
+    base = rng.integers(-8, 9, (5, 8)) / 8
+    table = base[np.arange(3001) % 5].astype(dtype)
+    user = (rng.integers(-8, 9, (130, 8)) / 8).astype(dtype)
+    exclude = rng.integers(-3, 3010, (130, 40)).astype(np.int64)
+    model = _single_node(3001, 50, 700, fp16, table)
+    for ex_feed in (exclude, np.zeros((130, 0), np.int64)):
+        feeds = {"user": user, "exclude": ex_feed}
+        before = topk_calls(ops) or 0
+        native = _run(model, ops, feeds)
+        assert topk_calls(ops) == before + 1
+        body = _run(model, None, feeds)
+        np.testing.assert_array_equal(native[1], body[1])
+        np.testing.assert_array_equal(native[0], body[0])
+        scores = user.astype(np.float64) @ table.astype(np.float64).T
+        scores[:, 0] = -np.inf
+        for r, ids in enumerate(ex_feed):
+            ids = ids[(ids >= 1) & (ids < 3001)]
+            scores[r, ids] = -np.inf
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :50]
+        np.testing.assert_array_equal(native[1], order)
