@@ -5,9 +5,11 @@
 For each size: an untrained Mamba4Rec (hidden 64, 1 layer, max_seq_len 200; weights as initialised),
 ``m4r export --head topk --k 10 --fp16 --no-trt`` and ``m4r export --head embedding --ann ivf``, each
 in its own process (wall time and peak RSS from wait4). Then, in a fresh process per precision,
-ONNX Runtime with 1 thread: exact top-K (chunked graph) at batch 1 and 256 (median ms) and the
-process's peak RSS growth over the loaded session during the batch-256 runs; the ANN index at
-batch 1 (median ms) and its recall@10 against exact top-K of the same user vectors (200 users).
+ONNX Runtime with 1 thread: exact top-K at batch 1 and 256 (median wall ms and process CPU ms),
+side by side in one process: the ``m4r::ScoreTopK`` node run by libm4r_ort_ops.so (``--ort-ops``,
+default $M4R_ORT_OPS; "native") and the same file without it (the node's function body, the chunked
+graph; "body"), calls alternating; and each session's peak RSS growth during its batch-256 runs; the
+ANN index at batch 1 (median ms) and its recall@10 against exact top-K of the same user vectors (200 users).
 Prints a table and writes JSON. Big sizes need memory: run under `flock` on shared machines.
 """
 
@@ -59,8 +61,13 @@ def peak():
         if line.startswith('VmHWM'):
             return int(line.split()[1]) / 2**20
 path, n_items, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-so = ort.SessionOptions(); so.intra_op_num_threads = 1; so.inter_op_num_threads = 1
-sess = ort.InferenceSession(path, so, providers=['CPUExecutionProvider'])
+lib = sys.argv[4] if len(sys.argv) > 4 else ''
+def session(ops):
+    so = ort.SessionOptions(); so.intra_op_num_threads = 1; so.inter_op_num_threads = 1
+    if ops:
+        so.register_custom_ops_library(ops)
+    return ort.InferenceSession(path, so, providers=['CPUExecutionProvider'])
+sess = session('')
 rng = np.random.default_rng(0)
 def feeds(b):
     f = {'item_seq': rng.integers(1, n_items, size=(b, 50)).astype(np.int64),
@@ -73,14 +80,29 @@ def median_ms(b, n):
     for _ in range(n):
         t = time.perf_counter(); sess.run(None, f); ts.append((time.perf_counter() - t) * 1e3)
     return float(np.median(ts))
+def side_by_side(sessions, b, n):  # median wall and process-CPU ms per session, calls alternating
+    f = feeds(b); out = {k: s.run(None, f) for k, s in sessions.items()}
+    wall = {k: [] for k in sessions}; cpu = {k: [] for k in sessions}
+    for _ in range(n):
+        for k, s in sessions.items():
+            t, c = time.perf_counter(), time.process_time(); s.run(None, f)
+            wall[k].append((time.perf_counter() - t) * 1e3); cpu[k].append((time.process_time() - c) * 1e3)
+    same = all(np.array_equal(o[1], next(iter(out.values()))[1]) for o in out.values())
+    return {k: (float(np.median(wall[k])), float(np.median(cpu[k]))) for k in sessions}, same
 res = {}
 if mode == 'topk':
+    # 'body': the file as plain ONNX Runtime runs it (the ScoreTopK node's function body, or the plain
+    # chunked ops of a --no-native-topk export); 'native': the same file with libm4r_ort_ops.so
+    sessions = {'native': session(lib), 'body': sess} if lib else {'body': sess}
     res['session_gib'] = rss()
     big = n_items > 2_000_000  # fewer repeats where one call takes seconds
-    res['batch1_ms'] = median_ms(1, 10 if big else 30)
-    before = peak()
-    res['batch256_ms'] = median_ms(256, 1 if big else 3)
-    res['batch256_extra_gib'] = peak() - before
+    b1, res['b1_same_items'] = side_by_side(sessions, 1, 10 if big else 30)
+    for k in sessions:
+        res[k] = {'batch1_ms': b1[k][0], 'batch1_cpu_ms': b1[k][1]}
+    for k, s in sessions.items():  # peak growth per session: the native one first (the smaller)
+        before = peak()
+        one, _ = side_by_side({k: s}, 256, 1 if big else 3)
+        res[k].update(batch256_ms=one[k][0], batch256_cpu_ms=one[k][1], batch256_extra_gib=peak() - before)
     res['peak_gib'] = peak()
 else:
     import faiss
@@ -111,7 +133,7 @@ def _sizes(d: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in sorted(d.iterdir())}
 
 
-def bench_size(n_items: int, work: Path, ann: bool = True) -> dict[str, Any]:
+def bench_size(n_items: int, work: Path, ann: bool = True, ort_ops: str = "") -> dict[str, Any]:
     m4r = [sys.executable, "-m", "m4r_export.cli"]
     ckpt = work / f"m{n_items}.pt"
     _checkpoint(n_items, ckpt)
@@ -122,7 +144,7 @@ def bench_size(n_items: int, work: Path, ann: bool = True) -> dict[str, Any]:
     row.update(export_s=t, export_peak_gib=rss, export_peak_x_table=rss / row["table_fp32_gib"])
     row["files"] = _sizes(top)
     for precision, name in (("fp32", "model.onnx"), ("fp16", "model.fp16.onnx")):
-        _, _, out = _run([sys.executable, "-c", PROBE, str(top / name), str(n_items), "topk"])
+        _, _, out = _run([sys.executable, "-c", PROBE, str(top / name), str(n_items), "topk", ort_ops])
         row[f"exact_{precision}"] = json.loads(out.strip().splitlines()[-1])
     if not ann:
         return row
@@ -136,25 +158,39 @@ def bench_size(n_items: int, work: Path, ann: bool = True) -> dict[str, Any]:
     return row
 
 
+def _ms(x: float) -> str:
+    return f"{x:.2f}" if x < 100 else f"{x:.0f}"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
+    """Exact top-10 columns: 'native' = ScoreTopK in libm4r_ort_ops.so, 'body' = the same file without it
+    (wall ms, with process CPU ms in parentheses), fp32 / fp16 files."""
     head = (
         "| items | export | export peak RSS (x fp32 table) | model.onnx (+ .data) | fp16 (+ .data) | "
-        "exact top-10 b1 fp32 / fp16 | exact b256 fp32 / fp16 | b256 extra RSS fp32 / fp16 | "
-        "ANN b1 | ANN recall@10 |"
+        "exact top-10 b1 native fp32 / fp16 | b1 body fp32 / fp16 | b256 native fp32 / fp16 | "
+        "b256 body fp32 / fp16 | b256 extra RSS native / body (fp16) | ANN b1 | ANN recall@10 |"
     )
-    lines = [head, "|" + "---:|" * 10]
+    lines = [head, "|" + "---:|" * 12]
+    nan = {"batch1_ms": float("nan"), "batch1_cpu_ms": float("nan"), "batch256_ms": float("nan"),
+           "batch256_cpu_ms": float("nan"), "batch256_extra_gib": float("nan")}  # fmt: skip
     for r in rows:
         f = r["files"]
         m32 = (f.get("model.onnx", 0) + f.get("model.onnx.data", 0)) / 1e6
         m16 = (f.get("model.fp16.onnx", 0) + f.get("model.fp16.onnx.data", 0)) / 1e6
         e32, e16 = r["exact_fp32"], r["exact_fp16"]
         a = r.get("ann_search", {"ann_batch1_ms": float("nan"), "ann_recall@10": float("nan")})
+
+        def col(kind: str, b: str, e32: dict[str, Any] = e32, e16: dict[str, Any] = e16) -> str:
+            x, y = e32.get(kind, nan), e16.get(kind, nan)
+            return (f"{_ms(x[f'batch{b}_ms'])} ({_ms(x[f'batch{b}_cpu_ms'])}) / "
+                    f"{_ms(y[f'batch{b}_ms'])} ({_ms(y[f'batch{b}_cpu_ms'])}) ms")  # fmt: skip
+
         lines.append(
             f"| {r['items']:,} | {r['export_s']:.1f} s | {r['export_peak_gib']:.2f} GiB "
             f"({r['export_peak_x_table']:.1f}x) | {m32:.1f} MB | {m16:.1f} MB | "
-            f"{e32['batch1_ms']:.2f} / {e16['batch1_ms']:.2f} ms | {e32['batch256_ms']:.0f} / "
-            f"{e16['batch256_ms']:.0f} ms | {e32['batch256_extra_gib'] * 1024:.0f} / "
-            f"{e16['batch256_extra_gib'] * 1024:.0f} MiB | {a['ann_batch1_ms']:.2f} ms | "
+            f"{col('native', '1')} | {col('body', '1')} | {col('native', '256')} | {col('body', '256')} | "
+            f"{e16.get('native', nan)['batch256_extra_gib'] * 1024:.0f} / "
+            f"{e16['body']['batch256_extra_gib'] * 1024:.0f} MiB | {a['ann_batch1_ms']:.2f} ms | "
             f"{a['ann_recall@10']:.3f} |"
         )
     return "\n".join(lines)
@@ -166,13 +202,21 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("catalogue.json"))
     ap.add_argument("--work", type=Path, default=None, help="directory for checkpoints and exports")
     ap.add_argument("--ann-up-to", type=int, default=None, help="build/time the ANN index up to this size")
+    ap.add_argument(
+        "--ort-ops",
+        default=os.environ.get("M4R_ORT_OPS", ""),
+        help="libm4r_ort_ops.so: time the native ScoreTopK op beside the function body "
+        "(default $M4R_ORT_OPS)",
+    )
     args = ap.parse_args()
     os.environ["PYTHONPATH"] = f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
     rows = []
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         for n in args.items:
-            rows.append(bench_size(n, Path(tmp), args.ann_up_to is None or n <= args.ann_up_to))
+            load_before = os.getloadavg()
+            rows.append(bench_size(n, Path(tmp), args.ann_up_to is None or n <= args.ann_up_to, args.ort_ops))
             load = os.getloadavg()
+            rows[-1]["loadavg_before"] = load_before
             rows[-1]["loadavg"] = load
             args.out.write_text(json.dumps(rows, indent=2) + "\n")
             print(f"{n:,} items done (load {load[0]:.1f})", file=sys.stderr, flush=True)

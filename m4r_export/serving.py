@@ -24,7 +24,9 @@ Chunked top-K (``topk_chunk``, default :data:`TOPK_CHUNK`): the ``topk`` head sc
 chunk's top-K, and merges the partial lists with one more TopK. Memory is then batch x chunk,
 never batch x n_items, and the result is the unchunked top-K exactly: ONNX's TopK breaks ties by
 the lower index, candidates are concatenated in item order, so equal scores still come out lowest
-item id first (tests/test_topk_chunked.py checks it with planted ties and exclude lists).
+item id first (tests/test_topk_chunked.py checks it with planted ties and exclude lists). The ONNX
+export writes this head as one ``m4r::ScoreTopK`` node whose function body is this chunked subgraph
+(m4r_export/onnx/topk_op.py; libm4r_ort_ops.so runs the node as a one-pass native kernel).
 
 Streaming (design.md, "Streaming state"; docs/streaming.md): :class:`StreamingInit` is the head
 plus every layer's recurrent state after the history, :class:`StreamingStep` folds one new item

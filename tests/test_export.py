@@ -110,7 +110,8 @@ def test_graph_has_one_scan_node_per_layer_and_the_function(exports: dict[str, A
             assert attrs["mode"] == (b"last" if i == len(nodes) - 1 else b"all")
             assert len(n.input) == 9
         fns = [(f.domain, f.name) for f in proto.functions]
-        assert fns == [("m4r", "SelectiveScan")]
+        # the topk head is one m4r::ScoreTopK node (tests/test_score_topk.py)
+        assert fns == [("m4r", "SelectiveScan")] + ([("m4r", "ScoreTopK")] if head == "topk" else [])
         assert {(o.domain, o.version) for o in proto.opset_import} >= {("m4r", 1), ("", 20)}
         inits = {i.name: i for i in proto.graph.initializer}
         a_input = inits[nodes[-1].input[2]]  # A = -exp(A_log) is a precomputed fp32 initializer

@@ -59,7 +59,9 @@ def reference_topk(model: Mamba4Rec, seq: np.ndarray, lens: np.ndarray, exclude:
 def ort_topk(model: Mamba4Rec, chunk: int, seq: np.ndarray, lens: np.ndarray, exclude: np.ndarray) -> Any:
     opts = ex.ExportOptions(head="topk", k=K, max_seq_len=9, topk_chunk=chunk)
     proto = ex.trace_onnx(model, opts)
-    tops = [n for n in proto.graph.node if n.op_type == "TopK"]
+    # the chunked subgraph is the body of the m4r::ScoreTopK node (tests/test_score_topk.py: the native op)
+    body = [n for f in proto.functions if f.name == "ScoreTopK" for n in f.node]
+    tops = [n for n in [*proto.graph.node, *body] if n.op_type == "TopK"]
     sess = ex.ort_session(proto.SerializeToString())
     scores, items = sess.run(None, {"item_seq": seq, "item_seq_len": lens, "exclude_items": exclude})
     return scores, items, len(tops)

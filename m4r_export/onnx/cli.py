@@ -86,6 +86,13 @@ from ..errors import M4RError
     "(exact; memory batch x chunk instead of batch x n_items). Default 65536.",
 )
 @click.option(
+    "--native-topk/--no-native-topk",
+    default=True,
+    help="--head topk: the top-K is one m4r::ScoreTopK node (default), which libm4r_ort_ops.so runs as a "
+    "one-pass native kernel and whose function body is the chunked subgraph (runs without the library); "
+    "--no-native-topk writes the chunked subgraph as plain ops (docs/onnx-export.md).",
+)
+@click.option(
     "--external-data",
     is_flag=True,
     help="Write the weights to a side file MODEL.data (ONNX external data, listed and hashed in the "
@@ -115,6 +122,7 @@ def export(
     fused: bool,
     int8: bool,
     topk_chunk: int | None,
+    native_topk: bool,
     external_data: bool,
     ann: str | None,
     no_trt: bool,
@@ -152,6 +160,7 @@ def export(
         fused=fused,
         int8=int8,
         external_data=external_data,
+        native_topk=native_topk,
         ann=ann,
         **({} if topk_chunk is None else {"topk_chunk": topk_chunk}),
     )

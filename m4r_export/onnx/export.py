@@ -214,6 +214,9 @@ class ExportOptions:
     int8: bool = False
     #: the topk head scores this many items at a time (serving.TOPK_CHUNK; memory batch x chunk)
     topk_chunk: int = TOPK_CHUNK
+    #: the topk head is one m4r::ScoreTopK node (m4r_export/onnx/topk_op.py) whose function body is the
+    #: chunked subgraph; libm4r_ort_ops.so runs it as a one-pass native kernel
+    native_topk: bool = True
     #: weights in a side file ``<model>.data`` whatever the size (``m4r export --external-data``);
     #: they always are above :data:`EXTERNAL_DATA_BYTES`
     external_data: bool = False
@@ -270,9 +273,12 @@ def _serving_module(model: Mamba4Rec, opts: ExportOptions, fp16: bool) -> nn.Mod
         from .fused import fuse_mixers
 
         fuse_mixers(m)
-    serving = ServingModel(
-        m, opts.head, opts.k, opts.exclude_history, opts.exclude_items, opts.topk_chunk
-    ).eval()
+    cls = ServingModel
+    if opts.head == "topk" and opts.native_topk:
+        from .topk_op import ScoreTopKServing
+
+        cls = ScoreTopKServing
+    serving = cls(m, opts.head, opts.k, opts.exclude_history, opts.exclude_items, opts.topk_chunk).eval()
     return _FloatOutputs(serving).eval() if fp16 else serving
 
 
@@ -395,8 +401,11 @@ def finalize_model(proto: Any, opts: ExportOptions, fp16: bool) -> None:
     import onnx
     from onnx import helper
 
-    from . import fused
+    from . import fused, topk_op
 
+    topks = [n for n in proto.graph.node if n.op_type == topk_op.OP_NAME and n.domain == bodies.DOMAIN]
+    if opts.head == "topk" and opts.native_topk and len(topks) != 1:
+        raise M4RError(f"the exported graph has {len(topks)} m4r::ScoreTopK nodes, expected 1 (a bug)")
     mixers = [n for n in proto.graph.node if n.op_type == fused.OP_NAME and n.domain == bodies.DOMAIN]
     if opts.fused and not mixers:
         raise M4RError("the exported graph has no m4r::MambaMixer node; the fused mixer was not used")
@@ -417,6 +426,8 @@ def finalize_model(proto: Any, opts: ExportOptions, fp16: bool) -> None:
     proto.functions.append(bodies.make_function(opts.body, opts.opset, io_float16=fp16))
     if mixers:
         proto.functions.append(fused.make_mixer_function(opts.opset, io_float16=fp16))
+    if topks:
+        proto.functions.append(topk_op.make_topk_function(topks[0], opts.opset))
     # dynamic dims: batch and seq on the inputs; batch on every output
     for vi in proto.graph.input:
         dims = vi.type.tensor_type.shape.dim
@@ -438,6 +449,7 @@ def finalize_model(proto: Any, opts: ExportOptions, fp16: bool) -> None:
         "m4r.precision": "fp16" if fp16 else "fp32",
         "m4r.function_body": opts.body,
         "m4r.fused_mixer": str(int(bool(mixers))),
+        "m4r.score_topk": str(int(bool(topks))),
         "m4r.input_semantics": "ids outside [0, n_items) -> 0; item_seq_len clamped to [1, seq]"
         + (
             "; exclude_items [batch, E]: ids in [1, n_items) are -inf, 0 and others ignored"
@@ -908,6 +920,13 @@ def _export_in(
             # m4r export --fused: each Mamba mixer is one m4r::MambaMixer node (its function body holds
             # the standard ops and the SelectiveScan node); libm4r_ort_ops.so runs it as one kernel
             "fused_mixer": {"used": opts.fused, "name": "MambaMixer", "version": bodies.OP_VERSION},
+            # --head topk: one m4r::ScoreTopK node (function body: the chunked TopK subgraph);
+            # libm4r_ort_ops.so runs it as a one-pass native kernel (m4r export --no-native-topk: plain ops)
+            "score_topk": {
+                "used": opts.head == "topk" and opts.native_topk,
+                "name": "ScoreTopK",
+                "version": bodies.OP_VERSION,
+            },
         },
         "inputs": inputs,
         "outputs": outputs,

@@ -164,6 +164,16 @@ def mixer_calls(path: Path) -> int | None:
     return int(fn())
 
 
+def topk_calls(path: Path) -> int | None:
+    """How many ScoreTopK nodes the library has executed in this process (None: a library without the op)."""
+    lib = ctypes.CDLL(str(path))
+    fn = getattr(lib, "m4r_ort_ops_topk_calls", None)
+    if fn is None:
+        return None
+    fn.restype = ctypes.c_int64
+    return int(fn())
+
+
 def onnxruntime_root(explicit: Path | None) -> Path:
     """The folder with ONNX Runtime's C/C++ headers: explicit, then $ONNXRUNTIME_ROOT; checked."""
     root = explicit or (

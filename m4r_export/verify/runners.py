@@ -419,13 +419,15 @@ class OrtCpuOpsRunner(OrtCpuRunner):
         self.ort_ops = register_ort_ops(opts, self.ort_ops_path)
 
     def describe(self) -> dict[str, Any]:
-        from ..onnx.ort_ops import compute_calls, mixer_calls
+        from ..onnx.ort_ops import compute_calls, mixer_calls, topk_calls
 
         # the counters show the library's kernels really served this process's SelectiveScan nodes
-        # (compute_calls) and fused MambaMixer nodes (mixer_calls; m4r export --fused)
+        # (compute_calls), fused MambaMixer nodes (mixer_calls; m4r export --fused) and the topk head's
+        # ScoreTopK node (topk_calls)
         calls = {
             "compute_calls": compute_calls(self.ort_ops_path),
             "mixer_calls": mixer_calls(self.ort_ops_path),
+            "topk_calls": topk_calls(self.ort_ops_path),
         }
         return {**super().describe(), "ort_ops": {**self.ort_ops, **calls}}
 
