@@ -50,7 +50,7 @@ class AnnParams:
         try:
             return cls(
                 str(d["kind"]),
-                int(d["nlist"]),
+                int(d.get("nlist") or 0),  # hnsw exports before this fix wrote null
                 int(d["nprobe"]),
                 int(d["m"]),
                 int(d["ef_construction"]),

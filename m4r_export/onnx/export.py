@@ -219,6 +219,29 @@ class ExportOptions:
     external_data: bool = False
     #: embedding head: also build an ANN index of the item table (m4r_export.ann.KINDS), or None
     ann: str | None = None
+    #: ANN parameters (None: m4r_export.ann.AnnParams' defaults); nprobe / ef_search are the
+    #: search-time recall/latency knob, stored in the manifest and used by every reader
+    ann_nlist: int | None = None
+    ann_nprobe: int | None = None
+    ann_m: int | None = None
+    ann_ef_construction: int | None = None
+    ann_ef_search: int | None = None
+
+    def ann_params(self) -> Any:
+        """The :class:`m4r_export.ann.AnnParams` of ``--ann`` and its ``--ann-*`` overrides."""
+        from ..ann import AnnParams
+
+        given = {
+            "nlist": self.ann_nlist,
+            "nprobe": self.ann_nprobe,
+            "m": self.ann_m,
+            "ef_construction": self.ann_ef_construction,
+            "ef_search": self.ann_ef_search,
+        }
+        for key, value in given.items():
+            if value is not None and value < (0 if key == "nlist" else 1):
+                raise UsageError(f"--ann-{key.replace('_', '-')} {value}: must be >= 1")
+        return AnnParams(kind=self.ann or "ivf", **{k: v for k, v in given.items() if v is not None})
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -240,6 +263,7 @@ class ExportOptions:
                 f"--ann {self.ann}: an ANN index serves the embedding head's user vector; "
                 "pass --head embedding"
             )
+        self.ann_params()
         if self.topk_chunk < 1:
             raise UsageError(f"--topk-chunk {self.topk_chunk}: must be >= 1 (default {TOPK_CHUNK})")
         if self.opset not in SUPPORTED_OPSETS:
@@ -846,7 +870,7 @@ def _export_in(
         contents[ITEM_TABLE] = tmp / ITEM_TABLE
         if opts.ann is not None:
             say(f"building the {opts.ann} ANN index ...")
-            ann = _build_ann(table, opts.ann, tmp)
+            ann = _build_ann(table, opts.ann_params(), tmp)
             contents[ann["file"]] = tmp / ann["file"]
             notes[ann["file"]] = {"format": "faiss", "of": ITEM_TABLE}
         notes[ITEM_TABLE] = {
@@ -944,7 +968,7 @@ def _export_in(
     return ExportResult(out, manifest, [out / name for name in contents])
 
 
-def _build_ann(table: np.ndarray, kind: str, tmp: Path) -> dict[str, Any]:
+def _build_ann(table: np.ndarray, params: Any, tmp: Path) -> dict[str, Any]:
     """Build and write the ANN index (m4r_export.ann); its manifest section."""
     import time
 
@@ -952,12 +976,11 @@ def _build_ann(table: np.ndarray, kind: str, tmp: Path) -> dict[str, Any]:
 
     from .. import ann as annmod
 
-    params = annmod.AnnParams(kind=kind)
     t0 = time.perf_counter()
     index = annmod.build_index(table, params)
     seconds = time.perf_counter() - t0
     annmod.write_index(index, tmp / annmod.INDEX_FILE)
-    spec = {**params.to_json(), "nlist": annmod.lists_for(len(table), params) if kind == "ivf" else None}
+    spec = {**params.to_json(), "nlist": annmod.lists_for(len(table), params) if params.kind == "ivf" else 0}
     return {**spec, "file": annmod.INDEX_FILE, "faiss": faiss.__version__, "build_seconds": round(seconds, 1)}
 
 
