@@ -36,7 +36,7 @@ class AnnParams:
     kind: str = "ivf"
     #: ivf: lists (0: 4 sqrt(n_items)) and lists searched per query
     nlist: int = 0
-    nprobe: int = 32
+    nprobe: int = 64
     #: hnsw: graph degree, build and search beam widths
     m: int = 32
     ef_construction: int = 64

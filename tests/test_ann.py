@@ -63,7 +63,7 @@ def test_index_is_an_artifact_with_parameters_and_sha256(exported: dict[str, Pat
     d = exported["dir"]
     m = json.loads((d / "manifest.json").read_text())
     assert m["ann"]["file"] == ann.INDEX_FILE and m["ann"]["kind"] == "ivf"
-    assert m["ann"]["nlist"] == ann.lists_for(N_ITEMS, ann.AnnParams()) and m["ann"]["nprobe"] == 32
+    assert m["ann"]["nlist"] == ann.lists_for(N_ITEMS, ann.AnnParams()) and m["ann"]["nprobe"] == 64
     assert m["files"][ann.INDEX_FILE]["sha256"] == sha256_file(d / ann.INDEX_FILE)
 
 

@@ -102,7 +102,7 @@ from ..errors import M4RError
     "--ann-nprobe",
     type=int,
     default=None,
-    help="--ann ivf: inverted lists searched per query (default 32; more = higher recall, slower). "
+    help="--ann ivf: inverted lists searched per query (default 64; more = higher recall, slower). "
     "Stored in the manifest; verify, bench and Triton use it.",
 )
 @click.option(
