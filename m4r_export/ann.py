@@ -36,7 +36,7 @@ class AnnParams:
     kind: str = "ivf"
     #: ivf: lists (0: 4 sqrt(n_items)) and lists searched per query
     nlist: int = 0
-    nprobe: int = 32
+    nprobe: int = 64
     #: hnsw: graph degree, build and search beam widths
     m: int = 32
     ef_construction: int = 64
@@ -50,7 +50,7 @@ class AnnParams:
         try:
             return cls(
                 str(d["kind"]),
-                int(d["nlist"]),
+                int(d.get("nlist") or 0),  # hnsw exports before this fix wrote null
                 int(d["nprobe"]),
                 int(d["m"]),
                 int(d["ef_construction"]),

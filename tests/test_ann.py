@@ -63,7 +63,7 @@ def test_index_is_an_artifact_with_parameters_and_sha256(exported: dict[str, Pat
     d = exported["dir"]
     m = json.loads((d / "manifest.json").read_text())
     assert m["ann"]["file"] == ann.INDEX_FILE and m["ann"]["kind"] == "ivf"
-    assert m["ann"]["nlist"] == ann.lists_for(N_ITEMS, ann.AnnParams()) and m["ann"]["nprobe"] == 32
+    assert m["ann"]["nlist"] == ann.lists_for(N_ITEMS, ann.AnnParams()) and m["ann"]["nprobe"] == 64
     assert m["files"][ann.INDEX_FILE]["sha256"] == sha256_file(d / ann.INDEX_FILE)
 
 
@@ -102,3 +102,26 @@ def test_tampered_index_is_refused(exported: dict[str, Path], tmp_path: Path) ->
 def test_ann_needs_the_embedding_head() -> None:
     with pytest.raises(Exception, match="--head embedding"):
         ex.ExportOptions(head="topk", ann="ivf").validate(N_ITEMS)
+
+
+@pytest.mark.parametrize(
+    ("kind", "flag", "value"), [("hnsw", "--ann-ef-search", 77), ("ivf", "--ann-nprobe", 9)]
+)
+def test_search_knob_is_stored_and_used_by_readers(tmp_path: Path, kind: str, flag: str, value: int) -> None:
+    """The search-time knob goes into the manifest and every reader's index (an hnsw export once
+    wrote nlist: null, which the manifest reader refused)."""
+    from m4r_export.retrieval import AnnRetriever
+
+    model = tiny_model(200, seed=2)
+    save_checkpoint(tmp_path / "m.pt", model, None, {"max_seq_len": 6})
+    out = tmp_path / "out"
+    args = ["export", "--ckpt", str(tmp_path / "m.pt"), "--out-dir", str(out), "--head", "embedding"]
+    res = CliRunner().invoke(main, [*args, "--ann", kind, flag, str(value)])
+    assert res.exit_code == 0, res.output
+    spec = json.loads((out / "manifest.json").read_text())["ann"]
+    key = "ef_search" if kind == "hnsw" else "nprobe"
+    assert spec["kind"] == kind and spec[key] == value
+    index = AnnRetriever(out).index
+    assert (index.hnsw.efSearch if kind == "hnsw" else index.nprobe) == value
+    bad = CliRunner().invoke(main, [*args, "--ann", kind, flag, "0"])
+    assert bad.exit_code == 2 and f"{flag} 0: must be >= 1" in bad.output

@@ -105,6 +105,26 @@ from ..errors import M4RError
     help="--head embedding: also write item_index.faiss, an approximate nearest-neighbour index of the "
     "item table (faiss, inner product; parameters and sha256 in the manifest).",
 )
+@click.option(
+    "--ann-nprobe",
+    type=int,
+    default=None,
+    help="--ann ivf: inverted lists searched per query (default 64; more = higher recall, slower). "
+    "Stored in the manifest; verify, bench and Triton use it.",
+)
+@click.option(
+    "--ann-nlist", type=int, default=None, help="--ann ivf: inverted lists (default 4 sqrt(n_items))."
+)
+@click.option(
+    "--ann-ef-search",
+    type=int,
+    default=None,
+    help="--ann hnsw: search beam width (default 256; more = higher recall, slower). Stored in the manifest.",
+)
+@click.option("--ann-m", type=int, default=None, help="--ann hnsw: graph degree (default 32).")
+@click.option(
+    "--ann-ef-construction", type=int, default=None, help="--ann hnsw: build beam width (default 64)."
+)
 @click.option("--no-trt", is_flag=True, help="Do not try to build a TensorRT engine after --fp16.")
 def export(
     ckpt: Path,
@@ -125,6 +145,11 @@ def export(
     native_topk: bool,
     external_data: bool,
     ann: str | None,
+    ann_nprobe: int | None,
+    ann_nlist: int | None,
+    ann_ef_search: int | None,
+    ann_m: int | None,
+    ann_ef_construction: int | None,
     no_trt: bool,
 ) -> None:
     """Export a checkpoint to ONNX: one m4r::SelectiveScan node per layer with a portable function body.
@@ -162,6 +187,11 @@ def export(
         external_data=external_data,
         native_topk=native_topk,
         ann=ann,
+        ann_nprobe=ann_nprobe,
+        ann_nlist=ann_nlist,
+        ann_ef_search=ann_ef_search,
+        ann_m=ann_m,
+        ann_ef_construction=ann_ef_construction,
         **({} if topk_chunk is None else {"topk_chunk": topk_chunk}),
     )
     opts.validate(model.n_items, engine=fp16 and not no_trt)

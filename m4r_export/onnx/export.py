@@ -222,6 +222,29 @@ class ExportOptions:
     external_data: bool = False
     #: embedding head: also build an ANN index of the item table (m4r_export.ann.KINDS), or None
     ann: str | None = None
+    #: ANN parameters (None: m4r_export.ann.AnnParams' defaults); nprobe / ef_search are the
+    #: search-time recall/latency knob, stored in the manifest and used by every reader
+    ann_nlist: int | None = None
+    ann_nprobe: int | None = None
+    ann_m: int | None = None
+    ann_ef_construction: int | None = None
+    ann_ef_search: int | None = None
+
+    def ann_params(self) -> Any:
+        """The :class:`m4r_export.ann.AnnParams` of ``--ann`` and its ``--ann-*`` overrides."""
+        from ..ann import AnnParams
+
+        given = {
+            "nlist": self.ann_nlist,
+            "nprobe": self.ann_nprobe,
+            "m": self.ann_m,
+            "ef_construction": self.ann_ef_construction,
+            "ef_search": self.ann_ef_search,
+        }
+        for key, value in given.items():
+            if value is not None and value < (0 if key == "nlist" else 1):
+                raise UsageError(f"--ann-{key.replace('_', '-')} {value}: must be >= 1")
+        return AnnParams(kind=self.ann or "ivf", **{k: v for k, v in given.items() if v is not None})
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -243,6 +266,7 @@ class ExportOptions:
                 f"--ann {self.ann}: an ANN index serves the embedding head's user vector; "
                 "pass --head embedding"
             )
+        self.ann_params()
         if self.topk_chunk < 1:
             raise UsageError(f"--topk-chunk {self.topk_chunk}: must be >= 1 (default {TOPK_CHUNK})")
         if self.opset not in SUPPORTED_OPSETS:
@@ -358,15 +382,86 @@ def export_ir(
     return program
 
 
-def trace_onnx(model: Mamba4Rec, opts: ExportOptions, fp16: bool = False, path: Path | None = None) -> Any:
+def trace_onnx(
+    model: Mamba4Rec,
+    opts: ExportOptions,
+    fp16: bool = False,
+    path: Path | None = None,
+    *,
+    inline: bool = False,
+) -> Any:
     """ServingModel -> ONNX ModelProto with the SelectiveScan node(s) and the local function.
 
     ``path``: write the file there with its weights as external data (:func:`side_file`), streamed
     tensor by tensor from the model's own tensors; the returned proto then refers to the side file.
+    ``inline`` (with ``path``): then fold the side file back into ``path``, a single self-contained
+    file, streaming the tensors (:func:`_inline_external_data`); the returned proto (inputs, outputs,
+    nodes) still names the removed side file and is not a loadable model.
     """
     with scan_backend(model, SCAN_BACKEND):
         module = _serving_module(model, opts, fp16)
-        return _trace(module, model.n_items, opts, fp16, path)
+        proto = _trace(module, model.n_items, opts, fp16, path)
+    if inline and path is not None:
+        _inline_external_data(path, proto)
+    return proto
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _inline_external_data(path: Path, proto: Any) -> None:
+    """Rewrite ``path`` (written with external data in :func:`side_file`) as one self-contained file.
+
+    Protobuf merges repeated occurrences of a message: the file is the model without its external
+    initializers, then one ``ModelProto{graph{initializer: tensor}}`` record per removed tensor,
+    whose ``raw_data`` is copied from the side file in 16 MiB pieces. ONNX Runtime and ``onnx.load``
+    read the same model as one serialized in memory (initializers last), but no whole-graph copy
+    (the proto plus its serialized bytes: 2x the weights) is ever held. Export parity then runs on
+    this file.
+    """
+    import onnx
+
+    side = path.with_name(side_file(path.name))
+    skeleton = copy.deepcopy(proto)  # no weights: they are external
+    graph = skeleton.graph
+    moved = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    keep = [t for t in graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    try:
+        with open(side, "rb") as src, open(path, "wb") as dst:
+            dst.write(skeleton.SerializeToString())
+            for tensor in moved:
+                info = {e.key: e.value for e in tensor.external_data}
+                offset, length = int(info.get("offset", 0)), int(info["length"])
+                head = onnx.TensorProto()
+                head.CopyFrom(tensor)
+                del head.external_data[:]
+                head.data_location = onnx.TensorProto.DEFAULT
+                meta = head.SerializeToString()
+                raw = b"\x4a" + _varint(length)  # TensorProto.raw_data (field 9)
+                size = len(meta) + len(raw) + length
+                inner = b"\x2a" + _varint(size)  # GraphProto.initializer (field 5)
+                dst.write(b"\x3a" + _varint(len(inner) + size) + inner + meta + raw)  # ModelProto.graph (7)
+                src.seek(offset)
+                left = length
+                while left:
+                    block = src.read(min(left, 1 << 24))
+                    if not block:
+                        raise M4RError(f"{side} ended early while inlining {tensor.name}")
+                    dst.write(block)
+                    left -= len(block)
+        side.unlink()
+    except OSError as exc:
+        from ..fileio import write_error
+
+        raise write_error(path, exc) from exc
 
 
 def _trace(module: nn.Module, n_items: int, opts: ExportOptions, fp16: bool, path: Path | None) -> Any:
@@ -589,7 +684,11 @@ def flush_denormal_enabled() -> bool:
 
 
 def ort_session(
-    model: bytes | Path | tuple[ArtifactFiles, str], threads: int | None = None, ort_ops: Path | None = None
+    model: bytes | Path | tuple[ArtifactFiles, str],
+    threads: int | None = None,
+    ort_ops: Path | None = None,
+    *,
+    lean: bool = False,
 ) -> Any:
     """A CPU InferenceSession; keeps the calling thread's flush-to-zero setting.
 
@@ -600,11 +699,19 @@ def ort_session(
     PyTorch's CPU scan 3-4x slower for the rest of the process (denormals); they are restored.
     ``ort_ops``: libm4r_ort_ops.so to load (SelectiveScan then runs the native kernel, not the
     function body); see :func:`m4r_export.onnx.ort_ops.find_ort_ops_library`.
+    ``lean``: the export's parity session: no constant folding and no weight pre-packing, so
+    ONNX Runtime holds the item table once instead of adding folded copies of its slices and
+    transposes (a whole second table; the slices are then computed per call, one chunk at a time).
+    Only ONNX Runtime's own rewrites are skipped: the graph computed is the exported one.
     """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    extra: dict[str, Any] = {}
+    if lean:
+        so.add_session_config_entry("session.disable_prepacking", "1")
+        extra["disabled_optimizers"] = ["ConstantFolding"]
     if ort_ops is not None:
         from .ort_ops import register_ort_ops
 
@@ -617,7 +724,7 @@ def ort_session(
         sess = listed_session(*model, so)
     else:
         source = str(model) if isinstance(model, Path) else model  # a Path: external data beside it
-        sess = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"], **extra)
     if ftz and not flush_denormal_enabled():
         torch.set_flush_denormal(True)
     return sess
@@ -650,7 +757,7 @@ def _parity(
         reference, opts.head, opts.k, opts.exclude_history, opts.exclude_items, opts.topk_chunk
     )
     table = model.item_embedding.weight.detach().numpy() if opts.head == "embedding" else None
-    sess = ort_session(model_bytes)
+    sess = ort_session(model_bytes, lean=True)
     tol = TOLERANCES[precision]
     max_diff, overlaps, ok = 0.0, [], True
     rng = np.random.default_rng(1)
@@ -780,15 +887,17 @@ def _export_in(
             f"{EXTERNAL_DATA_BYTES // 2**20} MiB, or --external-data) is not supported yet: "
             "export the streaming graphs of a smaller catalogue, or drop --streaming"
         )
-    protos: dict[str, Any] = {}
-    blobs: dict[str, bytes | Path] = {}
+    specs: dict[str, Any] = {}
+    blobs: dict[str, Path] = {}
     parity: dict[str, Any] = {}
     for precision in precisions:
         say(f"tracing the {opts.head} head ({precision}) ...")
-        path = tmp / names[precision] if external else None
-        proto = trace_onnx(model, opts, fp16=precision == "fp16", path=path)
-        protos[precision] = proto
-        blobs[precision] = path if path is not None else proto.SerializeToString()
+        path = tmp / names[precision]
+        # streamed to disk tensor by tensor either way: no serialized copy of the graph in memory
+        proto = trace_onnx(model, opts, fp16=precision == "fp16", path=path, inline=not external)
+        specs[precision] = io_spec(proto)
+        del proto
+        blobs[precision] = path  # parity runs on this file, and this file is what gets published
         say(f"checking parity with PyTorch ({precision}) ...")
         parity[precision] = measure_parity(model, opts, blobs[precision], precision)
         if not parity[precision]["passed"]:
@@ -803,9 +912,8 @@ def _export_in(
         from .int8 import quantize_int8
 
         say("quantizing the fp32 file to int8 (ONNX Runtime dynamic quantization) ...")
-        fp32_blob = blobs["fp32"]
-        assert isinstance(fp32_blob, bytes)  # --int8 with external data is refused above
-        blobs["int8"] = quantize_int8(fp32_blob)
+        _write_new(tmp / names["int8"], quantize_int8(blobs["fp32"].read_bytes()))  # no external data here
+        blobs["int8"] = tmp / names["int8"]
         parity["int8"] = measure_parity(model, opts, blobs["int8"], "int8")
         if not parity["int8"]["passed"]:
             p = parity["int8"]
@@ -858,7 +966,7 @@ def _export_in(
         contents[ITEM_TABLE] = tmp / ITEM_TABLE
         if opts.ann is not None:
             say(f"building the {opts.ann} ANN index ...")
-            ann = _build_ann(table, opts.ann, tmp)
+            ann = _build_ann(table, opts.ann_params(), tmp)
             contents[ann["file"]] = tmp / ann["file"]
             notes[ann["file"]] = {"format": "faiss", "of": ITEM_TABLE}
         notes[ITEM_TABLE] = {
@@ -873,11 +981,9 @@ def _export_in(
         with tempfile.TemporaryDirectory(prefix=".m4r-trt-", dir=out.absolute().parent) as trt_tmp:
             fp16 = Path(trt_tmp) / names["fp16"]
             try:
+                os.link(tmp / names["fp16"], fp16)
                 if external:  # the parser reads the side file beside the model file
-                    os.link(tmp / names["fp16"], fp16)
                     os.link(tmp / side_file(names["fp16"]), Path(trt_tmp) / side_file(names["fp16"]))
-                else:
-                    fp16.write_bytes(blobs["fp16"])  # type: ignore[arg-type]  # TensorRT parses a path
             except OSError as exc:
                 raise write_error(fp16, exc) from exc
             trt = _try_trt(fp16, Path(trt_tmp), opts)
@@ -886,7 +992,7 @@ def _export_in(
                     contents[produced.name] = produced.read_bytes()
 
     files = file_entries(contents, notes)
-    inputs, outputs = io_spec(protos["fp32"])
+    inputs, outputs = specs["fp32"]
     ckpt: dict[str, Any] = {"path": None, "sha256": None}
     if checkpoint_path is not None:
         ckpt = {"path": str(Path(checkpoint_path).resolve()), "sha256": sha256_file(checkpoint_path)}
@@ -963,7 +1069,18 @@ def _export_in(
     return ExportResult(out, manifest, [out / name for name in contents])
 
 
-def _build_ann(table: np.ndarray, kind: str, tmp: Path) -> dict[str, Any]:
+def _write_new(path: Path, data: bytes) -> None:
+    """``data`` into a new file of the export's private temporary directory."""
+    from ..fileio import write_error
+
+    try:
+        with open(path, "xb") as fh:
+            fh.write(data)
+    except OSError as exc:
+        raise write_error(path, exc) from exc
+
+
+def _build_ann(table: np.ndarray, params: Any, tmp: Path) -> dict[str, Any]:
     """Build and write the ANN index (m4r_export.ann); its manifest section."""
     import time
 
@@ -971,12 +1088,11 @@ def _build_ann(table: np.ndarray, kind: str, tmp: Path) -> dict[str, Any]:
 
     from .. import ann as annmod
 
-    params = annmod.AnnParams(kind=kind)
     t0 = time.perf_counter()
     index = annmod.build_index(table, params)
     seconds = time.perf_counter() - t0
     annmod.write_index(index, tmp / annmod.INDEX_FILE)
-    spec = {**params.to_json(), "nlist": annmod.lists_for(len(table), params) if kind == "ivf" else None}
+    spec = {**params.to_json(), "nlist": annmod.lists_for(len(table), params) if params.kind == "ivf" else 0}
     return {**spec, "file": annmod.INDEX_FILE, "faiss": faiss.__version__, "build_seconds": round(seconds, 1)}
 
 

@@ -73,6 +73,21 @@ from .repository import BACKENDS, TritonOptions, write_repository
     help="--streaming --backend python: the most item ids one request may carry (START history or new "
     "events); larger requests get an error. Memory per request is bounded whatever this is.",
 )
+@click.option(
+    "--ann",
+    is_flag=True,
+    help="From an `m4r export --head embedding --ann ...` export: one Python-backend model m4r_ann that "
+    "computes the user vector and searches the item index, returning topk_scores/topk_items (approximate; "
+    "see docs/triton.md).",
+)
+@click.option("--k", type=int, default=10, show_default=True, help="--ann: items per answer.")
+@click.option(
+    "--max-exclude",
+    type=int,
+    default=4096,
+    show_default=True,
+    help="--ann: the most distinct exclude_items one row may carry (the search over-fetches by that many).",
+)
 def triton(
     artifacts: Path,
     repo: Path,
@@ -90,6 +105,9 @@ def triton(
     sequence_idle_us: int,
     max_sequences: int,
     max_request_events: int,
+    ann: bool,
+    k: int,
+    max_exclude: int,
 ) -> None:
     """Write a Triton model repository (configs checked against Triton's schema, written atomically)."""
     opts = TritonOptions(
@@ -107,6 +125,9 @@ def triton(
         sequence_idle_us=sequence_idle_us,
         max_sequences=max_sequences,
         max_request_events=max_request_events,
+        ann=ann,
+        k=k,
+        max_exclude=max_exclude,
     )
     out = write_repository(artifacts, repo, opts)
     models = sorted(p.parent.name for p in out.glob("*/config.pbtxt"))

@@ -60,6 +60,9 @@ class TritonOptions:
     sequence_idle_us: int = 60_000_000  # max_sequence_idle_microseconds
     max_sequences: int = 1024  # python backend: sequences in flight (oldest max_candidate_sequences)
     max_request_events: int = 262_144  # python backend: events (item ids) one request may carry
+    ann: bool = False  # user embedding + ANN index search (serve/ann.py)
+    k: int = 10  # --ann: items per answer
+    max_exclude: int = 4096  # --ann: distinct excluded items per row (the search over-fetches by that many)
 
     @property
     def device_kind(self) -> str:
@@ -86,6 +89,13 @@ class TritonOptions:
             raise UsageError("--streaming with --with-tokens: the streaming model takes item ids; drop one")
         if self.sequence_idle_us < 1 or self.max_sequences < 1 or self.max_request_events < 1:
             raise UsageError("--sequence-idle-us, --max-sequences and --max-request-events must be >= 1")
+        if self.ann and (self.backend != "python" or self.streaming):
+            raise UsageError(
+                "--ann runs the index search in Triton's Python backend: use --backend python, without "
+                "--streaming"
+            )
+        if self.k < 1 or self.max_exclude < 0:
+            raise UsageError(f"--k {self.k} / --max-exclude {self.max_exclude}: must be >= 1 / >= 0")
         if self.ort_ops is not None and self.backend != "onnxruntime":
             raise UsageError("--ort-ops only applies to --backend onnxruntime")
 
@@ -141,7 +151,8 @@ def plan_repository(artifacts: Path, opts: TritonOptions, manifest: dict[str, An
     for key in ("inputs", "outputs", "max_seq_len"):
         if key not in manifest:
             raise UsageError(f"{artifacts}/manifest.json has no {key!r}; re-export with `m4r export`")
-    name = opts.name or f"m4r_{manifest.get('head', 'model')}" + ("_streaming" if opts.streaming else "")
+    default = "m4r_ann" if opts.ann else f"m4r_{manifest.get('head', 'model')}"
+    name = opts.name or default + ("_streaming" if opts.streaming else "")
     plan = RepositoryPlan()
     if opts.streaming:
         from .streaming import plan_streaming, streaming_readme
@@ -149,7 +160,12 @@ def plan_repository(artifacts: Path, opts: TritonOptions, manifest: dict[str, An
         plan_streaming(plan, artifacts, manifest, opts, name)
         plan.texts["README.md"] = streaming_readme(name, opts, manifest)
         return plan
-    inputs, outputs = _model_tensors(manifest, opts.backend)
+    if opts.ann:
+        from .ann import ann_tensors
+
+        inputs, outputs = ann_tensors(manifest, artifacts, opts.k)
+    else:
+        inputs, outputs = _model_tensors(manifest, opts.backend)
     common: dict[str, Any] = {
         "name": name,
         "inputs": inputs,
@@ -159,7 +175,13 @@ def plan_repository(artifacts: Path, opts: TritonOptions, manifest: dict[str, An
         "instances": opts.instances,
         "queue_delay_us": opts.max_queue_delay_us,
     }
-    if opts.backend == "python":
+    if opts.ann:
+        from .ann import plan_ann_files
+
+        params = {"k": str(opts.k), "max_exclude": str(opts.max_exclude)}
+        cfg = cfgmod.model_config(backend="python", parameters=params, **common)
+        plan_ann_files(plan, artifacts, manifest, name)
+    elif opts.backend == "python":
         cfg = cfgmod.model_config(backend="python", parameters={"onnx_file": "model.onnx"}, **common)
         _copy_onnx(plan.copies, f"{name}/1", artifacts, manifest)
         plan.texts[f"{name}/1/model.py"] = _python_model_source("onnx_model.py")

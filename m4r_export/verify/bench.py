@@ -92,6 +92,8 @@ class BenchResult:
     elapsed_s: float
     environment: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    #: embedding head with an ANN index: exact top-K vs the index (m4r_export.bench.ann), else None
+    ann: dict[str, Any] | None = None
 
     def point(self, backend: str, batch: int, seq: int) -> BenchPoint | None:
         for p in self.points:
@@ -126,6 +128,7 @@ class BenchResult:
             "elapsed_s": self.elapsed_s,
             "environment": self.environment,
             "notes": self.notes,
+            "ann": self.ann,
         }
 
 
@@ -255,6 +258,7 @@ def run_bench(
     progress: Any = None,
     ort_ops: Path | None = None,
     extra_scan_backends: tuple[str, ...] | list[str] = (),
+    ann_k: int = 10,
 ) -> BenchResult:
     """Benchmark ``artifact`` (and the PyTorch reference) over the batch x seq grid.
 
@@ -262,6 +266,8 @@ def run_bench(
     ``ort_ops``: custom-op library for the ``ort-cpu-ops`` backend (the default backend when given).
     ``extra_scan_backends``: more PyTorch references timed beside ``scan_backend`` (named
     ``pytorch-<scan backend>``; ratios stay relative to the first, ``pytorch``).
+    ``ann_k``: an embedding export with an ANN index also gets exact top-``ann_k`` and the index
+    timed side by side at every batch size, with the index's recall@``ann_k`` (``result.ann``).
     """
     batches, seqs = sorted(set(batches)), sorted(set(seqs))
     for what, values in (("--batch", batches), ("--seq", seqs)):
@@ -386,6 +392,27 @@ def run_bench(
         notes.append(
             "some sequence lengths exceed the backend's input width: the most recent items were kept"
         )
+    from ..bench.ann import run_ann_bench
+
+    ann = run_ann_bench(
+        art,
+        lambda s, n: runners[0].run(s, n)["user_embedding"],
+        n_items,
+        int(runners[0].adapt(np.ones((1, max(seqs)), np.int64), np.ones(1, np.int64))[0].shape[1]),
+        batches=batches,
+        k=ann_k,
+        threads=threads,
+        repeats=repeats,
+        max_seconds=max_seconds / 4,
+    )
+    if ann is not None and progress is not None:
+        progress(
+            f"ANN ({ann['kind']}): recall@{ann_k} {ann[f'recall@{ann_k}_mean']:.3f}; "
+            + ", ".join(
+                f"batch {p['batch']}: exact {p['exact_p50_ms']:.2f} ms, ann {p['ann_p50_ms']:.2f} ms"
+                for p in ann["points"]
+            )
+        )
     described = [r.describe() for r in runners]
     for r in runners:
         r.close()
@@ -411,4 +438,5 @@ def run_bench(
             "processor": platform.processor(),
         },
         notes=notes,
+        ann=ann,
     )

@@ -109,6 +109,27 @@ def render_verify(report: VerifyReport, console: Console | None = None) -> None:
         console.print(f"[bold red]FAIL[/bold red]: {report.failure_message()}")
 
 
+def _render_ann(console: Console, ann: dict[str, Any]) -> None:
+    k = ann["k"]
+    knob = ", ".join(f"{key} {value}" for key, value in ann["search_knob"].items())
+    table = titled_table(
+        f"top-{k} search of the user vectors: exact (whole table) vs the {ann['kind']} index ({knob}); "
+        f"recall@{k} {ann[f'recall@{k}_mean']:.3f} (min {ann[f'recall@{k}_min']:.2f}) over "
+        f"{ann['recall_users']} users, {ann['n_items']:,} items"
+    )
+    for col in ("batch", "runs", "exact p50 ms", "ann p50 ms", "exact / ann"):
+        table.add_column(col, justify="right")
+    for p in ann["points"]:
+        table.add_row(
+            str(p["batch"]),
+            str(p["runs"]),
+            f"{p['exact_p50_ms']:.3f}",
+            f"{p['ann_p50_ms']:.3f}",
+            f"{p['speedup']:.1f}x",
+        )
+    console.print(table)
+
+
 def render_bench(result: BenchResult, console: Console | None = None) -> None:
     console = console or _console()
     art = result.artifact
@@ -136,6 +157,8 @@ def render_bench(result: BenchResult, console: Console | None = None) -> None:
             "" if ratio is None else f"{ratio:.2f}x",
         )
     console.print(table)
+    if result.ann is not None:
+        _render_ann(console, result.ann)
     if result.fits:
         fit_table = titled_table("sequence-length sweep: p50 = intercept + slope * seq")
         for col in (
