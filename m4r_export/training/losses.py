@@ -10,7 +10,8 @@
   (``logit - log q(item)``, Jean et al. 2015; Yi et al. 2019) so that the softmax over the sample
   estimates the full softmax without the sampling bias. A negative equal to the row's positive is
   masked (an "accidental hit"). Cost per step: ``N x num_negatives``, independent of n_items apart
-  from the embedding table and its optimizer state.
+  from the embedding table and its optimizer state; with ``sparse = True`` the rows are read with
+  ``F.embedding(..., sparse=True)``, so their gradient is row-indexed too (training/sparse.py).
 * :func:`bpr_loss` -- one uniform negative per row (the reference's BPR).
 """
 
@@ -112,6 +113,8 @@ class SampledSoftmax:
             raise ValueError("sampled softmax needs at least one real item")
         self.num_negatives = int(num_negatives)
         self.distribution = distribution
+        #: read the positives' and negatives' rows as sparse lookups (row-indexed gradient)
+        self.sparse = False
         if distribution == "uniform":
             self.probs: Tensor | None = None
             self.log_q_uniform = -float(np.log(n_items - 1))
@@ -141,8 +144,12 @@ class SampledSoftmax:
     def __call__(self, hidden: Tensor, weight: Tensor, target: Tensor) -> Tensor:
         """Per-row loss (reduction ``none``)."""
         neg = self.sample(hidden.device)
-        pos_logit = (hidden * weight[target]).sum(-1) - self.log_q_of(target)
-        neg_logit = hidden @ weight[neg].t() - self.log_q_of(neg)[None, :]
+        if self.sparse:
+            pos_w, neg_w = F.embedding(target, weight, sparse=True), F.embedding(neg, weight, sparse=True)
+        else:
+            pos_w, neg_w = weight[target], weight[neg]
+        pos_logit = (hidden * pos_w).sum(-1) - self.log_q_of(target)
+        neg_logit = hidden @ neg_w.t() - self.log_q_of(neg)[None, :]
         neg_logit = neg_logit.masked_fill(neg[None, :] == target[:, None], float("-inf"))
         logits = torch.cat([pos_logit[:, None], neg_logit], dim=1)
         return torch.logsumexp(logits, dim=1) - pos_logit
