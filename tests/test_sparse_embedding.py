@@ -12,7 +12,7 @@ from m4r_export.checkpoint import read_checkpoint
 from m4r_export.data import SequenceDataset, build_dataset, synthetic_interactions
 from m4r_export.errors import UsageError
 from m4r_export.training import Trainer, config_from_dict, train
-from m4r_export.training.sparse import SplitAdam
+from m4r_export.training.sparse import SplitAdam, resolve_sparse_embedding
 from m4r_export.training.trainer import default_state_path
 
 # many items, few windows per step, few negatives: a step leaves most rows untouched
@@ -202,3 +202,7 @@ def test_config_choice(ds: SequenceDataset, tmp_path: Path) -> None:
     assert not ce.model.item_embedding.sparse
     with pytest.raises(UsageError, match="sparse_embedding: true needs loss_type SAMPLED"):
         Trainer(ds, tiny(loss_type="CE", sparse_embedding="true"), tmp_path / "x.pt", progress=False)
+    # DDP: gloo all-reduces sparse gradients, NCCL cannot (dense, with the reason for the log)
+    assert resolve_sparse_embedding("auto", "SAMPLED", "gloo")[0]
+    on, why = resolve_sparse_embedding("true", "SAMPLED", "nccl")
+    assert not on and "NCCL cannot all-reduce sparse gradients" in why
