@@ -98,7 +98,10 @@ def test_torchrun_sampled_softmax_with_sparse_gradients(tmp_path: Path) -> None:
     data = tmp_path / "syn.inter"
     write_inter_file(data, users, items, ts)
     recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(RECIPE.replace("epochs: 2", "epochs: 1") + "loss_type: SAMPLED\nnum_negatives: 10\n")
+    recipe.write_text(
+        RECIPE.replace("epochs: 2", "epochs: 1")
+        + "loss_type: SAMPLED\nnum_negatives: 10\nsparse_embedding: true\n"
+    )
     out, dump = tmp_path / "model.pt", tmp_path / "dump"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [

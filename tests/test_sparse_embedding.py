@@ -150,14 +150,15 @@ def test_weight_decay_applies_to_touched_rows_only(ds: SequenceDataset, tmp_path
 def test_resume_mid_epoch_is_exact_and_the_checkpoint_is_unchanged(
     ds: SequenceDataset, tmp_path: Path
 ) -> None:
-    cfg = tiny(epochs=2)  # sparse_embedding auto: on with SAMPLED
+    cfg = tiny(epochs=2, sparse_embedding="true")
     straight = tmp_path / "straight.pt"
     train(ds, cfg, straight, progress=False, log=lambda m: None)
     st_straight = torch.load(default_state_path(straight), weights_only=True)
     assert st_straight["sparse_embedding"] is True
 
     split = tmp_path / "split.pt"
-    res = train(ds, tiny(epochs=2, max_minutes=1e-9), split, progress=False, log=lambda m: None)
+    budget = tiny(epochs=2, sparse_embedding="true", max_minutes=1e-9)
+    res = train(ds, budget, split, progress=False, log=lambda m: None)
     assert res.history[-1]["partial"] and res.history[-1]["batches"] == 1
     res2 = train(ds, cfg, split, resume=True, progress=False, log=lambda m: None)
     assert res2.last_epoch == 2
@@ -202,7 +203,16 @@ def test_config_choice(ds: SequenceDataset, tmp_path: Path) -> None:
     assert not ce.model.item_embedding.sparse
     with pytest.raises(UsageError, match="sparse_embedding: true needs loss_type SAMPLED"):
         Trainer(ds, tiny(loss_type="CE", sparse_embedding="true"), tmp_path / "x.pt", progress=False)
+    # auto: on with SAMPLED above loss AUTO's threshold (100,000 items), off below and with other losses
+    assert resolve_sparse_embedding("auto", "SAMPLED", 100_001, None)[0]
+    assert not resolve_sparse_embedding("auto", "SAMPLED", 100_000, None)[0]
+    assert not resolve_sparse_embedding("auto", "CE", 10**7, None)[0]
+    assert resolve_sparse_embedding("true", "SAMPLED", 400, None)[0]
+    logs: list[str] = []
+    small = Trainer(ds, tiny(), tmp_path / "s.pt", progress=False, log=logs.append)
+    assert not small.sparse_embedding and isinstance(small.optimizer, torch.optim.Adam)
+    assert any(f"sparse_embedding auto is off: {ds.n_items} items <= 100,000" in m for m in logs), logs
     # DDP: gloo all-reduces sparse gradients, NCCL cannot (dense, with the reason for the log)
-    assert resolve_sparse_embedding("auto", "SAMPLED", "gloo")[0]
-    on, why = resolve_sparse_embedding("true", "SAMPLED", "nccl")
+    assert resolve_sparse_embedding("auto", "SAMPLED", 10**6, "gloo")[0]
+    on, why = resolve_sparse_embedding("true", "SAMPLED", 10**6, "nccl")
     assert not on and "NCCL cannot all-reduce sparse gradients" in why

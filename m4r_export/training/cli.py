@@ -27,7 +27,7 @@ CONFIG_OPTIONS: dict[str, tuple[str, Any, str]] = {
     "--sparse-embedding": (
         "sparse_embedding",
         click.Choice(["auto", "true", "false"]),
-        "sparse_embedding: row-indexed item-table gradient + lazy Adam (auto: with --loss SAMPLED).",
+        "sparse_embedding: row-indexed item-table gradient + lazy Adam (auto: SAMPLED, >100K items).",
     ),
 }
 

@@ -54,8 +54,8 @@ class TrainConfig:
     loss_type: str = "AUTO"
     num_negatives: int = 1000
     negative_distribution: str = "uniform"
-    #: auto (on with loss SAMPLED), true, false: row-indexed item-table gradient + lazy Adam on the
-    #: touched rows only (training/sparse.py; docs/training.md)
+    #: auto (on with loss SAMPLED above SAMPLED_SOFTMAX_ABOVE items), true, false: row-indexed
+    #: item-table gradient + lazy Adam on the touched rows only (training/sparse.py; docs/training.md)
     sparse_embedding: str = "auto"
     epochs: int = 300
     train_batch_size: int = 2048

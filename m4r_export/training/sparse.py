@@ -4,8 +4,8 @@ With the sampled softmax a training step reads only a few thousand rows of the i
 input histories, the batch's positives and the shared negatives), yet a dense gradient is a
 table-sized tensor and dense Adam reads and writes the table and both of its moment tables every
 step: the step's cost grows with the catalogue. ``sparse_embedding`` (auto = on with the sampled
-loss) makes every one of those reads produce a sparse (row-indexed) gradient and updates only the
-touched rows:
+loss above ``SAMPLED_SOFTMAX_ABOVE`` items) makes every one of those reads produce a sparse
+(row-indexed) gradient and updates only the touched rows:
 
 * the Mamba4Rec's ``item_embedding`` lookup runs with ``sparse=True`` (the module attribute: the
   parameter, its name ``item_embedding.weight`` and the checkpoint are unchanged), and
@@ -30,15 +30,20 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UsageError
+from .config import SAMPLED_SOFTMAX_ABOVE
 
 STATE_FORMAT = "m4r-split-adam"
 CHOICES = ("auto", "true", "false")
 
 
-def resolve_sparse_embedding(choice: str, loss_type: str, ddp_backend: str | None) -> tuple[bool, str]:
+def resolve_sparse_embedding(
+    choice: str, loss_type: str, n_items: int, ddp_backend: str | None
+) -> tuple[bool, str]:
     """``(on, reason)`` for the configured ``sparse_embedding`` choice and the resolved loss.
 
-    ``auto`` is on with the sampled softmax only. ``true`` with another loss is a usage error (full
+    ``auto`` is on with the sampled softmax above ``SAMPLED_SOFTMAX_ABOVE`` items (loss_type AUTO's
+    threshold). Below it the dense table costs little, and lazy Adam trained Beauty (12K items)
+    more slowly per epoch than Adam (docs/training.md). ``true`` with another loss is a usage error (full
     CE reads every row each step; BPR was not measured). Under NCCL (DDP on GPUs), which cannot all-reduce
     sparse tensors, it stays off; gloo (CPU DDP) can.
     """
@@ -51,6 +56,8 @@ def resolve_sparse_embedding(choice: str, loss_type: str, ddp_backend: str | Non
                 "every item or one random one); use loss_type SAMPLED or sparse_embedding: auto"
             )
         return False, f"{loss_type} loss"
+    if choice == "auto" and n_items <= SAMPLED_SOFTMAX_ABOVE:
+        return False, f"{n_items:,} items <= {SAMPLED_SOFTMAX_ABOVE:,}: dense item-table gradient and Adam"
     if ddp_backend == "nccl":
         return False, "DDP with NCCL cannot all-reduce sparse gradients: dense item-table gradient and Adam"
     return True, f"sparse_embedding: {choice} with the sampled softmax"

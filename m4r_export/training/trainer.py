@@ -292,9 +292,10 @@ class Trainer:
     def _sparse_choice(self, sampled: Any) -> bool:
         """Resolve ``sparse_embedding`` (training/sparse.py) and switch the item-table reads to it."""
         backend = torch.distributed.get_backend() if self.info.enabled else None
-        on, why = resolve_sparse_embedding(self.cfg.sparse_embedding, self.loss_type, backend)
+        cfg = self.cfg
+        on, why = resolve_sparse_embedding(cfg.sparse_embedding, self.loss_type, self.ds.n_items, backend)
         if self.cfg.sparse_embedding != "false" and self.loss_type == "SAMPLED" and not on:
-            self.log(f"note: {why}")  # asked for (auto/true) but not possible here
+            self.log(f"note: sparse_embedding {self.cfg.sparse_embedding} is off: {why}")
         if on:
             self.model.item_embedding.sparse = True  # the input lookup's gradient: row-indexed
             sampled.sparse = True  # the positives' and negatives' rows too
