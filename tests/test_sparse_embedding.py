@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +13,7 @@ from m4r_export.checkpoint import read_checkpoint
 from m4r_export.data import SequenceDataset, build_dataset, synthetic_interactions
 from m4r_export.errors import UsageError
 from m4r_export.training import Trainer, config_from_dict, train
+from m4r_export.training.losses import SampledSoftmax
 from m4r_export.training.sparse import SplitAdam, resolve_sparse_embedding
 from m4r_export.training.trainer import default_state_path
 
@@ -216,3 +218,16 @@ def test_config_choice(ds: SequenceDataset, tmp_path: Path) -> None:
     assert resolve_sparse_embedding("auto", "SAMPLED", 10**6, "gloo")[0]
     on, why = resolve_sparse_embedding("true", "SAMPLED", 10**6, "nccl")
     assert not on and "NCCL cannot all-reduce sparse gradients" in why
+
+
+def test_popularity_sampler_draws_in_proportion_without_padding() -> None:
+    """The CDF search (no per-draw pass over the catalogue) draws row i with probability q(i)."""
+    counts = np.arange(50) ** 2  # row 0 has count 0 but is padding anyway
+    loss = SampledSoftmax(50, 400_000, "popularity", counts)
+    torch.manual_seed(0)
+    drawn = loss.sample(torch.device("cpu"))
+    assert int(drawn.min()) >= 1 and int(drawn.max()) <= 49
+    freq = torch.bincount(drawn, minlength=50).double() / len(drawn)
+    assert loss.probs is not None
+    tv = 0.5 * (freq - loss.probs.double()).abs().sum()
+    assert tv < 0.01, tv  # sampling noise ~0.003
