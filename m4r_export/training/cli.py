@@ -29,6 +29,11 @@ CONFIG_OPTIONS: dict[str, tuple[str, Any, str]] = {
     "--min-user-inter": ("min_user_inter", click.IntRange(min=0), "k-core: interactions per user."),
     "--min-item-inter": ("min_item_inter", click.IntRange(min=0), "k-core: interactions per item."),
     "--eval-batch-size": ("eval_batch_size", click.IntRange(min=1), "Users per evaluation batch."),
+    "--sparse-embedding": (
+        "sparse_embedding",
+        click.Choice(["auto", "true", "false"]),
+        "sparse_embedding: row-indexed item-table gradient + lazy Adam (auto: SAMPLED, >100K items).",
+    ),
 }
 
 
@@ -168,7 +173,8 @@ def train(
             console.print(ds.summary(), highlight=False)
             console.print(
                 f"model: hidden {cfg.hidden_size}, {cfg.num_layers} layer(s), d_state {cfg.d_state}; "
-                f"{trainer.loss_type} loss, {_objective_text(cfg, trainer)}, lr {cfg.learning_rate}, "
+                f"{trainer.loss_type} loss{_sparse_text(trainer)}, "
+                f"{_objective_text(cfg, trainer)}, lr {cfg.learning_rate}, "
                 f"scan backend {trainer.backend}, {trainer.info.world_size} process(es), "
                 f"{torch.get_num_threads()} thread(s)",
                 highlight=False,
@@ -178,6 +184,10 @@ def train(
             _print_train_result(result, out, cfg.valid_metric)
     finally:
         shutdown_distributed()
+
+
+def _sparse_text(trainer: Any) -> str:
+    return " (sparse item-table gradient, lazy Adam)" if trainer.sparse_embedding else ""
 
 
 def _objective_text(cfg: Any, trainer: Any) -> str:

@@ -55,6 +55,9 @@ class TrainConfig:
     loss_type: str = "AUTO"
     num_negatives: int = 1000
     negative_distribution: str = "uniform"
+    #: auto (on with loss SAMPLED above SAMPLED_SOFTMAX_ABOVE items), true, false: row-indexed
+    #: item-table gradient + lazy Adam on the touched rows only (training/sparse.py; docs/training.md)
+    sparse_embedding: str = "auto"
     epochs: int = 300
     train_batch_size: int = 2048
     learning_rate: float = 0.001
@@ -135,6 +138,10 @@ class TrainConfig:
         need(
             self.negative_distribution in ("uniform", "popularity"),
             f"negative_distribution must be 'uniform' or 'popularity', got {self.negative_distribution!r}",
+        )
+        need(
+            self.sparse_embedding in ("auto", "true", "false"),
+            f"sparse_embedding must be auto, true or false, got {self.sparse_embedding!r}",
         )
         need(self.device in ("cpu", "cuda"), f"device must be 'cpu' or 'cuda', got {self.device!r}")
         need(
@@ -261,6 +268,7 @@ def _coerce(cfg: TrainConfig) -> TrainConfig:
     cfg.loss_type = cfg.loss_type.upper()
     cfg.objective = cfg.objective.lower()
     cfg.negative_distribution = cfg.negative_distribution.lower()
+    cfg.sparse_embedding = cfg.sparse_embedding.lower()  # YAML's true/false arrive as "True"/"False"
     return cfg
 
 

@@ -60,6 +60,7 @@ from . import losses
 from .config import TrainConfig
 from .metrics import evaluate_scorer, means, model_scorer
 from .schedule import lr_factor, run_progress
+from .sparse import SplitAdam, resolve_sparse_embedding
 from .windows import Windows, batch_plan, build_windows
 
 STATE_FORMAT = "m4r-train-state"
@@ -254,15 +255,19 @@ class Trainer:
             sampled = losses.SampledSoftmax(
                 dataset.n_items, cfg.num_negatives, cfg.negative_distribution, counts
             )
+        self.sparse_embedding = self._sparse_choice(sampled)
         self.objective: nn.Module = _Objective(self.model, self.loss_type, self.every_position, sampled)
-        if self.info.enabled:
+        if self.info.enabled:  # after _sparse_choice: DDP reads Embedding.sparse to expect sparse grads
             from torch.nn.parallel import DistributedDataParallel
 
             self.objective = DistributedDataParallel(
                 self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
-        self.optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+        lr, decay = cfg.learning_rate, cfg.weight_decay
+        self.optimizer: Any = (
+            SplitAdam(self.model, self.model.item_embedding.weight, lr, decay)
+            if self.sparse_embedding
+            else torch.optim.Adam(self.model.parameters(), lr=lr, weight_decay=decay)
         )
         # global batch = train_batch_size, split over the ranks (as RecBole's distributed trainer)
         self.rank_batch = max(1, math.ceil(cfg.train_batch_size / self.info.world_size))
@@ -286,6 +291,18 @@ class Trainer:
     def log(self, msg: str) -> None:
         if self.info.is_main:
             self._log(msg)
+
+    def _sparse_choice(self, sampled: Any) -> bool:
+        """Resolve ``sparse_embedding`` (training/sparse.py) and switch the item-table reads to it."""
+        backend = torch.distributed.get_backend() if self.info.enabled else None
+        cfg = self.cfg
+        on, why = resolve_sparse_embedding(cfg.sparse_embedding, self.loss_type, self.ds.n_items, backend)
+        if self.cfg.sparse_embedding != "false" and self.loss_type == "SAMPLED" and not on:
+            self.log(f"note: sparse_embedding {self.cfg.sparse_embedding} is off: {why}")
+        if on:
+            self.model.item_embedding.sparse = True  # the input lookup's gradient: row-indexed
+            sampled.sparse = True  # the positives' and negatives' rows too
+        return on
 
     # ------------------------------------------------------------------ evaluation
     def evaluate_split(self, which: str) -> dict[str, float]:
@@ -314,6 +331,7 @@ class Trainer:
             "world_size": self.info.world_size,
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
+            "sparse_embedding": self.sparse_embedding,
             "best_score": self.best_score,
             "best_epoch": self.best_epoch,
             "best_valid": dict(self.best_valid),
@@ -364,6 +382,13 @@ class Trainer:
                 f"cannot resume from {p}: valid_metric changed ({st['config'].get('valid_metric')!r} -> "
                 f"{self.cfg.valid_metric!r}), but the best epoch so far was chosen by the old one; use the "
                 "run's valid_metric"
+            )
+        if bool(st.get("sparse_embedding", False)) != self.sparse_embedding:
+            was, now = ("on", "off") if st.get("sparse_embedding") else ("off", "on")
+            raise UsageError(
+                f"cannot resume from {p}: it was trained with the sparse item-table update {was} and this "
+                f"run has it {now} (its optimizer state does not carry over); set sparse_embedding: "
+                f"{'true' if was == 'on' else 'false'} to resume it"
             )
         self.model.load_state_dict(st["model"])
         self.optimizer.load_state_dict(st["optimizer"])
@@ -426,6 +451,7 @@ class Trainer:
             "window_stride": self.cfg.effective_stride() if self.every_position else None,
             "train_windows": len(self.windows) if self.windows is not None else None,
             "loss": self.loss_type,
+            "sparse_embedding": self.sparse_embedding,
         }
 
     def save_best(self) -> None:
