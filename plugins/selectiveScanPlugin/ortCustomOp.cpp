@@ -13,6 +13,7 @@
 
 #include "ortCustomOp.h"
 #include "ortMixerOp.h"
+#include "ortMixerStepOp.h"
 #include "selectiveScanCpuFast.h"
 
 #include <algorithm>
@@ -405,6 +406,8 @@ extern "C" M4R_ORT_OPS_API OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionO
             d->Add(&gScanF16);
             d->Add(m4r::mixerOpF32()); // fused Mamba block (ortMixerOp.cpp)
             d->Add(m4r::mixerOpF16());
+            d->Add(m4r::mixerStepOpF32()); // fused streaming step (ortMixerStepOp.cpp)
+            d->Add(m4r::mixerStepOpF16());
             return d;
         }();
         Ort::UnownedSessionOptions(options).Add(*domain);
