@@ -127,3 +127,79 @@ def test_streaming_session_loads_the_library_for_the_fused_step(exports: dict[st
         assert np.array_equal(finite, np.isfinite(got))
         assert float(np.abs(got[finite] - ref[finite]).max()) <= 1e-5
     assert mixer_step_calls(ops) == before + 4  # 2 pushes x 2 layers on the fused kernel
+
+
+@pytest.mark.parametrize("weights_as_inputs", [False, True])
+def test_single_step_node_kernel_matches_its_body(ops: Path, weights_as_inputs: bool) -> None:
+    """One MambaMixerStep node: weights as initializers (packed once) or as graph inputs (packed per call)."""
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    from m4r_export.model.mamba import Mamba
+    from m4r_export.onnx import fused_step
+
+    torch.manual_seed(3)
+    m = Mamba(d_model=12, d_state=5, d_conv=3, expand=2).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    weights = {
+        "in_proj_weight": m.in_proj.weight,
+        "conv_weight": m.conv1d.weight,
+        "conv_bias": m.conv1d.bias,
+        "x_proj_weight": m.x_proj.weight,
+        "dt_proj_weight": m.dt_proj.weight,
+        "dt_bias": m.dt_proj.bias,
+        "A": -torch.exp(m.A_log),
+        "D": m.D,
+        "out_proj_weight": m.out_proj.weight,
+    }
+    arrays = {k: v.detach().numpy().astype(np.float32) for k, v in weights.items()}
+    batch = 19
+    rng = np.random.default_rng(0)
+    feeds = {
+        "hidden": rng.standard_normal((batch, 12)).astype(np.float32),
+        "conv_state": rng.standard_normal((batch, m.d_inner, 2)).astype(np.float32),
+        "ssm_state": rng.standard_normal((batch, m.d_inner, 5)).astype(np.float32),
+    }
+    node = helper.make_node(
+        "MambaMixerStep",
+        list(fused_step.INPUTS),
+        list(fused_step.OUTPUTS),
+        domain="m4r",
+        x_proj_split=[int(m.dt_rank), 5, 5],
+    )
+    value = {k: helper.make_tensor_value_info(k, TensorProto.FLOAT, list(v.shape)) for k, v in feeds.items()}
+    if weights_as_inputs:
+        feeds.update(arrays)
+        value.update(
+            {k: helper.make_tensor_value_info(k, TensorProto.FLOAT, list(v.shape)) for k, v in arrays.items()}
+        )
+    graph = helper.make_graph(
+        [node],
+        "step",
+        [value[k] for k in fused_step.INPUTS if k in value],
+        [
+            helper.make_tensor_value_info(k, TensorProto.FLOAT, shape)
+            for k, shape in zip(
+                fused_step.OUTPUTS, ([batch, 12], [batch, m.d_inner, 2], [batch, m.d_inner, 5]), strict=True
+            )
+        ],
+        initializer=[] if weights_as_inputs else [numpy_helper.from_array(v, k) for k, v in arrays.items()],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("m4r", 1)],
+        functions=[fused_step.make_step_function(20)],
+    )
+    onnx.checker.check_model(model, full_check=True)
+    blob = model.SerializeToString()
+    want = ex.ort_session(blob, 1).run(None, feeds)
+    before = mixer_step_calls(ops)
+    got = ex.ort_session(blob, 3, ops).run(None, feeds)
+    assert mixer_step_calls(ops) == before + 1
+    with torch.no_grad():
+        y, conv, h = m.step(*(torch.from_numpy(feeds[k]) for k in ("hidden", "conv_state", "ssm_state")))
+    for ref, body, kernel in zip((y, conv, h), want, got, strict=True):
+        assert float(np.abs(body - ref.numpy()).max()) <= 1e-5
+        assert float(np.abs(kernel - ref.numpy()).max()) <= 1e-5
