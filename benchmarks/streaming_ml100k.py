@@ -1,7 +1,8 @@
 """Streaming parity on every test user: init on half the history, step through the rest.
 
     m4r export --ckpt model.pt --out-dir DIR --streaming --fp16
-    python benchmarks/streaming_ml100k.py --ckpt model.pt --dir DIR --data ml-100k.inter [--json out.json]
+    python benchmarks/streaming_ml100k.py --ckpt model.pt --dir DIR --data ml-100k.inter [--json out.json] \
+        [--ort-ops libm4r_ort_ops.so]   # with an m4r export --fused DIR: the fused step kernel
 
 For each test user (leave-one-out test input, the whole history: no max_seq_len truncation),
 ``StreamingSession.start`` encodes the first half of the history (``init.onnx``), then
@@ -47,6 +48,11 @@ def main() -> None:
     ap.add_argument("--dir", required=True)
     ap.add_argument("--data", required=True)
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--ort-ops",
+        default=None,
+        help="libm4r_ort_ops.so (a --fused step.onnx runs its fused kernel)",
+    )
     ap.add_argument("--limit-users", type=int, default=None, help="Only the first N test users (smoke runs).")
     args = ap.parse_args()
     torch.set_flush_denormal(True)
@@ -106,7 +112,9 @@ def main() -> None:
     }
     spot = {(u, j % int(lengths[u] - half[u])) for u, j in spot}
     ok = True
-    sessions = {p: StreamingSession.from_dir(out, p) for p in manifest["streaming"]["files"]}
+    sessions = {
+        p: StreamingSession.from_dir(out, p, ort_ops=args.ort_ops) for p in manifest["streaming"]["files"]
+    }
     stats = {
         p: {"max_diff": 0.0, "identical": 0, "overlaps": [], "spot_max_diff": 0.0, "mismatches": []}
         for p in sessions

@@ -60,14 +60,10 @@ def input_names(head: str, exclude_items: bool = True) -> tuple[str, ...]:
     return (*INPUT_NAMES, EXCLUDE_INPUT) if exclude_items and head in RANKING_HEADS else INPUT_NAMES
 
 
-def _mask_items(mask: Tensor, ids: Tensor) -> Tensor:
-    """``mask`` [batch, n_items] with ``mask[b, ids[b, j]] = True``; ids outside [0, n_items) -> 0.
-
-    Column 0 (padding) is masked anyway, so mapping "no item" and invalid ids to 0 ignores them.
-    """
-    valid = (ids >= 0) & (ids < mask.shape[1])
-    ids = torch.where(valid, ids, torch.zeros_like(ids))
-    return mask.scatter(1, ids, torch.ones_like(ids, dtype=torch.bool))
+def _valid_ids(ids: Tensor, n_items: int) -> Tensor:
+    """Ids outside [0, n_items) -> 0: column 0 (padding) is -inf anyway, so "no item" and invalid ids
+    are ignored."""
+    return torch.where((ids >= 0) & (ids < n_items), ids, 0)
 
 
 def check_k(k: int, n_items: int, option: str = "--k") -> None:
@@ -127,7 +123,7 @@ class ServingModel(nn.Module):
         if self.exclude_history and self.head != "embedding":
             seq, lengths = self.model.sanitize(item_seq, item_seq_len)
             positions = torch.arange(seq.shape[1], device=seq.device)[None, :]
-            history = torch.where(positions < lengths[:, None], seq, torch.zeros_like(seq))
+            history = torch.where(positions < lengths[:, None], seq, 0)
         return self.heads(user, history, exclude_items)
 
     def heads(
@@ -140,14 +136,15 @@ class ServingModel(nn.Module):
             raise ValueError(f"this {self.head} head was built without the exclude_items input")
         if self.head == "topk":
             return self._chunked_topk(user, history, exclude_items)
-        scores = user @ self.model.item_embedding.weight.t()
-        mask = torch.zeros_like(scores, dtype=torch.bool)
-        mask[:, 0] = True
-        if history is not None:
-            mask = _mask_items(mask, history)
-        if exclude_items is not None:
-            mask = _mask_items(mask, exclude_items)
-        return (scores.masked_fill(mask, float("-inf")),)
+        # fp32 scores whatever the model's precision (an fp16 model's outputs are fp32 anyway; ONNX Runtime's
+        # CPU then computes the fp16 GEMM in fp32 and never rounds the scores to fp16)
+        scores = (user @ self.model.item_embedding.weight.t()).float()
+        # item 0 (padding) and every listed id -> -inf in ONE scatter (no boolean mask): the exported
+        # graph is a handful of nodes (issue 21: per-node cost at batch 1)
+        cols = [torch.zeros_like(scores[:, :1], dtype=torch.long)]
+        cols += [_valid_ids(ids, scores.shape[1]) for ids in (history, exclude_items) if ids is not None]
+        index = torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
+        return (scores.scatter(1, index, float("-inf")),)
 
     def _chunked_topk(
         self, user: Tensor, history: Tensor | None, exclude_items: Tensor | None
@@ -272,7 +269,7 @@ class StreamingStep(nn.Module):
             raise ValueError(f"expected {2 * n_layers + 1} state tensors, got {len(states)}")
         convs, ssms, user_state = list(states[0:-1:2]), list(states[1:-1:2]), states[-1]
         valid = (item_id >= 1) & (item_id < model.n_items)
-        ids = torch.where(valid, item_id, torch.zeros_like(item_id))
+        ids = torch.where(valid, item_id, 0)
         user, new_convs, new_ssms = model.step(ids, convs, ssms)
         keep = valid[:, None, None]
         new_states = [

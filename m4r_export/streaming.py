@@ -84,7 +84,10 @@ class StreamingSession:
         threads: int | None = None,
         providers: Sequence[str] = ("CPUExecutionProvider",),
         max_events: int = MAX_REQUEST_EVENTS,
+        ort_ops: str | os.PathLike[str] | None = None,
     ) -> None:
+        """``ort_ops``: libm4r_ort_ops.so to load into both sessions (an ``m4r export --fused`` step.onnx
+        then runs its m4r::MambaMixerStep nodes as the fused CPU kernel instead of their function body)."""
         import onnxruntime as ort
 
         from .onnx.manifest import ort_session
@@ -95,11 +98,18 @@ class StreamingSession:
         self.directory = Path(directory)
         with _open_export(self.directory) as listed:
             self.manifest = listed.manifest
-            self._setup(listed, precision, threads, providers, ort, ort_session)
+            self._setup(listed, precision, threads, providers, ort, ort_session, ort_ops)
         self._states: dict[str, np.ndarray] | None = None
 
     def _setup(
-        self, listed: Any, precision: str, threads: int | None, providers: Sequence[str], ort: Any, load: Any
+        self,
+        listed: Any,
+        precision: str,
+        threads: int | None,
+        providers: Sequence[str],
+        ort: Any,
+        load: Any,
+        ort_ops: str | os.PathLike[str] | None = None,
     ) -> None:
         """Read the manifest's streaming section; load both graphs from the checked, listed files."""
         spec = self.manifest["streaming"]
@@ -123,6 +133,10 @@ class StreamingSession:
         so.log_severity_level = 3
         if threads:
             so.intra_op_num_threads = threads
+        if ort_ops is not None:
+            from .onnx.ort_ops import register_ort_ops
+
+            register_ort_ops(so, Path(ort_ops))
         files = spec["files"][precision]  # plain names listed and hashed in 'files' (checked at open)
         self._init = load(listed, files["init"], so, providers)
         self._step = load(listed, files["step"], so, providers)

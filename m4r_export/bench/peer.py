@@ -20,7 +20,8 @@ point as ``sasrec_chunks``).
 An export with ``model.int8.onnx`` (``m4r export --int8``) adds ``<label>
 int8`` (with the library when given).
 
-Streaming: for every export with ``step.onnx``, one new event per row:
+Streaming: for every export with ``step.onnx`` (with ``--fused``, its MambaMixerStep nodes run the fused
+kernel in ``<label> step ops``), one new event per row:
 ``step.onnx`` on the states of an L-item history (``init.onnx`` beforehand, untimed) beside SASRec
 re-encoding the L+1 items and m4r's ``model.onnx`` re-encoding them, interleaved the same way.
 """
@@ -352,7 +353,7 @@ def _streaming_points(
             continue
         files = spec["files"]["fp32"]
         step_sha = man["files"][files["step"]]["sha256"]
-        if step_sha in timed:  # the same step.onnx (a --fused export's step graph is the unfused one)
+        if step_sha in timed:  # the same step.onnx already timed (e.g. two exports of one model)
             continue
         timed.add(step_sha)
         init = _session((e.directory / files["init"]).read_bytes(), nt, ort_ops)

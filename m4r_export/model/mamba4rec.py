@@ -149,7 +149,7 @@ class Mamba4Rec(nn.Module):
     def sanitize(self, item_seq: Tensor, item_seq_len: Tensor) -> tuple[Tensor, Tensor]:
         """Out-of-range ids -> 0 (padding); lengths clamped to [1, seq_len]."""
         in_range = (item_seq >= 0) & (item_seq < self.n_items)
-        item_seq = torch.where(in_range, item_seq, torch.zeros_like(item_seq))
+        item_seq = torch.where(in_range, item_seq, 0)
         item_seq_len = item_seq_len.clamp(1, item_seq.shape[1])
         return item_seq, item_seq_len
 

@@ -70,7 +70,8 @@ from ..errors import M4RError
     "--fused",
     is_flag=True,
     help="One m4r::MambaMixer node per Mamba block (fused CPU kernel in libm4r_ort_ops.so; the node's "
-    "function body runs it without the library): docs/ort-custom-ops.md.",
+    "function body runs it without the library); with --streaming, step.onnx gets one m4r::MambaMixerStep "
+    "node per block likewise: docs/ort-custom-ops.md.",
 )
 @click.option(
     "--int8",

@@ -296,6 +296,8 @@ def _serving_module(model: Mamba4Rec, opts: ExportOptions, fp16: bool) -> nn.Mod
     if opts.fused:
         from .fused import fuse_mixers
 
+        if m is model:  # fuse a copy of the modules that shares the weights: ``model`` stays as it was
+            m = copy.deepcopy(model, memo={id(p): p for p in [*model.parameters(), *model.buffers()]})
         fuse_mixers(m)
     cls = ServingModel
     if opts.head == "topk" and opts.native_topk:

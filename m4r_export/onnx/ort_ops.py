@@ -174,6 +174,17 @@ def topk_calls(path: Path) -> int | None:
     return int(fn())
 
 
+def mixer_step_calls(path: Path) -> int | None:
+    """How many fused MambaMixerStep nodes (streaming step.onnx) the library has executed in this process
+    (None: a library without the op)."""
+    lib = ctypes.CDLL(str(path))
+    fn = getattr(lib, "m4r_ort_ops_mixer_step_calls", None)
+    if fn is None:
+        return None
+    fn.restype = ctypes.c_int64
+    return int(fn())
+
+
 def onnxruntime_root(explicit: Path | None) -> Path:
     """The folder with ONNX Runtime's C/C++ headers: explicit, then $ONNXRUNTIME_ROOT; checked."""
     root = explicit or (

@@ -57,10 +57,18 @@ STREAMING_FORMAT_VERSION = 1
 
 
 def _modules(model: Mamba4Rec, opts: ExportOptions, fp16: bool) -> tuple[StreamingInit, StreamingStep]:
+    """``--fused``: the step's mixers become ``m4r::MambaMixerStep`` nodes (init keeps its graph)."""
     m = half_model(model) if fp16 else copy.deepcopy(model).eval()
     m.set_scan_backend(SCAN_BACKEND)
     serving = ServingModel(m, opts.head, opts.k, False, opts.exclude_items, opts.topk_chunk)
-    return StreamingInit(serving), StreamingStep(serving)
+    step_serving = serving
+    if opts.fused:
+        from .fused_step import fuse_step_mixers
+
+        ms = copy.deepcopy(m)
+        fuse_step_mixers(ms)
+        step_serving = ServingModel(ms, opts.head, opts.k, False, opts.exclude_items, opts.topk_chunk)
+    return StreamingInit(serving), StreamingStep(step_serving)
 
 
 def _state_examples(model: Mamba4Rec, batch: int) -> list[torch.Tensor]:
@@ -93,12 +101,18 @@ def _finalize(proto: Any, kind: str, opts: ExportOptions, fp16: bool) -> None:
     import onnx
     from onnx import helper
 
-    if any(n.op_type == bodies.OP_NAME and n.domain == bodies.DOMAIN for n in proto.graph.node):
+    from . import fused_step
+
+    ops = {n.op_type for n in proto.graph.node if n.domain == bodies.DOMAIN}
+    if ops:
         imports = {o.domain: o for o in proto.opset_import}
         if bodies.DOMAIN not in imports:
             proto.opset_import.append(helper.make_opsetid(bodies.DOMAIN, bodies.OP_VERSION))
         del proto.functions[:]
+    if bodies.OP_NAME in ops:
         proto.functions.append(bodies.make_function(opts.body, opts.opset, io_float16=fp16))
+    if fused_step.OP_NAME in ops:
+        proto.functions.append(fused_step.make_step_function(opts.opset))
     for vi in [*proto.graph.input, *proto.graph.output]:
         dims = vi.type.tensor_type.shape.dim
         dims[0].dim_param = "batch"
@@ -156,8 +170,14 @@ def trace_streaming(model: Mamba4Rec, opts: ExportOptions, fp16: bool = False) -
     for kind, proto in (("init", init_proto), ("step", step_proto)):
         _finalize(proto, kind, opts, fp16)
         onnx.checker.check_model(proto, full_check=True)
-    if any(n.domain == bodies.DOMAIN for n in step_proto.graph.node):
-        raise M4RError("step.onnx must use standard ONNX ops only, but it has an m4r node (a bug)")
+    from .fused_step import OP_NAME as STEP_OP
+
+    step_ops = {n.op_type for n in step_proto.graph.node if n.domain == bodies.DOMAIN}
+    if step_ops - {STEP_OP} or (STEP_OP in step_ops) != opts.fused:
+        raise M4RError(
+            f"step.onnx must use standard ONNX ops{' and m4r::MambaMixerStep' if opts.fused else ''} only, "
+            f"but it has m4r nodes {sorted(step_ops)} (a bug)"
+        )
     return init_proto, step_proto
 
 
@@ -202,6 +222,9 @@ def streaming_manifest(
     return {
         "format_version": STREAMING_FORMAT_VERSION,
         "files": {p: {"init": FILE_NAMES[p][0], "step": FILE_NAMES[p][1]} for p in protos},
+        # m4r export --fused: one m4r::MambaMixerStep node per mixer in step.onnx (its function body is the
+        # standard-op step, so the file runs without the library; libm4r_ort_ops.so runs the fused kernel)
+        "fused_step": {"used": opts.fused, "name": "MambaMixerStep", "version": 1},
         "init": graphs["init"],
         "step": graphs["step"],
         "states": [

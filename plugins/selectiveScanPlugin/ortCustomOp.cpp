@@ -14,6 +14,7 @@
 #include "ortCustomOp.h"
 #include "ortMixerOp.h"
 #include "ortScoreTopKOp.h"
+#include "ortMixerStepOp.h"
 #include "selectiveScanCpuFast.h"
 
 #include <algorithm>
@@ -408,6 +409,8 @@ extern "C" M4R_ORT_OPS_API OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionO
             d->Add(m4r::mixerOpF16());
             d->Add(m4r::scoreTopKOpF32()); // exact top-K scoring (ortScoreTopKOp.cpp)
             d->Add(m4r::scoreTopKOpF16());
+            d->Add(m4r::mixerStepOpF32()); // fused streaming step (ortMixerStepOp.cpp)
+            d->Add(m4r::mixerStepOpF16());
             return d;
         }();
         Ort::UnownedSessionOptions(options).Add(*domain);

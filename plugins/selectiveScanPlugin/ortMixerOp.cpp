@@ -1,6 +1,6 @@
 // ONNX Runtime kernel of m4r::MambaMixer (README-MambaMixer.md): glue only; the math is mambaMixerCpu.h.
 // One work item per batch row on ONNX Runtime's intra-op pool; weights are transposed (and fp16 converted to
-// fp32) once per call. fp16 I/O is computed in fp32 and rounded once at the output.
+// fp32) once, when the kernel is created, if they are constant in the graph, else once per call. fp16 I/O is computed in fp32 and rounded once at the output.
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
@@ -12,6 +12,7 @@
 #include <atomic>
 #include <cstdint>
 #include <exception>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -100,10 +101,58 @@ struct RowWork
     }
 };
 
+// The weights (inputs 2..10) in the kernel's layout: fp32, projections transposed. Built once when the kernel is
+// created if every weight is constant in the graph (initializers after ONNX Runtime's constant folding), else
+// per call.
+struct PackedWeights
+{
+    std::vector<float> store[9];
+    M4RMixerWeights w{};
+};
+
 template <typename T>
 struct MixerKernel
 {
     bool lastOnly = true;
+    std::unique_ptr<PackedWeights> constant;
+
+    // get(i) -> input i; shapes as checked by compute()
+    template <typename Get>
+    static std::unique_ptr<PackedWeights> pack(Get&& get)
+    {
+        auto p = std::make_unique<PackedWeights>();
+        auto shape = [&](size_t i) { return get(i).GetTensorTypeAndShapeInfo().GetShape(); };
+        auto const a = shape(8), conv = shape(3), dtp = shape(6), win = shape(2);
+        int64_t const di = a[0], n = a[1], r = dtp[1], k = conv[2], dm = win[1];
+        auto copy = [&](size_t i, std::vector<float>& dst) {
+            std::vector<float> tmp;
+            float const* src = asFloat(get(i), tmp);
+            dst.assign(src, src + get(i).GetTensorTypeAndShapeInfo().GetElementCount());
+            return dst.data();
+        };
+        auto transposed = [&](size_t i, int64_t rows, int64_t cols, std::vector<float>& dst) {
+            std::vector<float> tmp;
+            dst.resize(static_cast<size_t>(rows * cols));
+            m4r_mixer_transpose(asFloat(get(i), tmp), rows, cols, dst.data());
+            return dst.data();
+        };
+        M4RMixerWeights& w = p->w;
+        w.d_model = static_cast<int32_t>(dm);
+        w.d_inner = static_cast<int32_t>(di);
+        w.d_state = static_cast<int32_t>(n);
+        w.dt_rank = static_cast<int32_t>(r);
+        w.d_conv = static_cast<int32_t>(k);
+        w.in_proj_t = transposed(2, 2 * di, dm, p->store[0]);
+        w.conv_w = copy(3, p->store[1]);
+        w.conv_b = copy(4, p->store[2]);
+        w.x_proj_t = transposed(5, r + 2 * n, di, p->store[3]);
+        w.dt_proj_t = transposed(6, di, r, p->store[4]);
+        w.dt_bias = copy(7, p->store[5]);
+        w.A = copy(8, p->store[6]);
+        w.D = copy(9, p->store[7]);
+        w.out_proj_t = transposed(10, dm, di, p->store[8]);
+        return p;
+    }
 
     OrtStatusPtr ComputeV2(OrtKernelContext* context)
     {
@@ -158,29 +207,13 @@ struct MixerKernel
         if (batch == 0 || L == 0 || dm == 0)
             return;
 
-        std::vector<float> st[11], tw[4];
-        auto in = [&](size_t i) { return asFloat(ctx.GetInput(i), st[i]); };
-        auto transposed = [&](size_t i, int64_t rows, int64_t cols, std::vector<float>& dst) {
-            dst.resize(static_cast<size_t>(rows * cols));
-            m4r_mixer_transpose(in(i), rows, cols, dst.data());
-            return dst.data();
-        };
+        std::vector<float> st0;
+        std::unique_ptr<PackedWeights> perCall;
+        if (!constant)
+            perCall = pack([&](size_t i) { return ctx.GetInput(i); });
         RowWork work;
-        work.w.d_model = static_cast<int32_t>(dm);
-        work.w.d_inner = static_cast<int32_t>(di);
-        work.w.d_state = static_cast<int32_t>(n);
-        work.w.dt_rank = static_cast<int32_t>(r);
-        work.w.d_conv = static_cast<int32_t>(k);
-        work.w.in_proj_t = transposed(2, 2 * di, dm, tw[0]);
-        work.w.conv_w = in(3);
-        work.w.conv_b = in(4);
-        work.w.x_proj_t = transposed(5, r + 2 * n, di, tw[1]);
-        work.w.dt_proj_t = transposed(6, di, r, tw[2]);
-        work.w.dt_bias = in(7);
-        work.w.A = in(8);
-        work.w.D = in(9);
-        work.w.out_proj_t = transposed(10, dm, di, tw[3]);
-        work.x = in(0);
+        work.w = constant ? constant->w : perCall->w;
+        work.x = asFloat(ctx.GetInput(0), st0);
         work.lengths = ctx.GetInput(1).GetTensorData<int32_t>();
         work.seqlen = static_cast<int32_t>(L);
         work.lastOnly = lastOnly ? 1 : 0;
@@ -227,7 +260,26 @@ struct MixerOp : Ort::CustomOpBase<MixerOp<T>, MixerKernel<T>, /*WithStatus=*/tr
 {
     OrtStatusPtr CreateKernelV2(OrtApi const&, OrtKernelInfo const* info, void** kernel) const
     {
-        return guarded([&] { *kernel = new MixerKernel<T>{readLastOnly(info)}; });
+        return guarded([&] {
+            auto k = std::make_unique<MixerKernel<T>>();
+            k->lastOnly = readLastOnly(info);
+            Ort::ConstKernelInfo kinfo(info);
+            bool allConstant = kinfo.GetInputCount() == kInputs;
+            std::vector<Ort::ConstValue> values;
+            for (size_t i = 2; allConstant && i < kInputs; ++i)
+            {
+                int isConstant = 0;
+                values.push_back(kinfo.GetTensorConstantInput(i, &isConstant));
+                allConstant = isConstant != 0;
+            }
+            // shapes are checked on every call (compute); a constant weight of a wrong rank is left to it
+            if (allConstant && values[6].GetTensorTypeAndShapeInfo().GetShape().size() == 2
+                && values[1].GetTensorTypeAndShapeInfo().GetShape().size() == 3
+                && values[4].GetTensorTypeAndShapeInfo().GetShape().size() == 2
+                && values[0].GetTensorTypeAndShapeInfo().GetShape().size() == 2)
+                k->constant = MixerKernel<T>::pack([&](size_t i) { return values[i - 2]; });
+            *kernel = k.release();
+        });
     }
     char const* GetName() const { return "MambaMixer"; }
     size_t GetInputTypeCount() const { return kInputs; }
