@@ -205,6 +205,7 @@ def test_manifest(exports: dict[str, Any]) -> None:
         "plugin_version": "1",
         "function_body": "chunked",
         "fused_mixer": {"used": False, "name": "MambaMixer", "version": 1},
+        "score_topk": {"used": False, "name": "ScoreTopK", "version": 1},  # the scores head has no TopK
     }
     assert manifest["inputs"] == [
         {"name": "item_seq", "dtype": "int64", "shape": ["batch", "seq"]},

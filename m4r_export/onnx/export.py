@@ -896,7 +896,10 @@ def _export_in(
         say(f"tracing the {opts.head} head ({precision}) ...")
         path = tmp / names[precision]
         # streamed to disk tensor by tensor either way: no serialized copy of the graph in memory
-        proto = trace_onnx(model, opts, fp16=precision == "fp16", path=path, inline=not external)
+        try:
+            proto = trace_onnx(model, opts, fp16=precision == "fp16", path=path, inline=not external)
+        except OSError as exc:  # a full disk or a file-size limit while staging: name the output
+            raise write_error(out / path.name, exc) from exc
         specs[precision] = io_spec(proto)
         del proto
         blobs[precision] = path  # parity runs on this file, and this file is what gets published
