@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from m4r_export.checkpoint import load_checkpoint
+from m4r_export.checkpoint import read_checkpoint
 from m4r_export.fileio import write_json_atomic
 from m4r_export.onnx.export import ort_session
 from m4r_export.onnx.ort_ops import mixer_calls
@@ -62,8 +62,8 @@ def main() -> int:
     ap.add_argument("--max-seq-len", type=int, default=200)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    model = load_checkpoint(args.ckpt)
-    inputs = dataset_inputs(args.data, model.item_tokens, 10**9, args.max_seq_len)
+    ckpt = read_checkpoint(args.ckpt)
+    inputs = dataset_inputs(args.data, ckpt, 10**9, args.max_seq_len, ckpt_label=str(args.ckpt))
     report: dict[str, dict[str, dict[str, float]]] = {}
     ok = True
     for precision, name in (("fp32", "model.onnx"), ("fp16", "model.fp16.onnx")):
