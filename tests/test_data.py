@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from shared_data import ml100k_path, require_ml100k
 
 from m4r_export.data import (
     PAD_TOKEN,
@@ -22,7 +23,7 @@ from m4r_export.data import (
 )
 from m4r_export.errors import UsageError
 
-ML100K = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "ml-100k" / "ml-100k.inter"
+ML100K = ml100k_path()
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,8 +392,8 @@ def test_summary_and_protocol():
 
 
 # ------------------------------------------------------------------ MovieLens-100K (shared data)
-@pytest.mark.skipif(not ML100K.exists(), reason="../shared/datasets/ml-100k not present")
 def test_ml100k_stats_and_speed():
+    require_ml100k()
     t0 = time.perf_counter()
     ds = load_dataset(ML100K, max_seq_len=50)
     elapsed = time.perf_counter() - t0
@@ -405,8 +406,8 @@ def test_ml100k_stats_and_speed():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not ML100K.exists(), reason="../shared/datasets/ml-100k not present")
 def test_ml100k_matches_naive_recbole_pipeline():
+    require_ml100k()
     inter = read_interactions(ML100K)
     rows = list(zip(inter.users, inter.items, inter.timestamps.tolist(), strict=True))
     ds = build_dataset(inter.users, inter.items, inter.timestamps, max_seq_len=50)

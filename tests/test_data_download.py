@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from shared_data import ml100k_path, require_ml100k
 
 from m4r_export.cli import main
 from m4r_export.data import MOVIELENS, convert_archive, download_movielens, load_dataset, read_interactions
@@ -152,11 +153,11 @@ def test_cli_synthetic_and_stats(tmp_path):
     assert res.exit_code == 2 and "Lower the thresholds" in res.output
 
 
-ML100K = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "ml-100k" / "ml-100k.inter"
+ML100K = ml100k_path()
 
 
-@pytest.mark.skipif(not ML100K.exists(), reason="../shared/datasets/ml-100k not present")
 def test_conversion_reproduces_recbole_ml100k_file(tmp_path):
+    require_ml100k()
     # RecBole's ml-100k.inter is u.data in file order under a typed header: rebuild u.data from it,
     # zip it like GroupLens does, convert, and expect the very same bytes.
     shared = ML100K.read_bytes()

@@ -7,16 +7,17 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from shared_data import ml100k_path, require_ml100k
 
 from m4r_export.cli import main
 
-ML100K = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "ml-100k" / "ml-100k.inter"
+ML100K = ml100k_path()
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "ml-100k.yaml"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not ML100K.is_file(), reason="ML-100K not present")
 def test_ml100k_train_and_evaluate(tmp_path: Path) -> None:
+    require_ml100k()
     out = tmp_path / "model.pt"
     args = ["train", "--data", str(ML100K), "--config", str(RECIPE), "--out", str(out), "--no-progress"]
     # one full epoch (the amount of work, not a time budget, so a loaded machine only makes it slower):

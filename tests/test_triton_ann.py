@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from shared_data import import_or_skip
 
 from m4r_export.cli import main
 from m4r_export.onnx.export import ExportOptions, export_artifacts
@@ -24,8 +25,10 @@ from m4r_export.onnx.manifest import ArtifactIntegrityError, check_artifact_file
 from m4r_export.retrieval import AnnRetriever
 from m4r_export.verify.testing import tiny_model
 
-pb = pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient is not installed")
-text_format = pytest.importorskip("google.protobuf.text_format")
+pb = import_or_skip(
+    "tritonclient.grpc.model_config_pb2", "M4R_REQUIRE_TRITON", "tritonclient is not installed"
+)
+text_format = import_or_skip("google.protobuf.text_format", "M4R_REQUIRE_TRITON", "protobuf is not installed")
 
 N_ITEMS, MAX_SEQ, K, MAX_EXCLUDE = 600, 10, 8, 30
 MODEL = "m4r_ann"

@@ -20,14 +20,17 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from shared_data import import_or_skip
 
 from m4r_export.cli import main
 from m4r_export.onnx.export import ExportOptions, export_artifacts
 from m4r_export.serving import ServingModel
 from m4r_export.verify.testing import tiny_model
 
-pb = pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient is not installed")
-text_format = pytest.importorskip("google.protobuf.text_format")
+pb = import_or_skip(
+    "tritonclient.grpc.model_config_pb2", "M4R_REQUIRE_TRITON", "tritonclient is not installed"
+)
+text_format = import_or_skip("google.protobuf.text_format", "M4R_REQUIRE_TRITON", "protobuf is not installed")
 
 K, MAX_SEQ, N_ITEMS = 10, 12, 40
 MODEL = "m4r_topk_streaming"

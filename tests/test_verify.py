@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from shared_data import ml100k_path, require_ml100k
 
 from m4r_export.checkpoint import save_checkpoint
 from m4r_export.cli import main
@@ -307,14 +308,13 @@ def test_exporter_artifact_passes_and_one_perturbed_weight_fails(
     assert "max_abs_error = " in out, out
 
 
-ML100K = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ml-100k" / "ml-100k.inter"
+ML100K = ml100k_path()
 
 
 @pytest.mark.slow
 def test_ml100k_end_to_end_with_the_exporter(tmp_path: Path) -> None:
     """Real data, real exporter, fp32 and fp16: both pass their default thresholds."""
-    if not ML100K.is_file():
-        pytest.skip(f"{ML100K} is not available")
+    require_ml100k()
     export = pytest.importorskip("m4r_export.onnx.export")
     from m4r_export.data import load_dataset
 
