@@ -47,6 +47,9 @@ Defined behaviour shared with the custom-op library, the TensorRT plugin and PyT
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 import onnx
 from onnx import AttributeProto, TensorProto, helper, numpy_helper
@@ -627,24 +630,42 @@ def make_function(body: str = DEFAULT_BODY, opset: int = 20, io_float16: bool = 
             n.input[i] = alias.get(name, name)
         for i, name in enumerate(n.output):
             n.output[i] = alias.get(name, name)
-    fn = helper.make_function(
-        DOMAIN,
+    return m4r_function(
         OP_NAME,
-        list(INPUTS),
+        INPUTS,
         ["y"],
         nodes,
-        opset_imports=[helper.make_opsetid("", opset)],
-        attributes=[],
-        doc_string=f"m4r::SelectiveScan, function body '{body}' (see m4r_export/onnx/bodies.py)",
+        opset,
+        f"m4r::SelectiveScan, function body '{body}' (see m4r_export/onnx/bodies.py)",
+        {
+            "delta_softplus": 1,
+            "mode": "all",
+            "plugin_namespace": PLUGIN_NAMESPACE,
+            "plugin_version": PLUGIN_VERSION,
+        },
     )
-    fn.attribute_proto.extend(
-        [
-            helper.make_attribute("delta_softplus", 1),
-            helper.make_attribute("mode", "all"),
-            helper.make_attribute("plugin_namespace", PLUGIN_NAMESPACE),
-            helper.make_attribute("plugin_version", PLUGIN_VERSION),
-        ]
+
+
+def m4r_function(
+    name: str,
+    inputs: Sequence[str],
+    outputs: Sequence[str],
+    nodes: list[onnx.NodeProto],
+    opset: int,
+    doc: str,
+    attributes: dict[str, Any],
+    *,
+    calls_m4r_ops: bool = False,
+) -> onnx.FunctionProto:
+    """A model-local function ``m4r::<name>`` (every m4r op's body is one): its attributes with their
+    defaults (nodes override them); ``calls_m4r_ops`` when the body itself holds m4r nodes."""
+    imports = [helper.make_opsetid("", opset)]
+    if calls_m4r_ops:
+        imports.append(helper.make_opsetid(DOMAIN, OP_VERSION))
+    fn = helper.make_function(
+        DOMAIN, name, list(inputs), list(outputs), nodes, opset_imports=imports, attributes=[], doc_string=doc
     )
+    fn.attribute_proto.extend(helper.make_attribute(key, value) for key, value in attributes.items())
     return fn
 
 

@@ -167,22 +167,13 @@ def make_mixer_function(opset: int = 20, io_float16: bool = False) -> onnx.Funct
         n("Transpose", ["out_proj_weight"], ["w_out_t"], perm=[1, 0]),
         n("MatMul", ["y_t", "w_out_t"], ["y"]),
     ]
-    fn = helper.make_function(
-        bodies.DOMAIN,
+    return bodies.m4r_function(
         OP_NAME,
-        list(INPUTS),
+        INPUTS,
         ["y"],
         nodes,
-        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(bodies.DOMAIN, bodies.OP_VERSION)],
-        attributes=[],
-        doc_string="m4r::MambaMixer: the fused Mamba block (see m4r_export/onnx/fused.py)",
+        opset,
+        "m4r::MambaMixer: the fused Mamba block (see m4r_export/onnx/fused.py)",
+        {"mode": "all", "d_inner": 1, "x_proj_split": [1, 1, 1], "conv_pads": [0, 0, 0, 0, 0, 0]},
+        calls_m4r_ops=True,
     )
-    fn.attribute_proto.extend(
-        [
-            helper.make_attribute("mode", "all"),
-            helper.make_attribute("d_inner", 1),
-            helper.make_attribute("x_proj_split", [1, 1, 1]),
-            helper.make_attribute("conv_pads", [0, 0, 0, 0, 0, 0]),
-        ]
-    )
-    return fn

@@ -178,15 +178,12 @@ def make_step_function(opset: int = 20) -> onnx.FunctionProto:
         n("Transpose", ["out_proj_weight"], ["w_out_t"], perm=[1, 0]),
         n("MatMul", ["y_gated", "w_out_t"], ["y"]),
     ]
-    fn = helper.make_function(
-        bodies.DOMAIN,
+    return bodies.m4r_function(
         OP_NAME,
-        list(INPUTS),
-        list(OUTPUTS),
+        INPUTS,
+        OUTPUTS,
         nodes,
-        opset_imports=[helper.make_opsetid("", opset)],
-        attributes=[],
-        doc_string="m4r::MambaMixerStep: one streaming step of a Mamba mixer (m4r_export/onnx/fused_step.py)",
+        opset,
+        "m4r::MambaMixerStep: one streaming step of a Mamba mixer (m4r_export/onnx/fused_step.py)",
+        {"x_proj_split": [1, 1, 1]},
     )
-    fn.attribute_proto.extend([helper.make_attribute("x_proj_split", [1, 1, 1])])
-    return fn

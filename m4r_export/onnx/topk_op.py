@@ -146,21 +146,12 @@ def make_topk_function(node: onnx.NodeProto, opset: int) -> onnx.FunctionProto:
             n("TopK", ["all_scores", "k_all"], ["topk_scores", "where"], axis=1),
             n("GatherElements", ["all_items", "where"], ["topk_items"], axis=1),
         ]
-    fn = helper.make_function(
-        bodies.DOMAIN,
+    return bodies.m4r_function(
         OP_NAME,
-        list(INPUTS),
-        list(OUTPUTS),
+        INPUTS,
+        OUTPUTS,
         nodes,
-        opset_imports=[helper.make_opsetid("", opset)],
-        attributes=[],
-        doc_string="m4r::ScoreTopK: exact chunked top-K scoring (see m4r_export/onnx/topk_op.py)",
+        opset,
+        "m4r::ScoreTopK: exact chunked top-K scoring (see m4r_export/onnx/topk_op.py)",
+        {"k": k, "topk_chunk": chunk, "n_items": n_items},
     )
-    fn.attribute_proto.extend(
-        [
-            helper.make_attribute("k", k),
-            helper.make_attribute("topk_chunk", chunk),
-            helper.make_attribute("n_items", n_items),
-        ]
-    )
-    return fn
