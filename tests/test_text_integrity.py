@@ -43,12 +43,25 @@ def test_items_txt_refuses_every_line_break_character(char: str) -> None:
     model = tiny_model(5)
     model.item_tokens = ["[PAD]", "a", f"b{char}c", "d", "e"]
     with pytest.raises(UsageError, match=f"U\\+{ord(char):04X}"):
-        ex._items_text(model)
+        ex.check_item_tokens(model)
 
 
-def test_items_txt_round_trips_under_splitlines() -> None:
+def test_items_txt_round_trips_under_splitlines(tmp_path: Path) -> None:
     model = tiny_model(5)
     model.item_tokens = ["[PAD]", "日本語_1", "a b", "tab\there", "é"]
-    text = ex._items_text(model)
+    ex.check_item_tokens(model)
+    ex.write_items_file(model, tmp_path / "items.txt")
+    text = (tmp_path / "items.txt").read_bytes().decode("utf-8")
     assert text.splitlines() == model.item_tokens
     assert text.split("\n")[:-1] == model.item_tokens
+
+
+def test_items_txt_is_written_in_bounded_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunk boundaries lose or repeat no line, with and without a checkpoint vocabulary."""
+    monkeypatch.setattr(ex, "ITEMS_CHUNK", 3)
+    model = tiny_model(8)
+    ex.write_items_file(model, tmp_path / "index.txt")
+    assert (tmp_path / "index.txt").read_text("utf-8").split("\n") == ["[PAD]", *map(str, range(1, 8)), ""]
+    model.item_tokens = ["[PAD]", *(f"item-{i}" for i in range(1, 8))]
+    ex.write_items_file(model, tmp_path / "tokens.txt")
+    assert (tmp_path / "tokens.txt").read_text("utf-8").splitlines() == model.item_tokens

@@ -112,3 +112,28 @@ def test_chunk_never_smaller_than_k() -> None:
     assert ServingModel(model, "topk", K, topk_chunk=2).topk_chunk == K
     with pytest.raises(ValueError, match="topk_chunk"):
         ServingModel(model, "topk", K, topk_chunk=0)
+
+
+def test_eager_topk_ranks_like_the_traced_chunks_and_the_reference() -> None:
+    """Eager top-K (no_grad: one reused score buffer, -inf set in place) returns the reference's scores,
+    as the chunked code the export is traced from does (run with grad enabled), and only items that
+    have those scores and are rankable: exclude lists, item 0 and a last chunk narrower than K included.
+    (PyTorch's TopK orders tied items arbitrarily, so tied ids are checked by their scores.)"""
+    model = tied_model()
+    seq, lens, exclude = inputs()
+    serving = ServingModel(model, "topk", K, topk_chunk=CHUNK)
+    args = [torch.from_numpy(a) for a in (seq, lens, exclude)]
+    with torch.no_grad():
+        eager = serving(*args)
+        user = ServingModel(model, "embedding")(*args[:2])[0]
+        true_scores = (user @ model.item_embedding.weight.t()).numpy()
+    traced_code = serving(*args)
+    ref_scores, _ = reference_topk(model, seq, lens, exclude)
+    for scores, items in (eager, traced_code):
+        scores, items = scores.detach().numpy(), items.numpy()
+        np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
+        for row in range(len(seq)):
+            got = items[row][np.isfinite(ref_scores[row])]
+            assert len(set(got)) == len(got) and 0 not in got
+            assert not np.isin(got, exclude[row]).any()
+            np.testing.assert_allclose(true_scores[row, got], scores[row][: len(got)], rtol=1e-5, atol=1e-5)

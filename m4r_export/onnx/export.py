@@ -27,6 +27,7 @@ import contextlib
 import copy
 import datetime as _dt
 import io
+import itertools
 import logging
 import os
 import tempfile
@@ -402,10 +403,27 @@ def trace_onnx(
     """
     with scan_backend(model, SCAN_BACKEND):
         module = _serving_module(model, opts, fp16)
-        proto = _trace(module, model.n_items, opts, fp16, path)
+        try:
+            proto = _trace(module, model.n_items, opts, fp16, path)
+        finally:
+            _release_copies(module, model)
     if inline and path is not None:
         _inline_external_data(path, proto)
     return proto
+
+
+def _release_copies(module: nn.Module, model: Mamba4Rec) -> None:
+    """Free the storage of every tensor of ``module`` that is not ``model``'s own (the fp16 copy).
+
+    The exporter keeps references to the traced module's tensors after it returns (its graph's node
+    metadata), which kept the fp16 item table alive for the rest of the export: half the fp32 table
+    on top of the peak. Resizing the storage to zero frees it whatever still refers to it.
+    """
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    for t in [*module.parameters(), *module.buffers()]:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own and storage.nbytes() and storage.resizable():
+            storage.resize_(0)
 
 
 def _varint(n: int) -> bytes:
@@ -759,7 +777,7 @@ def _parity(
         reference, opts.head, opts.k, opts.exclude_history, opts.exclude_items, opts.topk_chunk
     )
     table = model.item_embedding.weight.detach().numpy() if opts.head == "embedding" else None
-    sess = ort_session(model_bytes, lean=True)
+    sess = _parity_session(model, model_bytes, precision)
     tol = TOLERANCES[precision]
     max_diff, overlaps, ok = 0.0, [], True
     rng = np.random.default_rng(1)
@@ -787,6 +805,72 @@ def _parity(
     }
 
 
+def _parity_session(model: Mamba4Rec, source: bytes | Path, precision: str) -> Any:
+    """The export's parity session (:func:`ort_session`, lean) on ``source``, holding the item table once.
+
+    A file with a side file (the export always stages one): the fp32 item table is not read from the
+    side file but passed in as the model's own weight, once the side file is checked to hold exactly
+    those bytes; the other weights are read from the side file. ONNX Runtime copies initializers
+    given with ``add_external_initializers`` but not run inputs, so the table becomes a graph input
+    fed on every run (zero-copy): PyTorch and ONNX Runtime share one table instead of holding one
+    each (the export's peak memory, issue 19). Everything else about the graph is unchanged.
+    """
+    weight = model.item_embedding.weight.detach()
+    if not isinstance(source, Path) or precision != "fp32" or weight.dtype != torch.float32:
+        return ort_session(source, lean=True)
+    side = source.with_name(side_file(source.name))
+    if not side.exists():
+        return ort_session(source, lean=True)
+    import onnx
+    from onnx import helper
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    proto = onnx.load(source, load_external_data=False)
+    table = weight.contiguous().numpy()
+    shared = None
+    for init in list(proto.graph.initializer):
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        is_table = list(init.dims) == list(table.shape) and init.data_type == onnx.TensorProto.FLOAT
+        if shared is None and is_table:
+            info = {e.key: e.value for e in init.external_data}
+            _check_side_bytes(side, int(info.get("offset", 0)), int(info["length"]), table)
+            shared = init.name
+            proto.graph.initializer.remove(init)
+            proto.graph.input.append(helper.make_tensor_value_info(shared, init.data_type, list(init.dims)))
+        else:
+            load_external_data_for_tensor(init, str(source.parent))
+            del init.external_data[:]
+            init.data_location = onnx.TensorProto.DEFAULT
+    sess = ort_session(proto.SerializeToString(), lean=True)
+    return sess if shared is None else _FedTable(sess, shared, table)
+
+
+class _FedTable:
+    """An InferenceSession whose item table is a graph input: every run feeds it (ONNX Runtime reads
+    numpy inputs in place)."""
+
+    def __init__(self, sess: Any, name: str, table: np.ndarray) -> None:
+        self.sess, self.name, self.table = sess, name, table
+
+    def run(self, outputs: Any, feeds: dict[str, np.ndarray]) -> Any:
+        return self.sess.run(outputs, {**feeds, self.name: self.table})
+
+
+def _check_side_bytes(side: Path, offset: int, length: int, table: np.ndarray) -> None:
+    """Refuse to share ``table`` with the parity session unless ``side`` holds exactly its bytes there."""
+    flat = table.reshape(-1).view(np.uint8).data
+    if length != len(flat):
+        raise M4RError(f"{side}: the item table is {length} bytes there, the model's is {len(flat)}")
+    with open(side, "rb") as fh:
+        fh.seek(offset)
+        for start in range(0, length, 1 << 24):
+            block = fh.read(min(1 << 24, length - start))
+            if block != flat[start : start + len(block)]:
+                where = f"offset {offset + start}"
+                raise M4RError(f"{side}: the item table's bytes differ from the model's ({where})")
+
+
 # --------------------------------------------------------------------------------------- writing
 
 
@@ -802,9 +886,22 @@ class ExportResult:
 LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 
 
-def _items_text(model: Mamba4Rec) -> str:
-    """items.txt (format: :data:`m4r_export.integrity.ITEMS_FORMAT`)."""
-    tokens = model.item_tokens or ["[PAD]", *(str(i) for i in range(1, model.n_items))]
+#: items.txt is written this many tokens at a time (a 10M-item vocabulary as one string was 1.4 GiB)
+ITEMS_CHUNK = 1 << 16
+
+
+def _item_tokens(model: Mamba4Rec) -> Iterator[str]:
+    """The vocabulary in index order: the checkpoint's tokens, or the indices themselves."""
+    if model.item_tokens is not None:
+        return iter(model.item_tokens)
+    return itertools.chain(["[PAD]"], (str(i) for i in range(1, model.n_items)))
+
+
+def check_item_tokens(model: Mamba4Rec) -> None:
+    """Refuse a vocabulary that items.txt (one token per line) cannot hold, before any work is done."""
+    tokens = model.item_tokens
+    if tokens is None:
+        return
     if len(tokens) != model.n_items:
         raise UsageError(
             f"checkpoint vocabulary has {len(tokens)} tokens but the model has {model.n_items} items"
@@ -817,9 +914,23 @@ def _items_text(model: Mamba4Rec) -> str:
                 f"(U+{ord(bad[0]):04X}); items.txt holds one token per line, so tokens may not contain "
                 "any character that str.splitlines() splits on: rename the item in the dataset"
             )
-    text = "".join(f"{t}\n" for t in tokens)
-    assert text.count("\n") == len(tokens)  # no token holds a line break (checked above)
-    return text
+
+
+def write_items_file(model: Mamba4Rec, path: Path) -> None:
+    """items.txt (format: :data:`m4r_export.integrity.ITEMS_FORMAT`), :data:`ITEMS_CHUNK` lines at a time.
+
+    Memory stays bounded whatever the catalogue size (never the whole text, nor a list of every line).
+    Call :func:`check_item_tokens` first: no token holds a line break.
+    """
+    from ..fileio import write_error
+
+    tokens = _item_tokens(model)
+    try:
+        with open(path, "xb") as fh:
+            while chunk := list(itertools.islice(tokens, ITEMS_CHUNK)):
+                fh.write("".join(f"{t}\n" for t in chunk).encode("utf-8"))
+    except OSError as exc:
+        raise write_error(path, exc) from exc
 
 
 def _all_finite(t: Tensor, chunk: int = 1 << 22) -> bool:
@@ -855,11 +966,11 @@ def export_artifacts(
     opts.validate(model.n_items, engine=opts.fp16 and build_trt)
     out = Path(out_dir)
     ensure_writable_dir(out.absolute().parent)
-    items_txt = _items_text(model)
+    check_item_tokens(model)
     check_finite_weights(model)
 
     with tempfile.TemporaryDirectory(prefix=".m4r-export-", dir=out.absolute().parent) as tmp:
-        return _export_in(model, out, opts, Path(tmp), checkpoint_path, build_trt, say, items_txt)
+        return _export_in(model, out, opts, Path(tmp), checkpoint_path, build_trt, say)
 
 
 def _export_in(
@@ -870,7 +981,6 @@ def _export_in(
     checkpoint_path: str | os.PathLike[str] | None,
     build_trt: bool,
     say: Callable[[str], None],
-    items_txt: str,
 ) -> ExportResult:
     """The export with ``tmp`` for files too large to hold in memory (external data), then published."""
     from ..fileio import publish_directory, sha256_file, write_error
@@ -897,14 +1007,14 @@ def _export_in(
         path = tmp / names[precision]
         # streamed to disk tensor by tensor either way: no serialized copy of the graph in memory
         try:
-            proto = trace_onnx(model, opts, fp16=precision == "fp16", path=path, inline=not external)
+            proto = trace_onnx(model, opts, fp16=precision == "fp16", path=path)
         except OSError as exc:  # a full disk or a file-size limit while staging: name the output
             raise write_error(out / path.name, exc) from exc
         specs[precision] = io_spec(proto)
-        del proto
-        blobs[precision] = path  # parity runs on this file, and this file is what gets published
+        # parity runs on this file and its side file; below the external-data threshold the published
+        # file is the same graph with the side file's bytes copied in (_inline_external_data)
         say(f"checking parity with PyTorch ({precision}) ...")
-        parity[precision] = measure_parity(model, opts, blobs[precision], precision)
+        parity[precision] = measure_parity(model, opts, path, precision)
         if not parity[precision]["passed"]:
             p = parity[precision]
             raise M4RError(
@@ -912,6 +1022,10 @@ def _export_in(
                 f"overlap {p['top10_overlap']:.3f} (tolerance {p['tolerance']}); nothing was written. "
                 "This is a bug in m4r export: please report it with the checkpoint's config"
             )
+        if not external:
+            _inline_external_data(path, proto)
+        del proto
+        blobs[precision] = path
 
     if opts.int8:
         from .int8 import quantize_int8
@@ -959,7 +1073,8 @@ def _export_in(
             contents[side] = tmp / side
             notes[names[p]]["external_data"] = [side]
             notes[side] = {"precision": p, "external_data_of": names[p]}
-    contents[ITEMS_FILE] = items_txt.encode("utf-8")
+    write_items_file(model, tmp / ITEMS_FILE)
+    contents[ITEMS_FILE] = tmp / ITEMS_FILE
     notes[ITEMS_FILE] = {"format": ITEMS_FORMAT}
     for name, blob in stream_blobs.items():
         contents[name] = blob
