@@ -229,6 +229,9 @@ class ExportOptions:
     ann_m: int | None = None
     ann_ef_construction: int | None = None
     ann_ef_search: int | None = None
+    ann_pq_m: int | None = None
+    ann_k_factor: int | None = None
+    ann_refine: str | None = None
 
     def ann_params(self) -> Any:
         """The :class:`m4r_export.ann.AnnParams` of ``--ann`` and its ``--ann-*`` overrides."""
@@ -240,11 +243,16 @@ class ExportOptions:
             "m": self.ann_m,
             "ef_construction": self.ann_ef_construction,
             "ef_search": self.ann_ef_search,
+            "pq_m": self.ann_pq_m,
+            "k_factor": self.ann_k_factor,
         }
         for key, value in given.items():
             if value is not None and value < (0 if key == "nlist" else 1):
                 raise UsageError(f"--ann-{key.replace('_', '-')} {value}: must be >= 1")
-        return AnnParams(kind=self.ann or "ivf", **{k: v for k, v in given.items() if v is not None})
+        chosen: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+        if self.ann_refine is not None:
+            chosen["refine"] = self.ann_refine
+        return AnnParams(kind=self.ann or AnnParams.kind, **chosen)
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -853,6 +861,10 @@ def export_artifacts(
 
     say = echo or (lambda _msg: None)
     opts.validate(model.n_items, engine=opts.fp16 and build_trt)
+    if opts.ann is not None:
+        from ..ann import check as check_ann
+
+        check_ann(opts.ann_params(), model.n_items, model.config.hidden_size)
     out = Path(out_dir)
     ensure_writable_dir(out.absolute().parent)
     items_txt = _items_text(model)
@@ -1098,6 +1110,8 @@ def _build_ann(table: np.ndarray, params: Any, tmp: Path) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     annmod.write_index(index, tmp / annmod.INDEX_FILE)
     spec = {**params.to_json(), "nlist": annmod.lists_for(len(table), params) if params.kind == "ivf" else 0}
+    if params.kind == "pq":
+        spec["pq_m"] = annmod.pq_m_for(table.shape[1], params)
     return {**spec, "file": annmod.INDEX_FILE, "faiss": faiss.__version__, "build_seconds": round(seconds, 1)}
 
 
