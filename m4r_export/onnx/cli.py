@@ -224,7 +224,7 @@ def export(
         ann_refine=ann_refine,
         **({} if topk_chunk is None else {"topk_chunk": topk_chunk}),
     )
-    opts.validate(model.n_items, engine=fp16 and not no_trt)
+    opts.validate(model.n_items, engine=fp16 and not no_trt, hidden=model.config.hidden_size)
     ensure_writable_dir(out_dir)  # fail fast, before the slow parts
     result = export_artifacts(
         model,

@@ -258,8 +258,9 @@ class ExportOptions:
     def input_names(self) -> tuple[str, ...]:
         return input_names(self.head, self.exclude_items)
 
-    def validate(self, n_items: int, *, engine: bool = False) -> None:
-        """engine: a TensorRT engine will be built from this export (--fp16 without --no-trt)."""
+    def validate(self, n_items: int, *, engine: bool = False, hidden: int | None = None) -> None:
+        """engine: a TensorRT engine will be built from this export (--fp16 without --no-trt);
+        hidden: the model's hidden size (checks the ANN parameters against it)."""
         if self.head not in HEADS:
             raise UsageError(f"--head {self.head!r}: choose one of {', '.join(HEADS)}")
         if self.head == "topk":
@@ -274,7 +275,11 @@ class ExportOptions:
                 f"--ann {self.ann}: an ANN index serves the embedding head's user vector; "
                 "pass --head embedding"
             )
-        self.ann_params()
+        params = self.ann_params()
+        if self.ann is not None and hidden is not None:
+            from ..ann import check as check_ann
+
+            check_ann(params, n_items, hidden)
         if self.topk_chunk < 1:
             raise UsageError(f"--topk-chunk {self.topk_chunk}: must be >= 1 (default {TOPK_CHUNK})")
         if self.opset not in SUPPORTED_OPSETS:
@@ -860,11 +865,7 @@ def export_artifacts(
     from ..fileio import ensure_writable_dir
 
     say = echo or (lambda _msg: None)
-    opts.validate(model.n_items, engine=opts.fp16 and build_trt)
-    if opts.ann is not None:
-        from ..ann import check as check_ann
-
-        check_ann(opts.ann_params(), model.n_items, model.config.hidden_size)
+    opts.validate(model.n_items, engine=opts.fp16 and build_trt, hidden=model.config.hidden_size)
     out = Path(out_dir)
     ensure_writable_dir(out.absolute().parent)
     items_txt = _items_text(model)
