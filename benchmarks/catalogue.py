@@ -3,7 +3,8 @@
     python benchmarks/catalogue.py --items 1349 100000 1000000 10000000 --out catalogue.json
 
 For each size: an untrained Mamba4Rec (hidden 64, 1 layer, max_seq_len 200; weights as initialised),
-``m4r export --head topk --k 10 --fp16 --no-trt`` and ``m4r export --head embedding --ann ivf``, each
+``m4r export --head topk --k 10 --fp16 --no-trt`` and ``m4r export --head embedding --ann pq``
+(``--ann-kind``; the default index), each
 in its own process (wall time and peak RSS from wait4). Then, in a fresh process per precision,
 ONNX Runtime with 1 thread: exact top-K at batch 1 and 256 (median wall ms and process CPU ms),
 side by side in one process: the ``m4r::ScoreTopK`` node run by libm4r_ort_ops.so (``--ort-ops``,
@@ -133,7 +134,9 @@ def _sizes(d: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in sorted(d.iterdir())}
 
 
-def bench_size(n_items: int, work: Path, ann: bool = True, ort_ops: str = "") -> dict[str, Any]:
+def bench_size(
+    n_items: int, work: Path, ann: bool = True, ort_ops: str = "", ann_kind: str = "pq"
+) -> dict[str, Any]:
     m4r = [sys.executable, "-m", "m4r_export.cli"]
     ckpt = work / f"m{n_items}.pt"
     _checkpoint(n_items, ckpt)
@@ -150,7 +153,7 @@ def bench_size(n_items: int, work: Path, ann: bool = True, ort_ops: str = "") ->
         return row
     emb = work / f"emb{n_items}"
     t, rss, _ = _run([*m4r, "export", "--ckpt", str(ckpt), "--out-dir", str(emb), "--head", "embedding",
-                      "--max-seq-len", "200", "--ann", "ivf"])  # fmt: skip
+                      "--max-seq-len", "200", "--ann", ann_kind])  # fmt: skip
     row.update(ann_export_s=t, ann_export_peak_gib=rss, ann_files=_sizes(emb))
     row["ann"] = json.loads((emb / "manifest.json").read_text())["ann"]
     _, _, out = _run([sys.executable, "-c", PROBE, str(emb / "model.onnx"), str(n_items), "ann"])
@@ -202,6 +205,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("catalogue.json"))
     ap.add_argument("--work", type=Path, default=None, help="directory for checkpoints and exports")
     ap.add_argument("--ann-up-to", type=int, default=None, help="build/time the ANN index up to this size")
+    ap.add_argument("--ann-kind", default="pq", help="m4r export --ann KIND (pq, ivf, hnsw)")
     ap.add_argument(
         "--ort-ops",
         default=os.environ.get("M4R_ORT_OPS", ""),
@@ -214,7 +218,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         for n in args.items:
             load_before = os.getloadavg()
-            rows.append(bench_size(n, Path(tmp), args.ann_up_to is None or n <= args.ann_up_to, args.ort_ops))
+            with_ann = args.ann_up_to is None or n <= args.ann_up_to
+            rows.append(bench_size(n, Path(tmp), with_ann, args.ort_ops, args.ann_kind))
             load = os.getloadavg()
             rows[-1]["loadavg_before"] = load_before
             rows[-1]["loadavg"] = load

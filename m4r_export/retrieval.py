@@ -7,11 +7,12 @@ index from those checked bytes (nothing is re-read by path), and answers
 The Triton Python-backend model written by ``m4r triton --ann`` is a thin wrapper around it.
 
 Excluded items (``exclude_items``, 0 and ids outside ``[1, n_items)`` ignored, as in the ranking
-heads): the index is asked for ``k + m`` neighbours, ``m`` the largest number of distinct
-in-range excluded ids of any row of the batch, the excluded ones are dropped and the first ``k``
-kept. At most ``m`` of the ``k + m`` are excluded, so ``k`` remain whenever the index returns
-``k + m``. The answer is approximate like any ANN answer: the index's top-(k+m) candidates,
-filtered; it is exact only where the index's search is. ``m`` is bounded by ``max_exclude``
+heads): the index is asked for ``k + m`` neighbours, ``m`` the number of distinct in-range excluded
+ids of the row (rows with the same ``m`` searched together, so a row's answer does not depend on
+the other rows of its batch), the excluded ones are dropped and the first ``k`` kept. At most
+``m`` of the ``k + m`` are excluded, so ``k`` remain whenever the index returns ``k + m``. The
+answer is approximate like any ANN answer: the index's top-(k+m) candidates, filtered; it is exact
+only where the index's search is. ``m`` is bounded by ``max_exclude``
 (default :data:`MAX_EXCLUDE`), so a request's search cost is bounded. Entries the index could
 not fill (too few items, or an IVF search probing too few lists) get score -inf and item 0.
 """
@@ -45,7 +46,7 @@ class AnnRetriever:
             spec = m.get("ann")
             if m.get("head") != "embedding" or not isinstance(spec, dict):
                 raise UsageError(
-                    f"{directory} has no ANN index; export with `m4r export --head embedding --ann ivf`"
+                    f"{directory} has no ANN index; export with `m4r export --head embedding --ann pq`"
                 )
             so = ort.SessionOptions()
             so.log_severity_level = 3
@@ -82,15 +83,21 @@ class AnnRetriever:
     ) -> tuple[np.ndarray, np.ndarray]:
         batch = users.shape[0]
         banned = [self.banned(exclude[r] if exclude is not None else None) for r in range(batch)]
-        fetch = k + max((len(b) for b in banned), default=0)
-        scores, ids = self.index.search(np.ascontiguousarray(users, np.float32), fetch)
-        items = np.where(ids < 0, 0, ids + 1).astype(np.int64)  # index ids are item index - 1
+        fetch = np.array([k + len(b) for b in banned], np.int64)
+        users = np.ascontiguousarray(users, np.float32)
         out_s = np.full((batch, k), -np.inf, np.float32)
         out_i = np.zeros((batch, k), np.int64)
-        for r in range(batch):
-            keep = (ids[r] >= 0) & ~np.isin(items[r], banned[r])
-            s, i = scores[r][keep][:k], items[r][keep][:k]
-            out_s[r, : len(s)], out_i[r, : len(i)] = s, i
+        # one search per distinct over-fetch: a row's answer depends on its own request only, not on
+        # what else the batcher put beside it (pq re-ranks k_factor * fetch candidates, hnsw's beam
+        # is at least fetch wide; more candidates can change the answer)
+        for depth in np.unique(fetch).tolist():
+            rows = np.flatnonzero(fetch == depth)
+            scores, ids = self.index.search(users[rows], depth)
+            items = np.where(ids < 0, 0, ids + 1).astype(np.int64)  # index ids are item index - 1
+            for j, r in enumerate(rows.tolist()):
+                keep = (ids[j] >= 0) & ~np.isin(items[j], banned[r])
+                s, i = scores[j][keep][:k], items[j][keep][:k]
+                out_s[r, : len(s)], out_i[r, : len(i)] = s, i
         return out_s, out_i
 
     def banned(self, row: Any) -> np.ndarray:

@@ -80,3 +80,22 @@ def test_cli_writes_the_ann_section(tmp_path: Path) -> None:
     assert "vs the hnsw index (ef_search 256); recall@10" in res.output
     a = json.loads((tmp_path / "b.json").read_text())["ann"]
     assert a["search_knob"] == {"ef_search": 256} and 0.0 <= a["recall@10_min"] <= a["recall@10_mean"] <= 1.0
+
+
+def test_bench_reports_the_pq_index_and_its_knob(tmp_path: Path) -> None:
+    """The default kind: k_factor 64 x K = 640 candidates >= the 499 items, so the re-ranking sees
+    every item and the search is exact (recall 1.0) however coarse the 4-bit codes."""
+    out = tmp_path / "out"
+    export_artifacts(
+        tiny_model(N_ITEMS, seed=4),
+        out,
+        ExportOptions(head="embedding", max_seq_len=MAX_SEQ, ann="pq"),
+        build_trt=False,
+    )
+    result = run_bench(
+        out / "model.onnx", batches=[1], seqs=[MAX_SEQ], reference=False, repeats=3, max_seconds=2, threads=1
+    )
+    a = result.to_dict()["ann"]
+    assert a["kind"] == "pq" and a["search_knob"] == {"k_factor": 64}
+    assert a["params"] == {"pq_m": 8, "k_factor": 64, "refine": "fp32"}
+    assert a["recall@10_mean"] == 1.0

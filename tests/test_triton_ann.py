@@ -40,11 +40,13 @@ def _model() -> Any:
     return model
 
 
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture(scope="module", params=["ivf", "pq"])
+def export_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ann") / "out"
-    # nprobe 4 of 97 lists: clearly approximate, so the served answer must be the index's, not exact top-K
-    opts = ExportOptions(head="embedding", max_seq_len=MAX_SEQ, ann="ivf", ann_nprobe=4)
+    # ivf nprobe 4 of 97 lists / pq re-ranking only K + m candidates: clearly approximate, so the
+    # served answer must be the index's, not exact top-K
+    knob = {"ivf": {"ann_nprobe": 4}, "pq": {"ann_k_factor": 1}}[request.param]
+    opts = ExportOptions(head="embedding", max_seq_len=MAX_SEQ, ann=request.param, **knob)
     export_artifacts(_model(), out, opts, build_trt=False)
     return out
 
@@ -54,20 +56,25 @@ def run_cli(*args: str) -> Any:
 
 
 def reference(export_dir: Path, seq: np.ndarray, lens: np.ndarray, exclude: list[list[int]]) -> Any:
-    """(scores, items, exact items) per row, computed without m4r's retrieval code."""
+    """(scores, items, exact items) per row, computed without m4r's retrieval code: each row's own
+    search for K + its number of excluded items, those dropped."""
     import faiss
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     (user,) = sess.run(None, {"item_seq": seq, "item_seq_len": lens.reshape(-1)})
     index = faiss.read_index(str(export_dir / "item_index.faiss"))
-    index.nprobe = json.loads((export_dir / "manifest.json").read_text())["ann"]["nprobe"]
-    scores, ids = index.search(user, N_ITEMS - 1)  # everything the probed lists hold, best first
+    spec = json.loads((export_dir / "manifest.json").read_text())["ann"]
+    if spec["kind"] == "pq":
+        index.k_factor = spec["k_factor"]
+    else:
+        index.nprobe = spec["nprobe"]
     table = np.load(export_dir / "item_embedding.npy")
     out_s, out_i, exact = [], [], []
     for r in range(len(seq)):
+        scores, ids = index.search(user[r : r + 1], K + len(set(exclude[r])))
         keep = [
-            (s, i + 1) for s, i in zip(scores[r], ids[r], strict=True) if i >= 0 and i + 1 not in exclude[r]
+            (s, i + 1) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0 and i + 1 not in exclude[r]
         ]
         out_s.append([s for s, _ in keep[:K]])
         out_i.append([i for _, i in keep[:K]])
@@ -105,7 +112,7 @@ def test_usage_errors(export_dir: Path, tmp_path: Path) -> None:
     plain = tmp_path / "plain"
     export_artifacts(tiny_model(50), plain, ExportOptions(head="embedding", max_seq_len=4), build_trt=False)
     r = run_cli("--artifacts", str(plain), "--repo", str(tmp_path / "r"))
-    assert r.exit_code == 2 and "has no ANN index" in r.output and "--ann ivf" in r.output
+    assert r.exit_code == 2 and "has no ANN index" in r.output and "--ann pq" in r.output
     r = run_cli("--artifacts", str(export_dir), "--repo", str(tmp_path / "r"), "--backend", "onnxruntime")
     assert r.exit_code == 2 and "--backend python" in r.output
     r = run_cli("--artifacts", str(export_dir), "--repo", str(tmp_path / "r"), "--k", str(N_ITEMS))
@@ -197,7 +204,8 @@ def test_served_answers_are_the_index_search_with_exclusions(export_dir: Path, s
         np.testing.assert_allclose(scores, ref_s[r], rtol=1e-4, atol=1e-4)
         assert not set(items.tolist()) & set(exclude[r] or []), f"user {r} got an excluded item"
         recalls.append(len(set(items.tolist()) & set(exact[r].tolist())) / K)
-    # nprobe 4 of 97 lists misses some of the exact top-K: the answers really are the index's
+    # nprobe 4 of 97 lists / K + m candidates re-ranked miss some of the exact top-K: the answers
+    # really are the index's
     assert 0.2 < float(np.mean(recalls)) < 1.0, recalls
 
 

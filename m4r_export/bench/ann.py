@@ -7,7 +7,8 @@ excluded:
 * ``exact``: ``users @ table.T`` over the whole table in row chunks of :data:`EXACT_CHUNK` items
   (numpy, BLAS), the chunk's top-K with ``argpartition`` merged into a running top-K: what a client
   of the embedding head does without an index, in bounded memory;
-* ``ann``: ``index.search`` with the export's parameters (``nprobe`` / ``efSearch`` from the manifest).
+* ``ann``: ``index.search`` with the export's parameters (``k_factor`` / ``nprobe`` / ``efSearch`` from
+  the manifest).
 
 Per batch size they take turns (one call each per round, after one warm-up call each) so that a
 noisy neighbour slows both alike; p50 per call and the ratio exact/ann are reported, and recall@K
@@ -26,6 +27,12 @@ import numpy as np
 #: items scored at a time by the exact search (memory batch x chunk fp32)
 EXACT_CHUNK = 65536
 RECALL_USERS = 512
+#: the manifest's parameters that matter per index kind (reported by bench)
+PARAM_KEYS = {
+    "pq": ("pq_m", "k_factor", "refine"),
+    "ivf": ("nlist", "nprobe"),
+    "hnsw": ("m", "ef_construction", "ef_search"),
+}
 
 
 def exact_topk(users: np.ndarray, table: np.ndarray, k: int) -> np.ndarray:
@@ -122,10 +129,10 @@ def run_ann_bench(
                 "speedup": exact_ms / ann_ms if ann_ms > 0 else float("inf"),
             }
         )
-    knob = {"ivf": "nprobe", "hnsw": "ef_search"}.get(str(spec.get("kind")), "")
+    knob = {"pq": "k_factor", "ivf": "nprobe", "hnsw": "ef_search"}.get(str(spec.get("kind")), "")
     return {
         "kind": spec.get("kind"),
-        "params": {key: spec.get(key) for key in ("nlist", "nprobe", "m", "ef_construction", "ef_search")},
+        "params": {key: spec.get(key) for key in PARAM_KEYS.get(str(spec.get("kind")), ()) if key in spec},
         "search_knob": {knob: spec.get(knob)} if knob else {},
         "k": k,
         "n_items": int(table.shape[0]),

@@ -230,6 +230,9 @@ class ExportOptions:
     ann_m: int | None = None
     ann_ef_construction: int | None = None
     ann_ef_search: int | None = None
+    ann_pq_m: int | None = None
+    ann_k_factor: int | None = None
+    ann_refine: str | None = None
 
     def ann_params(self) -> Any:
         """The :class:`m4r_export.ann.AnnParams` of ``--ann`` and its ``--ann-*`` overrides."""
@@ -241,18 +244,24 @@ class ExportOptions:
             "m": self.ann_m,
             "ef_construction": self.ann_ef_construction,
             "ef_search": self.ann_ef_search,
+            "pq_m": self.ann_pq_m,
+            "k_factor": self.ann_k_factor,
         }
         for key, value in given.items():
             if value is not None and value < (0 if key == "nlist" else 1):
                 raise UsageError(f"--ann-{key.replace('_', '-')} {value}: must be >= 1")
-        return AnnParams(kind=self.ann or "ivf", **{k: v for k, v in given.items() if v is not None})
+        chosen: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+        if self.ann_refine is not None:
+            chosen["refine"] = self.ann_refine
+        return AnnParams(kind=self.ann or AnnParams.kind, **chosen)
 
     @property
     def input_names(self) -> tuple[str, ...]:
         return input_names(self.head, self.exclude_items)
 
-    def validate(self, n_items: int, *, engine: bool = False) -> None:
-        """engine: a TensorRT engine will be built from this export (--fp16 without --no-trt)."""
+    def validate(self, n_items: int, *, engine: bool = False, hidden: int | None = None) -> None:
+        """engine: a TensorRT engine will be built from this export (--fp16 without --no-trt);
+        hidden: the model's hidden size (checks the ANN parameters against it)."""
         if self.head not in HEADS:
             raise UsageError(f"--head {self.head!r}: choose one of {', '.join(HEADS)}")
         if self.head == "topk":
@@ -267,7 +276,11 @@ class ExportOptions:
                 f"--ann {self.ann}: an ANN index serves the embedding head's user vector; "
                 "pass --head embedding"
             )
-        self.ann_params()
+        params = self.ann_params()
+        if self.ann is not None and hidden is not None:
+            from ..ann import check as check_ann
+
+            check_ann(params, n_items, hidden)
         if self.topk_chunk < 1:
             raise UsageError(f"--topk-chunk {self.topk_chunk}: must be >= 1 (default {TOPK_CHUNK})")
         if self.opset not in SUPPORTED_OPSETS:
@@ -963,7 +976,7 @@ def export_artifacts(
     from ..fileio import ensure_writable_dir
 
     say = echo or (lambda _msg: None)
-    opts.validate(model.n_items, engine=opts.fp16 and build_trt)
+    opts.validate(model.n_items, engine=opts.fp16 and build_trt, hidden=model.config.hidden_size)
     out = Path(out_dir)
     ensure_writable_dir(out.absolute().parent)
     check_item_tokens(model)
@@ -1213,6 +1226,8 @@ def _build_ann(table: np.ndarray, params: Any, tmp: Path) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     annmod.write_index(index, tmp / annmod.INDEX_FILE)
     spec = {**params.to_json(), "nlist": annmod.lists_for(len(table), params) if params.kind == "ivf" else 0}
+    if params.kind == "pq":
+        spec["pq_m"] = annmod.pq_m_for(table.shape[1], params)
     return {**spec, "file": annmod.INDEX_FILE, "faiss": faiss.__version__, "build_seconds": round(seconds, 1)}
 
 

@@ -1,6 +1,6 @@
 """``m4r triton --ann``: user embedding + ANN search in one Python-backend model (issue 19 item 5).
 
-From an ``m4r export --head embedding --ann ivf|hnsw`` directory, the model ``m4r_ann`` takes the
+From an ``m4r export --head embedding --ann pq|ivf|hnsw`` directory, the model ``m4r_ann`` takes the
 same ``item_seq`` / ``item_seq_len`` (and optional ``exclude_items``) as the ranking models and
 returns ``topk_scores`` / ``topk_items`` [K] like ``--head topk``, computed approximately:
 ``1/model.py`` (``python_models/ann_model.py``) runs :class:`m4r_export.retrieval.AnnRetriever`,
@@ -36,7 +36,7 @@ def ann_tensors(
     if manifest.get("head") != "embedding" or not isinstance(spec, dict):
         raise UsageError(
             f"--ann: {artifacts}/{MANIFEST_NAME} has no ANN index; export with "
-            "`m4r export --head embedding --ann ivf`"
+            "`m4r export --head embedding --ann pq`"
         )
     n_items = int(manifest["model"]["n_items"])
     if not 1 <= k < n_items:

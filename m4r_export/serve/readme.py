@@ -52,8 +52,8 @@ def repository_readme(name: str, opts: Any, manifest: dict[str, Any], models: li
             f"`[batch, {opts.k}]`, best first: the user vector of `model.onnx` searched in "
             f"`item_index.faiss` ({manifest['ann'].get('kind')}, parameters in `{name}/1/manifest.json`). "
             "APPROXIMATE: `m4r verify` on the export reports its recall@K against exact top-K. Excluded "
-            "items: the index is asked for K + m neighbours (m = most excluded items of any row in the "
-            "batch), the excluded ones dropped. Unfilled entries: score -inf, item 0. The model imports "
+            "items: the index is asked for K + m neighbours (m = the row's distinct excluded items), the "
+            "excluded ones dropped. Unfilled entries: score -inf, item 0. The model imports "
             "`m4r_export` and `faiss` (install m4r-export in the server's Python).",
         ]
     lines += ["", "## Start a server (from inside this directory)", ""]

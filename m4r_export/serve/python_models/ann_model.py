@@ -4,8 +4,9 @@
 manifest.json; ``item_index.faiss`` included) through :class:`m4r_export.retrieval.AnnRetriever`,
 which builds the ONNX Runtime session and the faiss index from those checked bytes. ``execute``
 concatenates the batch's rows (``exclude_items`` absent = none; variable widths right-padded with
-0), computes the user vectors and searches the index once, over-fetching by the most excluded items
-of any row (see m4r_export.retrieval), and splits the answers per request.
+0), computes the user vectors and searches the index (one search per distinct over-fetch: each
+row asks for K + its own number of excluded items; see m4r_export.retrieval), and splits the
+answers per request.
 """
 
 from __future__ import annotations
