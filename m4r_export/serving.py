@@ -165,10 +165,7 @@ class ServingModel(nn.Module):
             top_scores, top_items = torch.topk(scores, min(self.k, stop - start))
             part_scores.append(top_scores)
             part_items.append(top_items + start)
-        if len(part_scores) == 1:
-            return part_scores[0], part_items[0]
-        merged_scores, where = torch.topk(torch.cat(part_scores, dim=1), self.k, dim=1)
-        return merged_scores, torch.gather(torch.cat(part_items, dim=1), 1, where)
+        return _merge_partials(part_scores, part_items, self.k)
 
     def _chunked_topk_eager(
         self, user: Tensor, history: Tensor | None, exclude_items: Tensor | None
@@ -200,10 +197,15 @@ class ServingModel(nn.Module):
             top_scores, top_items = torch.topk(scores, min(self.k, stop - start))
             part_scores.append(top_scores)
             part_items.append(top_items + start)
-        if len(part_scores) == 1:
-            return part_scores[0], part_items[0]
-        merged_scores, where = torch.topk(torch.cat(part_scores, dim=1), self.k, dim=1)
-        return merged_scores, torch.gather(torch.cat(part_items, dim=1), 1, where)
+        return _merge_partials(part_scores, part_items, self.k)
+
+
+def _merge_partials(part_scores: list[Tensor], part_items: list[Tensor], k: int) -> tuple[Tensor, Tensor]:
+    """The top-K of the chunks' top-K lists (concatenated in item order, so ties keep the lower id)."""
+    if len(part_scores) == 1:
+        return part_scores[0], part_items[0]
+    merged_scores, where = torch.topk(torch.cat(part_scores, dim=1), k, dim=1)
+    return merged_scores, torch.gather(torch.cat(part_items, dim=1), 1, where)
 
 
 def _listed_ids(id_lists: list[Tensor], batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
