@@ -2,7 +2,7 @@
 // (about 12 * seqlen * d_inner floats: 1.2 MB at seqlen 200, d_inner 128), so the whole chain runs while the row
 // is cache-resident; only x and y touch the caller's memory.
 #include "mambaMixerCpu.h"
-#include "selectiveScanCpuFast.h"
+#include "selectiveScanCpuRow.h"
 
 #include <algorithm>
 #include <cmath>
@@ -83,7 +83,8 @@ extern "C" int m4r_mixer_forward_row(
     int64_t const nx = r + 2 * n;
     auto const gemm = fns().gemm;
     thread_local std::vector<float> scratch;
-    size_t const need = static_cast<size_t>(L * (9 * di + nx + 2 * n) + di); // the buffers below
+    size_t const ws = m4r::scan::rowWorkspaceFloats(static_cast<int32_t>(L), static_cast<int32_t>(n));
+    size_t const need = static_cast<size_t>(L * (5 * di + nx)) + ws; // the buffers below
     try
     {
         if (scratch.size() < need)
@@ -93,17 +94,13 @@ extern "C" int m4r_mixer_forward_row(
     {
         return 2;
     }
-    float* xz = scratch.data();   // (L, 2 di)  time-major: [x | z]
-    float* ut = xz + L * 2 * di;  // (L, di)    conv + SiLU, time-major
-    float* ucf = ut + L * di;     // (di, L)    the same, channel-first (scan input)
-    float* zcf = ucf + L * di;    // (di, L)
-    float* dt = zcf + L * di;     // (L, di)    dt_proj output, time-major
-    float* xdbl = dt + L * di;    // (L, r + 2n)
-    float* dcf = xdbl + L * nx;   // (di, L)
-    float* bcf = dcf + L * di;    // (n, L)
-    float* ccf = bcf + L * n;     // (n, L)
-    float* ycf = ccf + L * n;     // (di, L) or (di)
-    float* yt = ycf + L * di;     // (L, di)
+    // Every buffer is time-major, and the scan reads them in place (strided views): no transposes.
+    float* xz = scratch.data(); // (L, 2 di)  [x | z]
+    float* ut = xz + L * 2 * di; // (L, di)    conv + SiLU
+    float* dt = ut + L * di;     // (L, di)    dt_proj output (before bias and softplus)
+    float* xdbl = dt + L * di;   // (L, r + 2n) [dt_low | B | C]
+    float* yt = xdbl + L * nx;   // (L, di) or (di): gated scan output
+    float* work = yt + L * di;   // the scan's workspace
 
     gemm(x, dm, w->in_proj_t, 2 * di, xz, 2 * di, L, 2 * di, dm);
     // causal depthwise conv over time (zeros before position 0) + SiLU
@@ -123,30 +120,33 @@ extern "C" int m4r_mixer_forward_row(
         }
     }
     fns().silu(ut, L * di);
-    m4r_mixer_transpose(ut, L, di, ucf);
-    for (int64_t t = 0; t < L; ++t)
-        for (int64_t c = 0; c < di; ++c)
-            zcf[c * L + t] = xz[t * 2 * di + di + c];
     gemm(ut, di, w->x_proj_t, nx, xdbl, nx, L, nx, di);
     gemm(xdbl, nx, w->dt_proj_t, di, dt, di, L, di, r);
-    m4r_mixer_transpose(dt, L, di, dcf);
-    for (int64_t t = 0; t < L; ++t)
-        for (int64_t s = 0; s < n; ++s)
-        {
-            bcf[s * L + t] = xdbl[t * nx + r + s];
-            ccf[s * L + t] = xdbl[t * nx + r + n + s];
-        }
-    int const rc = m4r_scan_native_forward(ucf, dcf, w->A, bcf, ccf, w->D, zcf, w->dt_bias, nullptr, 1,
-        static_cast<int32_t>(di), static_cast<int32_t>(L), static_cast<int32_t>(n), 1, last_only ? 1 : 0,
-        M4R_SCAN_F32, ycf, 1);
-    if (rc != M4R_SCAN_OK)
-        return rc == M4R_SCAN_NO_MEMORY ? 2 : 1;
-    if (last_only)
-    {
-        gemm(ycf, di, w->out_proj_t, dm, y, dm, 1, dm, di);
-        return 0;
-    }
-    m4r_mixer_transpose(ycf, di, L, yt);
-    gemm(yt, di, w->out_proj_t, dm, y, dm, L, dm, di);
+    m4r::scan::ScanRow row{};
+    row.u = ut;
+    row.uT = di;
+    row.uC = 1;
+    row.delta = dt;
+    row.dT = di;
+    row.dC = 1;
+    row.z = xz + di;
+    row.zT = 2 * di;
+    row.zC = 1;
+    row.B = xdbl + r;
+    row.C = xdbl + r + n;
+    row.bcT = nx;
+    row.A = w->A;
+    row.D = w->D;
+    row.bias = w->dt_bias;
+    row.dim = static_cast<int32_t>(di);
+    row.steps = static_cast<int32_t>(L);
+    row.n = static_cast<int32_t>(n);
+    row.softplus = true;
+    row.lastOnly = last_only != 0;
+    row.y = yt;
+    row.yT = di;
+    row.yC = 1;
+    m4r::scan::forwardRow(row, work);
+    gemm(yt, di, w->out_proj_t, dm, y, dm, last_only ? 1 : L, dm, di);
     return 0;
 }

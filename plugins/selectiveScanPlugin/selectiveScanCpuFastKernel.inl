@@ -1,13 +1,16 @@
 // Hot loops of the optimised CPU scan (selectiveScanCpuFast.cpp includes this file once per instruction set,
 // inside a namespace, with that instruction set enabled for every function in it).
 //
-// A "block" is kW channels of one batch row, one channel per vector lane: the N states of the block are N
-// vectors, B and C of the row are broadcast to all lanes, and the reduction over N stays within a lane, so
-// every lane evaluates exactly the reference's expressions in the reference's order (selectiveScanMath.h:
-// updateState, then hc += h * C over n = 0..N-1). Only exp() differs: a polynomial instead of libm expf.
-// Inputs arrive transposed to [t][lane] (dt, u, g) and [t][n] (B, C) by the caller.
-// Needs: Vec, kW, kDecayExpMin, M4R_SCAN_POLY_FMA(a, b, c) = a * b + c, fused or not (selectiveScanCpuFast.cpp).
-// Only the exp polynomial uses it; the state update and the sums round exactly like the reference.
+// A "block" is kLanes channels of one batch row, one channel per vector lane: the N states of the block are N
+// vectors, B and C of the row are broadcast to all lanes, and the reduction over N stays within a lane.
+// Needs (selectiveScanCpuFast.cpp): Vec / VecI (kLanes floats / int32), kLanes, kGroup (states updated in
+// lockstep), kDecayExpMin, M4R_SCAN_FMA(a, b, c) = a * b + c (fused where the instruction set has FMA),
+// M4R_SCAN_POLY_FMA(a, b, c) (the same with a scalar c), M4R_SCAN_MAX(a, b) = a > b ? a : b and
+// M4R_SCAN_MIN(a, b) = a < b ? a : b (x86's maxps/minps: the second operand where either is NaN).
+//
+// The forward state update (forwardBlock) is h = fma(2^(dt * A log2 e), h, dt u B): the decay's exp is a base-2
+// polynomial on the pre-scaled exponent (exp2Decay) and the update one fused multiply-add where the ISA has it,
+// so it does not round exactly like the reference loop (see README.md, "CPU kernels: rounding").
 
 //! exp(x) for x clamped to [kDecayExpMin, 88]: Cody-Waite range reduction and Cephes' degree-6 polynomial
 //! (<= 2 ulp from libm expf in that range). Written with plain vector arithmetic so it vectorises anywhere.
@@ -90,159 +93,214 @@ static void softplusInPlace(Vec* x, int32_t steps)
     }
 }
 
-//! In place: g -> g * softplus'(x) = g * sigmoid(x) (1 above the threshold 20).
-static void softplusGradInPlace(Vec* g, Vec const* x, int32_t steps)
+
+// ---- forward: exp2 decay, FMA state update, kGroup states in lockstep ----------------------------------------
+
+constexpr float kLog2e = 1.44269504088896341F;
+constexpr float kDecayExp2Min = kDecayExpMin * kLog2e; //!< the -80 clamp, in log2 units
+constexpr float kDecayExp2Max = 88.F * kLog2e;         //!< keeps 2^k finite (k <= 127), as expDecayVec's 88
+
+//! Minimax polynomial of 2^r on [-1/2, 1/2] (degree 6, relative error 2.0e-9 before fp32 rounding).
+constexpr float kExp2C1 = 0.6931471824645996F;
+constexpr float kExp2C2 = 0.24022647738456726F;
+constexpr float kExp2C3 = 0.055503323674201965F;
+constexpr float kExp2C4 = 0.00961843691766262F;
+constexpr float kExp2C5 = 0.0013398875016719103F;
+constexpr float kExp2C6 = 0.00015353361959569156F;
+
+//! G states s = 0..G-1 of one position: h[s] = fma(2^clamp(d * a2[s]), h[s], dtu * b[s]); with kReadOut,
+//! hc[s] += h[s] * c[s]. Each step of the exp is applied to all G states before the next, so G independent
+//! dependency chains are in flight (the chain of one exp is ~12 dependent instructions). 2^x: x = k + r with
+//! k = round(x) (the 1.5 * 2^23 trick leaves k in the low bits of x + magic), 2^r by the polynomial, and 2^k
+//! added to the exponent bits (k in [-116, 127] after the clamp, so the result stays a normal float).
+template <int G, bool kReadOut>
+static inline void updateGroup(Vec d, Vec dtu, Vec const* a2, float const* b, float const* c, Vec* h, Vec* hc)
 {
-    for (int32_t t = 0; t < steps; ++t)
+    Vec const magic = Vec{} + 12582912.F; // 1.5 * 2^23
+    Vec x[G];
+    Vec rt[G];
+    Vec p[G];
+#pragma GCC unroll 16
+    for (int j = 0; j < G; ++j)
     {
-        Vec const e = expVec(x[t]);
-        Vec const sig = e / (e + 1.F);
-        g[t] = x[t] > 20.F ? g[t] : g[t] * sig;
+        x[j] = d * a2[j];
+        x[j] = M4R_SCAN_MAX(Vec{} + kDecayExp2Min, x[j]); // x < min ? min : x (NaN stays NaN)
+        x[j] = M4R_SCAN_MIN(Vec{} + kDecayExp2Max, x[j]); // x > max ? max : x
+        rt[j] = x[j] + magic;
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < G; ++j)
+    {
+        x[j] = x[j] - (rt[j] - magic); // r in [-1/2, 1/2], exact
+        p[j] = M4R_SCAN_POLY_FMA(Vec{} + kExp2C6, x[j], kExp2C5);
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < G; ++j)
+    {
+        p[j] = M4R_SCAN_POLY_FMA(p[j], x[j], kExp2C4);
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < G; ++j)
+    {
+        p[j] = M4R_SCAN_POLY_FMA(p[j], x[j], kExp2C3);
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < G; ++j)
+    {
+        p[j] = M4R_SCAN_POLY_FMA(p[j], x[j], kExp2C2);
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < G; ++j)
+    {
+        p[j] = M4R_SCAN_POLY_FMA(p[j], x[j], kExp2C1);
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < G; ++j)
+    {
+        p[j] = M4R_SCAN_POLY_FMA(p[j], x[j], 1.F);
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < G; ++j)
+    {
+        Vec const e = (Vec) ((VecI) p[j] + ((VecI) rt[j] << 23));
+        h[j] = M4R_SCAN_FMA(e, h[j], dtu * b[j]);
+        if (kReadOut)
+        {
+            hc[j] = M4R_SCAN_FMA(h[j], Vec{} + c[j], hc[j]);
+        }
     }
 }
 
-//! Forward over one block: states h (N vectors) from zero, for t = 0..stop. hcOut gets sum_n h_t * C_t per
-//! position (all of them, or only the one at `stop` when lastOnly).
-static void forwardBlock(Vec const* dt, Vec const* u, Vec const* a, float const* Bt, float const* Ct, int32_t n,
-    int32_t stop, bool lastOnly, Vec* h, Vec* hcOut)
+//! One position of a block: all n states, and sum_s h * C into *hcOut when kReadOut.
+template <bool kReadOut>
+static inline void updateStates(
+    Vec d, Vec dtu, Vec const* a2, float const* b, float const* c, int32_t n, Vec* h, Vec* hcOut)
+{
+    Vec hc[kGroup] = {};
+    int32_t s = 0;
+    for (; s + kGroup <= n; s += kGroup)
+    {
+        updateGroup<kGroup, kReadOut>(d, dtu, a2 + s, b + s, kReadOut ? c + s : nullptr, h + s, hc);
+    }
+    for (; s < n; ++s)
+    {
+        updateGroup<1, kReadOut>(d, dtu, a2 + s, b + s, kReadOut ? c + s : nullptr, h + s, hc);
+    }
+    if (kReadOut)
+    {
+#pragma GCC unroll 16
+        for (int w = kGroup / 2; w > 0; w /= 2) // pairwise sum of the kGroup partial sums
+        {
+#pragma GCC unroll 16
+            for (int j = 0; j < w; ++j)
+            {
+                hc[j] += hc[j + w];
+            }
+        }
+        *hcOut = hc[0];
+    }
+}
+
+//! Forward over one block: states h (n vectors) from zero, for t = 0..stop. a2 = A * log2(e) per lane.
+//! B and C of position t are Bt[t * ldbc + s], Ct[t * ldbc + s]. hcOut gets sum_s h_t * C_t per position
+//! (all of them, or only the one at `stop`, in hcOut[0], when lastOnly).
+static void forwardBlock(Vec const* dt, Vec const* u, Vec const* a2, float const* Bt, float const* Ct, int64_t ldbc,
+    int32_t n, int32_t stop, bool lastOnly, Vec* h, Vec* hcOut)
 {
     for (int32_t s = 0; s < n; ++s)
     {
         h[s] = Vec{};
     }
-    int32_t const fullUntil = lastOnly ? stop : stop + 1; // positions whose C.h is wanted start here (last)
-    for (int32_t t = 0; t < fullUntil; ++t)
-    {
-        Vec const d = dt[t];
-        Vec const dtu = d * u[t];
-        float const* bt = Bt + static_cast<std::size_t>(t) * n;
-        if (lastOnly)
-        {
-            for (int32_t s = 0; s < n; ++s)
-            {
-                h[s] = expDecayVec(d * a[s]) * h[s] + dtu * bt[s];
-            }
-        }
-        else
-        {
-            float const* ct = Ct + static_cast<std::size_t>(t) * n;
-            Vec hc = Vec{};
-            for (int32_t s = 0; s < n; ++s)
-            {
-                h[s] = expDecayVec(d * a[s]) * h[s] + dtu * bt[s];
-                hc += h[s] * ct[s];
-            }
-            hcOut[t] = hc;
-        }
-    }
-    if (lastOnly)
-    {
-        Vec const d = dt[stop];
-        Vec const dtu = d * u[stop];
-        float const* bt = Bt + static_cast<std::size_t>(stop) * n;
-        float const* ct = Ct + static_cast<std::size_t>(stop) * n;
-        Vec hc = Vec{};
-        for (int32_t s = 0; s < n; ++s)
-        {
-            h[s] = expDecayVec(d * a[s]) * h[s] + dtu * bt[s];
-            hc += h[s] * ct[s];
-        }
-        hcOut[0] = hc;
-    }
-}
-
-//! Forward recomputation for the backward pass: every state H[t * n + s] and decay E[t * n + s] for
-//! t = 0..stop, and hc per position (needed for the gate's gradient; only hcOut[stop] when lastOnly).
-static void statesBlock(Vec const* dt, Vec const* u, Vec const* a, float const* Bt, float const* Ct, int32_t n,
-    int32_t stop, bool lastOnly, Vec* H, Vec* E, Vec* hcOut)
-{
     for (int32_t t = 0; t <= stop; ++t)
     {
         Vec const d = dt[t];
         Vec const dtu = d * u[t];
-        float const* bt = Bt + static_cast<std::size_t>(t) * n;
-        float const* ct = Ct + static_cast<std::size_t>(t) * n;
-        Vec* ht = H + static_cast<std::size_t>(t) * n;
-        Vec* et = E + static_cast<std::size_t>(t) * n;
-        Vec const* hp = t > 0 ? ht - n : nullptr;
-        if (lastOnly && t != stop && hp != nullptr)
+        float const* bt = Bt + t * ldbc;
+        float const* ct = Ct + t * ldbc;
+        if (!lastOnly)
         {
-            for (int32_t s = 0; s < n; ++s)
-            {
-                et[s] = expDecayVec(d * a[s]);
-                ht[s] = et[s] * hp[s] + dtu * bt[s];
-            }
-            continue;
+            updateStates<true>(d, dtu, a2, bt, ct, n, h, hcOut + t);
         }
-        Vec hc = Vec{};
-        for (int32_t s = 0; s < n; ++s)
+        else if (t == stop)
         {
-            Vec const prev = hp != nullptr ? hp[s] : Vec{};
-            et[s] = expDecayVec(d * a[s]);
-            ht[s] = et[s] * prev + dtu * bt[s];
-            hc += ht[s] * ct[s];
+            updateStates<true>(d, dtu, a2, bt, ct, n, h, hcOut);
         }
-        hcOut[t] = hc;
+        else
+        {
+            updateStates<false>(d, dtu, a2, bt, ct, n, h, nullptr);
+        }
     }
 }
 
-//! Adjoint recurrence over one block, t = stop..0. g[t]: dL/d(sum_n h_t C_t) per lane. Accumulates (+=) the
-//! lane-wise partial gradients dBacc/dCacc ([t][n], summed over lanes later), dAacc ([n]); writes
-//! gDt[t] = dL/d dt_t and gDtu[t] = dL/d(dt_t u_t).
-static void adjointBlock(Vec const* dt, Vec const* u, Vec const* a, float const* Bt, float const* Ct,
-    Vec const* g, int32_t n, int32_t stop, bool lastOnly, Vec const* H, Vec const* E, Vec* G, Vec* dBacc, Vec* dCacc, Vec* dAacc, Vec* gDt,
-    Vec* gDtu)
+//! lanes values of (t, c0 + l), l < lanes, from a strided view into a vector (zero past `lanes`).
+static inline Vec loadLanes(float const* p, int64_t stride, int32_t lanes)
 {
-    for (int32_t s = 0; s < n; ++s)
+    Vec v = Vec{};
+    if (lanes == kLanes && stride == 1)
     {
-        G[s] = Vec{};
+        std::memcpy(&v, p, sizeof(Vec));
+        return v;
     }
-    for (int32_t t = stop; t >= 0; --t)
+    for (int32_t l = 0; l < lanes; ++l)
     {
-        Vec const d = dt[t];
-        Vec const dtu = d * u[t];
-        Vec const gt = g[t];
-        std::size_t const off = static_cast<std::size_t>(t) * n;
-        float const* bt = Bt + off;
-        float const* ct = Ct + off;
-        Vec const* ht = H + off;
-        Vec const* et = E + off;
-        Vec const* hp = t > 0 ? ht - n : nullptr;
-        Vec* dBt = dBacc + off;
-        Vec* dCt = dCacc + off;
-        Vec sumGB = Vec{};
-        Vec decay = Vec{};
-        if (lastOnly && t != stop && hp != nullptr)
+        v[l] = p[l * stride];
+    }
+    return v;
+}
+
+static inline void storeLanes(float* p, int64_t stride, int32_t lanes, Vec v)
+{
+    if (lanes == kLanes && stride == 1)
+    {
+        std::memcpy(p, &v, sizeof(Vec));
+        return;
+    }
+    for (int32_t l = 0; l < lanes; ++l)
+    {
+        p[l * stride] = v[l];
+    }
+}
+
+//! One row on strided fp32 views (m4r::scan::ScanRow, selectiveScanCpuRow.h), channel blocks of kLanes.
+//! workspace: rowWorkspaceFloats(steps, n) floats.
+static void forwardRow(m4r::scan::ScanRow const& p, float* workspace)
+{
+    auto const addr = reinterpret_cast<std::uintptr_t>(workspace);
+    Vec* const dt = reinterpret_cast<Vec*>((addr + 63) & ~std::uintptr_t{63});
+    Vec* const u = dt + p.steps;
+    Vec* const hc = u + p.steps;
+    Vec* const a2 = hc + p.steps;
+    Vec* const h = a2 + p.n;
+    int32_t const stop = p.steps - 1;
+    int32_t const first = p.lastOnly ? stop : 0;
+    for (int32_t c0 = 0; c0 < p.dim; c0 += kLanes)
+    {
+        int32_t const lanes = std::min(kLanes, p.dim - c0);
+        Vec const bias = p.bias != nullptr ? loadLanes(p.bias + c0, 1, lanes) : Vec{};
+        for (int32_t t = 0; t < p.steps; ++t)
         {
-            // No output at t (g[t] = 0): the same loop without the g[t] terms, which would add exact zeros.
-            for (int32_t s = 0; s < n; ++s)
+            dt[t] = loadLanes(p.delta + t * p.dT + c0 * p.dC, p.dC, lanes) + bias;
+            u[t] = loadLanes(p.u + t * p.uT + c0 * p.uC, p.uC, lanes);
+        }
+        if (p.softplus)
+        {
+            softplusInPlace(dt, p.steps);
+        }
+        for (int32_t s = 0; s < p.n; ++s)
+        {
+            a2[s] = loadLanes(p.A + static_cast<int64_t>(c0) * p.n + s, p.n, lanes) * kLog2e;
+        }
+        forwardBlock(dt, u, a2, p.B, p.C, p.bcT, p.n, stop, p.lastOnly, h, hc);
+        Vec const dSkip = p.D != nullptr ? loadLanes(p.D + c0, 1, lanes) : Vec{};
+        for (int32_t t = first; t <= stop; ++t)
+        {
+            Vec y = hc[p.lastOnly ? 0 : t] + dSkip * u[t]; // skipOutput, as selectiveScanMath.h
+            if (p.z != nullptr)
             {
-                Vec const gs = G[s];
-                dBt[s] += gs * dtu;
-                sumGB += gs * bt[s];
-                Vec const e = et[s];
-                Vec const q = gs * hp[s] * e;
-                dAacc[s] += q * d;
-                decay += q * a[s];
-                G[s] = gs * e;
+                Vec const zv = loadLanes(p.z + t * p.zT + c0 * p.zC, p.zC, lanes);
+                y = y * (zv / (1.F + expVec(-zv))); // gate: y * silu(z)
             }
-            gDt[t] = decay + sumGB * u[t];
-            gDtu[t] = sumGB;
-            continue;
+            storeLanes(p.y + (p.lastOnly ? 0 : t * p.yT) + c0 * p.yC, p.yC, lanes, y);
         }
-        for (int32_t s = 0; s < n; ++s)
-        {
-            Vec const gs = G[s] + gt * ct[s]; // dL/dh_t
-            dCt[s] += gt * ht[s];
-            dBt[s] += gs * dtu;
-            sumGB += gs * bt[s];
-            Vec const e = et[s];
-            Vec const q = hp != nullptr ? gs * hp[s] * e : Vec{}; // dL/d(dt_t a_s)
-            dAacc[s] += q * d;
-            decay += q * a[s];
-            G[s] = gs * e; // carried to t - 1
-        }
-        gDt[t] = decay + sumGB * u[t];
-        gDtu[t] = sumGB;
     }
 }
