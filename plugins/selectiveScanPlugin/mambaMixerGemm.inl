@@ -1,71 +1,68 @@
-// GEMM micro-kernel of the fused Mamba mixer, included once per instruction set (mambaMixerCpu.cpp).
-// c[m, n] = sum_k a[m, k] * bt[k, n], all row-major with leading dimensions
-// lda, ldb, ldc. Four rows x 16 columns of c live in eight 8-lane accumulators; columns past the last
-// multiple of 16 and rows past the last multiple of 4 take the narrower loops below.
+// GEMM micro-kernel of the fused Mamba mixer, included once per instruction set (mambaMixerCpu.cpp,
+// mambaMixerStepCpu.cpp). c[m, n] = sum_k a[m, k] * bt[k, n], all row-major with leading dimensions lda, ldb,
+// ldc. Four rows x 16 columns of c live in eight 8-lane accumulators (one row for the last m % 4 rows). The
+// last n % 16 columns go through the same kernel on a zero-padded copy of those columns of bt (x_proj has
+// dt_rank + 2 d_state columns, e.g. 68), so no column takes a scalar loop.
+
+//! c[rows < 4, 16 columns] from a (rows, k) and a 16-column panel of bt; cols <= 16 of them are stored.
+template <int R>
+static inline void gemmTile(float const* a, int64_t lda, float const* bt, int64_t ldb, float* c, int64_t ldc,
+    int64_t k, int64_t cols)
+{
+    MVec acc[R][2] = {};
+    for (int64_t p = 0; p < k; ++p)
+    {
+        MVec b0, b1;
+        std::memcpy(&b0, bt + p * ldb, sizeof(MVec));
+        std::memcpy(&b1, bt + p * ldb + 8, sizeof(MVec));
+        for (int r = 0; r < R; ++r)
+        {
+            float const av = a[r * lda + p];
+            acc[r][0] += av * b0;
+            acc[r][1] += av * b1;
+        }
+    }
+    for (int r = 0; r < R; ++r)
+    {
+        if (cols == 16)
+        {
+            std::memcpy(c + r * ldc, &acc[r][0], sizeof(MVec));
+            std::memcpy(c + r * ldc + 8, &acc[r][1], sizeof(MVec));
+        }
+        else
+        {
+            for (int64_t j = 0; j < cols; ++j)
+                c[r * ldc + j] = j < 8 ? acc[r][0][j] : acc[r][1][j - 8];
+        }
+    }
+}
+
 static void gemm(float const* a, int64_t lda, float const* bt, int64_t ldb, float* c, int64_t ldc, int64_t m,
     int64_t n, int64_t k)
 {
     int64_t const n16 = n / 16 * 16;
+    thread_local std::vector<float> panel; // the last n % 16 columns of bt, zero-padded to 16
+    if (n16 < n)
+    {
+        panel.assign(static_cast<size_t>(k) * 16, 0.0f);
+        for (int64_t p = 0; p < k; ++p)
+            for (int64_t j = n16; j < n; ++j)
+                panel[p * 16 + (j - n16)] = bt[p * ldb + j];
+    }
     int64_t i = 0;
     for (; i + 4 <= m; i += 4)
     {
-        float const* a0 = a + i * lda;
         for (int64_t j = 0; j < n16; j += 16)
-        {
-            MVec acc[4][2] = {};
-            for (int64_t p = 0; p < k; ++p)
-            {
-                MVec b0, b1;
-                std::memcpy(&b0, bt + p * ldb + j, sizeof(MVec));
-                std::memcpy(&b1, bt + p * ldb + j + 8, sizeof(MVec));
-                for (int r = 0; r < 4; ++r)
-                {
-                    float const av = a0[r * lda + p];
-                    acc[r][0] += av * b0;
-                    acc[r][1] += av * b1;
-                }
-            }
-            for (int r = 0; r < 4; ++r)
-            {
-                std::memcpy(c + (i + r) * ldc + j, &acc[r][0], sizeof(MVec));
-                std::memcpy(c + (i + r) * ldc + j + 8, &acc[r][1], sizeof(MVec));
-            }
-        }
-        for (int64_t j = n16; j < n; ++j)
-        {
-            for (int r = 0; r < 4; ++r)
-            {
-                float s = 0.0f;
-                for (int64_t p = 0; p < k; ++p)
-                    s += a0[r * lda + p] * bt[p * ldb + j];
-                c[(i + r) * ldc + j] = s;
-            }
-        }
+            gemmTile<4>(a + i * lda, lda, bt + j, ldb, c + i * ldc + j, ldc, k, 16);
+        if (n16 < n)
+            gemmTile<4>(a + i * lda, lda, panel.data(), 16, c + i * ldc + n16, ldc, k, n - n16);
     }
     for (; i < m; ++i)
     {
-        float const* a0 = a + i * lda;
         for (int64_t j = 0; j < n16; j += 16)
-        {
-            MVec acc0 = {}, acc1 = {};
-            for (int64_t p = 0; p < k; ++p)
-            {
-                MVec b0, b1;
-                std::memcpy(&b0, bt + p * ldb + j, sizeof(MVec));
-                std::memcpy(&b1, bt + p * ldb + j + 8, sizeof(MVec));
-                acc0 += a0[p] * b0;
-                acc1 += a0[p] * b1;
-            }
-            std::memcpy(c + i * ldc + j, &acc0, sizeof(MVec));
-            std::memcpy(c + i * ldc + j + 8, &acc1, sizeof(MVec));
-        }
-        for (int64_t j = n16; j < n; ++j)
-        {
-            float s = 0.0f;
-            for (int64_t p = 0; p < k; ++p)
-                s += a0[p] * bt[p * ldb + j];
-            c[i * ldc + j] = s;
-        }
+            gemmTile<1>(a + i * lda, lda, bt + j, ldb, c + i * ldc + j, ldc, k, 16);
+        if (n16 < n)
+            gemmTile<1>(a + i * lda, lda, panel.data(), 16, c + i * ldc + n16, ldc, k, n - n16);
     }
 }
 

@@ -83,7 +83,7 @@ constexpr int kGroup = 4; // 16 ymm registers
 namespace avx512
 {
 constexpr int32_t kLanes = 16;
-constexpr int kGroup = 8;
+constexpr int kGroup = 4;
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t VecI __attribute__((vector_size(kLanes * sizeof(int32_t))));
 #define M4R_SCAN_FMA(a, b, c) ((Vec) _mm512_fmadd_ps((__m512) (a), (__m512) (b), (__m512) (c)))
