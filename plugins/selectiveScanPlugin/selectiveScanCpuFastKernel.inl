@@ -64,14 +64,14 @@ static inline Vec logVec(Vec x)
     Vec const ef = __builtin_convertvector(e, Vec);
     Vec const z = m * m;
     Vec y = Vec{} + 7.0376836292E-2F;
-    y = y * m - 1.1514610310E-1F;
-    y = y * m + 1.1676998740E-1F;
-    y = y * m - 1.2420140846E-1F;
-    y = y * m + 1.4249322787E-1F;
-    y = y * m - 1.6668057665E-1F;
-    y = y * m + 2.0000714765E-1F;
-    y = y * m - 2.4999993993E-1F;
-    y = y * m + 3.3333331174E-1F;
+    y = M4R_SCAN_POLY_FMA(y, m, -1.1514610310E-1F);
+    y = M4R_SCAN_POLY_FMA(y, m, 1.1676998740E-1F);
+    y = M4R_SCAN_POLY_FMA(y, m, -1.2420140846E-1F);
+    y = M4R_SCAN_POLY_FMA(y, m, 1.4249322787E-1F);
+    y = M4R_SCAN_POLY_FMA(y, m, -1.6668057665E-1F);
+    y = M4R_SCAN_POLY_FMA(y, m, 2.0000714765E-1F);
+    y = M4R_SCAN_POLY_FMA(y, m, -2.4999993993E-1F);
+    y = M4R_SCAN_POLY_FMA(y, m, 3.3333331174E-1F);
     y = y * m * z;
     y = y + ef * -2.12194440e-4F;
     y = y - z * 0.5F;
@@ -80,16 +80,32 @@ static inline Vec logVec(Vec x)
 
 //! In place: x -> softplus(x) with PyTorch's threshold (x above 20 unchanged). log1p(e^x) as
 //! log(1 + e) * e / ((1 + e) - 1), which keeps log1p's accuracy for tiny e (Goldberg's trick).
+//! Four positions per iteration: each is a long dependency chain (exp, log, a division), and four independent
+//! ones in one basic block keep the out-of-order core busy.
 static void softplusInPlace(Vec* x, int32_t steps)
 {
-    for (int32_t t = 0; t < steps; ++t)
-    {
-        Vec const v = x[t];
+    auto const one = [](Vec v) {
         Vec const e = expVec(v);
         Vec const w = e + 1.F;
         Vec const dw = w - 1.F;
         Vec const lp = dw == 0.F ? e : logVec(w) * (e / (dw == 0.F ? Vec{} + 1.F : dw));
-        x[t] = v > 20.F ? v : lp;
+        return v > 20.F ? v : lp;
+    };
+    int32_t t = 0;
+    for (; t + 4 <= steps; t += 4)
+    {
+        Vec const y0 = one(x[t]);
+        Vec const y1 = one(x[t + 1]);
+        Vec const y2 = one(x[t + 2]);
+        Vec const y3 = one(x[t + 3]);
+        x[t] = y0;
+        x[t + 1] = y1;
+        x[t + 2] = y2;
+        x[t + 3] = y3;
+    }
+    for (; t < steps; ++t)
+    {
+        x[t] = one(x[t]);
     }
 }
 
