@@ -10,7 +10,26 @@ static inline void gemmTile(float const* a, int64_t lda, float const* bt, int64_
     int64_t k, int64_t cols)
 {
     MVec acc[R][2] = {};
-    for (int64_t p = 0; p < k; ++p)
+    int64_t p = 0;
+    if (R == 1) // one row: four partial sums, so that the k loop is not one chain of dependent FMAs
+    {
+        MVec part[3][2] = {};
+        for (; p + 4 <= k; p += 4)
+        {
+            for (int q = 0; q < 4; ++q)
+            {
+                MVec b0, b1;
+                std::memcpy(&b0, bt + (p + q) * ldb, sizeof(MVec));
+                std::memcpy(&b1, bt + (p + q) * ldb + 8, sizeof(MVec));
+                MVec* dst = q == 0 ? acc[0] : part[q - 1];
+                dst[0] += a[p + q] * b0;
+                dst[1] += a[p + q] * b1;
+            }
+        }
+        for (int h = 0; h < 2; ++h)
+            acc[0][h] += (part[0][h] + part[1][h]) + part[2][h];
+    }
+    for (; p < k; ++p)
     {
         MVec b0, b1;
         std::memcpy(&b0, bt + p * ldb, sizeof(MVec));

@@ -3,7 +3,7 @@
 //   scan      m4r_scan_native_forward, one row, mode last (the scan inside a 1 x L mixer call)
 //   mixer     m4r_mixer_forward_row, mode last, `batch` rows one after another (what one ONNX Runtime thread does)
 //   step      m4r_mixer_step_rows, `batch` rows
-// Usage: mixer_bench [seconds per point, default 0.5]. Prints the median CPU ms per call over repeated calls
+// Usage: mixer_bench [seconds per point, default 0.5] [scan|mixer|step: only those]. Prints the median CPU ms per call over repeated calls
 // (CLOCK_THREAD_CPUTIME_ID), so that a loaded machine inflates the numbers less than wall time would.
 #include "mambaMixerCpu.h"
 #include "mambaMixerStepCpu.h"
@@ -16,6 +16,7 @@
 #include <ctime>
 #include <functional>
 #include <random>
+#include <string>
 #include <vector>
 
 namespace
@@ -47,6 +48,8 @@ double medianMs(std::function<void()> const& fn, double seconds)
 int main(int argc, char** argv)
 {
     double const seconds = argc > 1 ? std::atof(argv[1]) : 0.5;
+    std::string const only = argc > 2 ? argv[2] : "";
+    auto const run = [&](char const* what) { return only.empty() || only == what; };
     int const dm = 64, di = 128, n = 32, r = 4, k = 4, nx = r + 2 * n;
     std::mt19937 g(1);
     std::uniform_real_distribution<float> ud(-0.3f, 0.3f);
@@ -67,6 +70,8 @@ int main(int argc, char** argv)
 
     for (int L : {50, 200, 1000})
     {
+        if (!run("scan"))
+            break;
         auto u = f(size_t(di) * L), dl = f(size_t(di) * L), z = f(size_t(di) * L), B = f(size_t(n) * L),
              C = f(size_t(n) * L);
         std::vector<float> y(di);
@@ -84,6 +89,8 @@ int main(int argc, char** argv)
     };
     for (Point p : {Point{1, 50}, Point{1, 200}, Point{1, 1000}, Point{256, 50}, Point{256, 200}})
     {
+        if (!run("mixer"))
+            break;
         auto x = f(size_t(p.batch) * p.L * dm);
         std::vector<float> y(size_t(p.batch) * dm);
         double const ms = medianMs(
@@ -96,6 +103,8 @@ int main(int argc, char** argv)
     }
     for (int rows : {1, 256})
     {
+        if (!run("step"))
+            break;
         auto x = f(size_t(rows) * dm), conv = f(size_t(rows) * di * (k - 1)), h = f(size_t(rows) * di * n);
         std::vector<float> y(size_t(rows) * dm);
         double const ms = medianMs(
