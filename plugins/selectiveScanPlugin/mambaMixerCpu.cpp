@@ -104,7 +104,18 @@ extern "C" int m4r_mixer_forward_row(
     float* yt = xdbl + L * nx;   // (L, di) or (di): gated scan output
     float* work = yt + L * di;   // the scan's workspace, then the conv taps
 
-    gemm(x, dm, w->in_proj_t, 2 * di, xz, 2 * di, L, 2 * di, dm);
+    // Mode last reads z (the gate) and C (the read-out) at the last position only: those columns of in_proj and
+    // x_proj are computed for that row alone (about half the GEMM work of a row).
+    bool const last = last_only != 0;
+    if (last)
+    {
+        gemm(x, dm, w->in_proj_t, 2 * di, xz, 2 * di, L, di, dm);
+        gemm(x + (L - 1) * dm, dm, w->in_proj_t + di, 2 * di, xz + (L - 1) * 2 * di + di, 2 * di, 1, di, dm);
+    }
+    else
+    {
+        gemm(x, dm, w->in_proj_t, 2 * di, xz, 2 * di, L, 2 * di, dm);
+    }
     // causal depthwise conv over time (zeros before position 0) + SiLU; the taps transposed to (k, di) first so
     // that the channel loop reads both operands contiguously (and vectorises)
     float* convT = work + ws; // (k, di)
@@ -128,7 +139,15 @@ extern "C" int m4r_mixer_forward_row(
         }
     }
     fns().silu(ut, L * di);
-    gemm(ut, di, w->x_proj_t, nx, xdbl, nx, L, nx, di);
+    if (last)
+    {
+        gemm(ut, di, w->x_proj_t, nx, xdbl, nx, L, r + n, di);
+        gemm(ut + (L - 1) * di, di, w->x_proj_t + r + n, nx, xdbl + (L - 1) * nx + r + n, nx, 1, n, di);
+    }
+    else
+    {
+        gemm(ut, di, w->x_proj_t, nx, xdbl, nx, L, nx, di);
+    }
     gemm(xdbl, nx, w->dt_proj_t, di, dt, di, L, di, r);
     m4r::scan::ScanRow row{};
     row.u = ut;
@@ -150,11 +169,11 @@ extern "C" int m4r_mixer_forward_row(
     row.steps = static_cast<int32_t>(L);
     row.n = static_cast<int32_t>(n);
     row.softplus = true;
-    row.lastOnly = last_only != 0;
+    row.lastOnly = last;
     row.y = yt;
     row.yT = di;
     row.yC = 1;
     m4r::scan::forwardRow(row, work);
-    gemm(yt, di, w->out_proj_t, dm, y, dm, last_only ? 1 : L, dm, di);
+    gemm(yt, di, w->out_proj_t, dm, y, dm, last ? 1 : L, dm, di);
     return 0;
 }

@@ -10,7 +10,7 @@
 //
 // The forward state update (forwardBlock) is h = fma(2^(dt * A log2 e), h, dt u B): the decay's exp is a base-2
 // polynomial on the pre-scaled exponent (exp2Decay) and the update one fused multiply-add where the ISA has it,
-// so it does not round exactly like the reference loop (see README.md, "CPU kernels: rounding").
+// so it does not round exactly like the reference loop (docs/native-cpu.md, "Rounding").
 
 //! exp(x) for x clamped to [kDecayExpMin, 88]: Cody-Waite range reduction and Cephes' degree-6 polynomial
 //! (<= 2 ulp from libm expf in that range). Written with plain vector arithmetic so it vectorises anywhere.
