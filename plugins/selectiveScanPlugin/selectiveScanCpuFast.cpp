@@ -84,6 +84,7 @@ namespace avx512
 {
 constexpr int32_t kLanes = 16;
 constexpr int kGroup = 4;
+#define M4R_SCAN_EXP2_TABLE 1
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t VecI __attribute__((vector_size(kLanes * sizeof(int32_t))));
 #define M4R_SCAN_FMA(a, b, c) ((Vec) _mm512_fmadd_ps((__m512) (a), (__m512) (b), (__m512) (c)))
@@ -93,6 +94,7 @@ typedef int32_t VecI __attribute__((vector_size(kLanes * sizeof(int32_t))));
 #undef M4R_SCAN_FMA
 #undef M4R_SCAN_MAX
 #undef M4R_SCAN_MIN
+#undef M4R_SCAN_EXP2_TABLE
 } // namespace avx512
 #if defined(__clang__)
 #pragma clang attribute pop

@@ -129,6 +129,64 @@ constexpr float kExp2C6 = 0.00015353361959569156F;
 //! dependency chains are in flight (the chain of one exp is ~12 dependent instructions). 2^x: x = k + r with
 //! k = round(x) (the 1.5 * 2^23 trick leaves k in the low bits of x + magic), 2^r by the polynomial, and 2^k
 //! added to the exponent bits (k in [-116, 127] after the clamp, so the result stays a normal float).
+#if defined(M4R_SCAN_EXP2_TABLE)
+//! 16-lane variant: 2^x = 2^(k / 16) with k = round(16 x): 2^(k mod 16 / 16) from a 16-entry table (one vector
+//! permute), 2^(floor(k / 16)) added to the exponent bits, 2^(r / 16) for |r| <= 1/2 by a degree-3 Taylor
+//! polynomial (relative error <= 9.5e-9). a2 = A * 16 log2(e) here (kDecayScale).
+constexpr float kDecayScale = 16.F * kLog2e;
+template <int G, bool kReadOut>
+static inline void updateGroup(Vec d, Vec dtu, Vec const* a2, float const* b, float const* c, Vec* h, Vec* hc)
+{
+    Vec const magic = Vec{} + 12582912.F; // 1.5 * 2^23
+    Vec const table = {1.F, 1.0442737824274138F, 1.0905077326652577F, 1.1387886347566916F, 1.189207115002721F,
+        1.2418578120734840F, 1.2968395546510096F, 1.3542555469368927F, 1.4142135623730951F, 1.4768261459394993F,
+        1.5422108254079407F, 1.6104903319492543F, 1.6817928305074290F, 1.7562521603732995F, 1.8340080864093424F,
+        1.9152065613971474F};
+    constexpr float c1 = 0.04332169878499658F;   // ln2 / 16
+    constexpr float c2 = 9.383847019793e-4F;     // (ln2 / 16)^2 / 2
+    constexpr float c3 = 1.3550924043e-5F;       // (ln2 / 16)^3 / 6
+    Vec x[G];
+    Vec rt[G];
+    Vec p[G];
+#pragma GCC unroll 16
+    for (int j = 0; j < G; ++j)
+    {
+        x[j] = d * a2[j];
+        x[j] = M4R_SCAN_MAX(Vec{} + kDecayExp2Min * 16.F, x[j]);
+        x[j] = M4R_SCAN_MIN(Vec{} + kDecayExp2Max * 16.F, x[j]);
+        rt[j] = x[j] + magic;
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < G; ++j)
+    {
+        x[j] = x[j] - (rt[j] - magic);
+        p[j] = M4R_SCAN_POLY_FMA(Vec{} + c3, x[j], c2);
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < G; ++j)
+    {
+        p[j] = M4R_SCAN_POLY_FMA(p[j], x[j], c1);
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < G; ++j)
+    {
+        p[j] = p[j] * x[j];
+        Vec const t = (Vec) _mm512_mask_permutexvar_ps((__m512) table, (__mmask16) -1, (__m512i) rt[j], (__m512) table);
+        p[j] = M4R_SCAN_FMA(t, p[j], t);
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < G; ++j)
+    {
+        Vec const e = (Vec) ((VecI) p[j] + (((VecI) rt[j] >> 4) << 23));
+        h[j] = M4R_SCAN_FMA(e, h[j], dtu * b[j]);
+        if (kReadOut)
+        {
+            hc[j] = M4R_SCAN_FMA(h[j], Vec{} + c[j], hc[j]);
+        }
+    }
+}
+#else
+constexpr float kDecayScale = kLog2e;
 template <int G, bool kReadOut>
 static inline void updateGroup(Vec d, Vec dtu, Vec const* a2, float const* b, float const* c, Vec* h, Vec* hc)
 {
@@ -186,6 +244,7 @@ static inline void updateGroup(Vec d, Vec dtu, Vec const* a2, float const* b, fl
         }
     }
 }
+#endif
 
 //! One position of a block: all n states, and sum_s h * C into *hcOut when kReadOut.
 template <bool kReadOut>
@@ -304,7 +363,7 @@ static void forwardRow(m4r::scan::ScanRow const& p, float* workspace)
         }
         for (int32_t s = 0; s < p.n; ++s)
         {
-            a2[s] = loadLanes(p.A + static_cast<int64_t>(c0) * p.n + s, p.n, lanes) * kLog2e;
+            a2[s] = loadLanes(p.A + static_cast<int64_t>(c0) * p.n + s, p.n, lanes) * kDecayScale;
         }
         forwardBlock(dt, u, a2, p.B, p.C, p.bcT, p.n, stop, p.lastOnly, h, hc);
         Vec const dSkip = p.D != nullptr ? loadLanes(p.D + c0, 1, lanes) : Vec{};
