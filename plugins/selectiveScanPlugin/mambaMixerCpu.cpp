@@ -85,7 +85,7 @@ extern "C" int m4r_mixer_forward_row(
     int64_t const nx = r + 2 * n;
     auto const gemm = fns().gemm;
     thread_local std::vector<float> scratch;
-    size_t const ws = m4r::scan::rowWorkspaceFloats(static_cast<int32_t>(L), static_cast<int32_t>(n));
+    size_t const ws = m4r::scan::rowWorkspaceFloats(static_cast<int32_t>(L), static_cast<int32_t>(n), static_cast<int32_t>(di));
     size_t const need = static_cast<size_t>(L * (5 * di + nx) + k * di) + ws; // the buffers below
     try
     {

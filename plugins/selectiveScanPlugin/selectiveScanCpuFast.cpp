@@ -580,7 +580,7 @@ int forward(Problem const& p, void* y, int32_t numThreads)
     bool const started = parallelFor(threads, items, [&](int32_t, int64_t lo, int64_t hi) {
         try
         {
-            std::vector<float> ws(m4r::scan::rowWorkspaceFloats(p.L, p.N));
+            std::vector<float> ws(m4r::scan::rowWorkspaceFloats(p.L, p.N, kChunk));
             std::vector<float> bt(L * p.N), ct(L * p.N);
             std::vector<float> conv(f32 ? 0 : 3 * kChunk * L), yBuf(f32 ? 0 : kChunk * L);
             int32_t row = -1;
@@ -952,10 +952,13 @@ namespace m4r
 {
 namespace scan
 {
-std::size_t rowWorkspaceFloats(int32_t steps, int32_t n)
+std::size_t rowWorkspaceFloats(int32_t steps, int32_t n, int32_t dim)
 {
-    // dt, u, hc: steps vectors each; A log2 e, h: n vectors each; 16 lanes at most; 64-byte alignment.
-    return (3 * static_cast<std::size_t>(std::max(steps, 1)) + 2 * static_cast<std::size_t>(std::max(n, 1))) * 16 + 16;
+    // dt, u, hc: one time tile of vectors each (16 lanes at most); A log2 e and h: n vectors per channel block
+    // (at most dim + 16 floats per state); 64-byte alignment.
+    std::size_t const tile = static_cast<std::size_t>(std::max(std::min(steps, kTimeTile), 1));
+    return 3 * tile * 16 + 2 * static_cast<std::size_t>(std::max(n, 1)) * (static_cast<std::size_t>(std::max(dim, 1)) + 16)
+        + 16;
 }
 
 void forwardRow(ScanRow const& row, float* workspace)

@@ -276,25 +276,22 @@ static inline void updateStates(
     }
 }
 
-//! Forward over one block: states h (n vectors) from zero, for t = 0..stop. a2 = A * log2(e) per lane.
-//! B and C of position t are Bt[t * ldbc + s], Ct[t * ldbc + s]. hcOut gets sum_s h_t * C_t per position
-//! (all of them, or only the one at `stop`, in hcOut[0], when lastOnly).
+//! Forward over one block for positions t0..t1-1 (a time tile), states h (n vectors) carried in and out. dt[i],
+//! u[i] are position t0 + i; a2 = A * kDecayScale per lane. B and C of position t are Bt[t * ldbc + s],
+//! Ct[t * ldbc + s]. hcOut[i] gets sum_s h * C at position t0 + i (every position, or when lastOnly only `stop`,
+//! into hcOut[0]).
 static void forwardBlock(Vec const* dt, Vec const* u, Vec const* a2, float const* Bt, float const* Ct, int64_t ldbc,
-    int32_t n, int32_t stop, bool lastOnly, Vec* h, Vec* hcOut)
+    int32_t n, int32_t t0, int32_t t1, int32_t stop, bool lastOnly, Vec* h, Vec* hcOut)
 {
-    for (int32_t s = 0; s < n; ++s)
+    for (int32_t t = t0; t < t1; ++t)
     {
-        h[s] = Vec{};
-    }
-    for (int32_t t = 0; t <= stop; ++t)
-    {
-        Vec const d = dt[t];
-        Vec const dtu = d * u[t];
+        Vec const d = dt[t - t0];
+        Vec const dtu = d * u[t - t0];
         float const* bt = Bt + t * ldbc;
         float const* ct = Ct + t * ldbc;
         if (!lastOnly)
         {
-            updateStates<true>(d, dtu, a2, bt, ct, n, h, hcOut + t);
+            updateStates<true>(d, dtu, a2, bt, ct, n, h, hcOut + (t - t0));
         }
         else if (t == stop)
         {
@@ -336,46 +333,60 @@ static inline void storeLanes(float* p, int64_t stride, int32_t lanes, Vec v)
     }
 }
 
-//! One row on strided fp32 views (m4r::scan::ScanRow, selectiveScanCpuRow.h), channel blocks of kLanes.
-//! workspace: rowWorkspaceFloats(steps, n) floats.
+//! One row on strided fp32 views (m4r::scan::ScanRow, selectiveScanCpuRow.h), channel blocks of kLanes, time in
+//! tiles of kTimeTile positions with every block's states kept across tiles: the tile's B and C (and the states)
+//! stay in L1 while all blocks use them, instead of each block streaming the whole row's B from L2.
+//! workspace: rowWorkspaceFloats(steps, n, dim) floats.
 static void forwardRow(m4r::scan::ScanRow const& p, float* workspace)
 {
+    int32_t const tile = std::min(p.steps, m4r::scan::kTimeTile);
+    int32_t const blocks = (p.dim + kLanes - 1) / kLanes;
     auto const addr = reinterpret_cast<std::uintptr_t>(workspace);
     Vec* const dt = reinterpret_cast<Vec*>((addr + 63) & ~std::uintptr_t{63});
-    Vec* const u = dt + p.steps;
-    Vec* const hc = u + p.steps;
-    Vec* const a2 = hc + p.steps;
-    Vec* const h = a2 + p.n;
+    Vec* const u = dt + tile;
+    Vec* const hc = u + tile;
+    Vec* const a2 = hc + tile; // (blocks, n)
+    Vec* const h = a2 + static_cast<std::size_t>(blocks) * p.n;
     int32_t const stop = p.steps - 1;
-    int32_t const first = p.lastOnly ? stop : 0;
-    for (int32_t c0 = 0; c0 < p.dim; c0 += kLanes)
+    for (int32_t k = 0; k < blocks; ++k)
     {
+        int32_t const c0 = k * kLanes;
         int32_t const lanes = std::min(kLanes, p.dim - c0);
-        Vec const bias = p.bias != nullptr ? loadLanes(p.bias + c0, 1, lanes) : Vec{};
-        for (int32_t t = 0; t < p.steps; ++t)
-        {
-            dt[t] = loadLanes(p.delta + t * p.dT + c0 * p.dC, p.dC, lanes) + bias;
-            u[t] = loadLanes(p.u + t * p.uT + c0 * p.uC, p.uC, lanes);
-        }
-        if (p.softplus)
-        {
-            softplusInPlace(dt, p.steps);
-        }
         for (int32_t s = 0; s < p.n; ++s)
         {
-            a2[s] = loadLanes(p.A + static_cast<int64_t>(c0) * p.n + s, p.n, lanes) * kDecayScale;
+            a2[k * p.n + s] = loadLanes(p.A + static_cast<int64_t>(c0) * p.n + s, p.n, lanes) * kDecayScale;
+            h[k * p.n + s] = Vec{};
         }
-        forwardBlock(dt, u, a2, p.B, p.C, p.bcT, p.n, stop, p.lastOnly, h, hc);
-        Vec const dSkip = p.D != nullptr ? loadLanes(p.D + c0, 1, lanes) : Vec{};
-        for (int32_t t = first; t <= stop; ++t)
+    }
+    for (int32_t t0 = 0; t0 < p.steps; t0 += tile)
+    {
+        int32_t const t1 = std::min(p.steps, t0 + tile);
+        for (int32_t k = 0; k < blocks; ++k)
         {
-            Vec y = hc[p.lastOnly ? 0 : t] + dSkip * u[t]; // skipOutput, as selectiveScanMath.h
-            if (p.z != nullptr)
+            int32_t const c0 = k * kLanes;
+            int32_t const lanes = std::min(kLanes, p.dim - c0);
+            Vec const bias = p.bias != nullptr ? loadLanes(p.bias + c0, 1, lanes) : Vec{};
+            for (int32_t t = t0; t < t1; ++t)
             {
-                Vec const zv = loadLanes(p.z + t * p.zT + c0 * p.zC, p.zC, lanes);
-                y = y * (zv / (1.F + expVec(-zv))); // gate: y * silu(z)
+                dt[t - t0] = loadLanes(p.delta + t * p.dT + c0 * p.dC, p.dC, lanes) + bias;
+                u[t - t0] = loadLanes(p.u + t * p.uT + c0 * p.uC, p.uC, lanes);
             }
-            storeLanes(p.y + (p.lastOnly ? 0 : t * p.yT) + c0 * p.yC, p.yC, lanes, y);
+            if (p.softplus)
+            {
+                softplusInPlace(dt, t1 - t0);
+            }
+            forwardBlock(dt, u, a2 + k * p.n, p.B, p.C, p.bcT, p.n, t0, t1, stop, p.lastOnly, h + k * p.n, hc);
+            Vec const dSkip = p.D != nullptr ? loadLanes(p.D + c0, 1, lanes) : Vec{};
+            for (int32_t t = p.lastOnly ? std::max(t0, stop) : t0; t < t1; ++t)
+            {
+                Vec y = hc[p.lastOnly ? 0 : t - t0] + dSkip * u[t - t0]; // skipOutput, as selectiveScanMath.h
+                if (p.z != nullptr)
+                {
+                    Vec const zv = loadLanes(p.z + t * p.zT + c0 * p.zC, p.zC, lanes);
+                    y = y * (zv / (1.F + expVec(-zv))); // gate: y * silu(z)
+                }
+                storeLanes(p.y + (p.lastOnly ? 0 : t * p.yT) + c0 * p.yC, p.yC, lanes, y);
+            }
         }
     }
 }

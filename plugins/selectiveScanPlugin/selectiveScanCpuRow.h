@@ -44,8 +44,12 @@ struct ScanRow
     int64_t yT, yC;
 };
 
-//! Floats of workspace forwardRow needs for `steps` positions and `n` states (64-byte alignment included).
-std::size_t rowWorkspaceFloats(int32_t steps, int32_t n);
+//! Positions per time tile of forwardRow (every channel block's states advance one tile before the next).
+constexpr int32_t kTimeTile = 64;
+
+//! Floats of workspace forwardRow needs for `steps` positions, `n` states and `dim` channels (64-byte alignment
+//! included).
+std::size_t rowWorkspaceFloats(int32_t steps, int32_t n, int32_t dim);
 
 //! Scans one row (see ScanRow) with the instruction set chosen at run time (rowIsa()).
 void forwardRow(ScanRow const& row, float* workspace);
