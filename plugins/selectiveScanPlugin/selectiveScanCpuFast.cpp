@@ -958,7 +958,7 @@ std::size_t rowWorkspaceFloats(int32_t steps, int32_t n, int32_t dim)
     // (at most dim + 16 floats per state); 64-byte alignment.
     std::size_t const tile = static_cast<std::size_t>(std::max(std::min(steps, kTimeTile), 1));
     return 3 * tile * 16 + 2 * static_cast<std::size_t>(std::max(n, 1)) * (static_cast<std::size_t>(std::max(dim, 1)) + 16)
-        + 16;
+        + static_cast<std::size_t>(std::max(dim, 1)) + 16 + 16; // + one flag (a byte) per block
 }
 
 void forwardRow(ScanRow const& row, float* workspace)

@@ -134,7 +134,7 @@ constexpr float kExp2C6 = 0.00015353361959569156F;
 //! permute), 2^(floor(k / 16)) added to the exponent bits, 2^(r / 16) for |r| <= 1/2 by a degree-3 Taylor
 //! polynomial (relative error <= 9.5e-9). a2 = A * 16 log2(e) here (kDecayScale).
 constexpr float kDecayScale = 16.F * kLog2e;
-template <int G, bool kReadOut>
+template <int G, bool kReadOut, bool kHigh>
 static inline void updateGroup(Vec d, Vec dtu, Vec const* a2, float const* b, float const* c, Vec* h, Vec* hc)
 {
     Vec const magic = Vec{} + 12582912.F; // 1.5 * 2^23
@@ -153,7 +153,10 @@ static inline void updateGroup(Vec d, Vec dtu, Vec const* a2, float const* b, fl
     {
         x[j] = d * a2[j];
         x[j] = M4R_SCAN_MAX(Vec{} + kDecayExp2Min * 16.F, x[j]);
-        x[j] = M4R_SCAN_MIN(Vec{} + kDecayExp2Max * 16.F, x[j]);
+        if (kHigh) // the upper clamp; not needed when every dt >= 0 and A <= 0 (x <= 0)
+        {
+            x[j] = M4R_SCAN_MIN(Vec{} + kDecayExp2Max * 16.F, x[j]);
+        }
         rt[j] = x[j] + magic;
     }
 #pragma GCC unroll 16
@@ -187,7 +190,7 @@ static inline void updateGroup(Vec d, Vec dtu, Vec const* a2, float const* b, fl
 }
 #else
 constexpr float kDecayScale = kLog2e;
-template <int G, bool kReadOut>
+template <int G, bool kReadOut, bool kHigh>
 static inline void updateGroup(Vec d, Vec dtu, Vec const* a2, float const* b, float const* c, Vec* h, Vec* hc)
 {
     Vec const magic = Vec{} + 12582912.F; // 1.5 * 2^23
@@ -199,7 +202,10 @@ static inline void updateGroup(Vec d, Vec dtu, Vec const* a2, float const* b, fl
     {
         x[j] = d * a2[j];
         x[j] = M4R_SCAN_MAX(Vec{} + kDecayExp2Min, x[j]); // x < min ? min : x (NaN stays NaN)
-        x[j] = M4R_SCAN_MIN(Vec{} + kDecayExp2Max, x[j]); // x > max ? max : x
+        if (kHigh) // x > max ? max : x; not needed when every dt >= 0 and A <= 0 (x <= 0)
+        {
+            x[j] = M4R_SCAN_MIN(Vec{} + kDecayExp2Max, x[j]);
+        }
         rt[j] = x[j] + magic;
     }
 #pragma GCC unroll 16
@@ -247,7 +253,7 @@ static inline void updateGroup(Vec d, Vec dtu, Vec const* a2, float const* b, fl
 #endif
 
 //! One position of a block: all n states, and sum_s h * C into *hcOut when kReadOut.
-template <bool kReadOut>
+template <bool kReadOut, bool kHigh>
 static inline void updateStates(
     Vec d, Vec dtu, Vec const* a2, float const* b, float const* c, int32_t n, Vec* h, Vec* hcOut)
 {
@@ -255,11 +261,11 @@ static inline void updateStates(
     int32_t s = 0;
     for (; s + kGroup <= n; s += kGroup)
     {
-        updateGroup<kGroup, kReadOut>(d, dtu, a2 + s, b + s, kReadOut ? c + s : nullptr, h + s, hc);
+        updateGroup<kGroup, kReadOut, kHigh>(d, dtu, a2 + s, b + s, kReadOut ? c + s : nullptr, h + s, hc);
     }
     for (; s < n; ++s)
     {
-        updateGroup<1, kReadOut>(d, dtu, a2 + s, b + s, kReadOut ? c + s : nullptr, h + s, hc);
+        updateGroup<1, kReadOut, kHigh>(d, dtu, a2 + s, b + s, kReadOut ? c + s : nullptr, h + s, hc);
     }
     if (kReadOut)
     {
@@ -280,6 +286,7 @@ static inline void updateStates(
 //! u[i] are position t0 + i; a2 = A * kDecayScale per lane. B and C of position t are Bt[t * ldbc + s],
 //! Ct[t * ldbc + s]. hcOut[i] gets sum_s h * C at position t0 + i (every position, or when lastOnly only `stop`,
 //! into hcOut[0]).
+template <bool kHigh>
 static void forwardBlock(Vec const* dt, Vec const* u, Vec const* a2, float const* Bt, float const* Ct, int64_t ldbc,
     int32_t n, int32_t t0, int32_t t1, int32_t stop, bool lastOnly, Vec* h, Vec* hcOut)
 {
@@ -291,15 +298,15 @@ static void forwardBlock(Vec const* dt, Vec const* u, Vec const* a2, float const
         float const* ct = Ct + t * ldbc;
         if (!lastOnly)
         {
-            updateStates<true>(d, dtu, a2, bt, ct, n, h, hcOut + (t - t0));
+            updateStates<true, kHigh>(d, dtu, a2, bt, ct, n, h, hcOut + (t - t0));
         }
         else if (t == stop)
         {
-            updateStates<true>(d, dtu, a2, bt, ct, n, h, hcOut);
+            updateStates<true, kHigh>(d, dtu, a2, bt, ct, n, h, hcOut);
         }
         else
         {
-            updateStates<false>(d, dtu, a2, bt, ct, n, h, nullptr);
+            updateStates<false, kHigh>(d, dtu, a2, bt, ct, n, h, nullptr);
         }
     }
 }
@@ -348,15 +355,22 @@ static void forwardRow(m4r::scan::ScanRow const& p, float* workspace)
     Vec* const a2 = hc + tile; // (blocks, n)
     Vec* const h = a2 + static_cast<std::size_t>(blocks) * p.n;
     int32_t const stop = p.steps - 1;
+    bool* const nonPositiveA = reinterpret_cast<bool*>(h + static_cast<std::size_t>(blocks) * p.n); // per block
     for (int32_t k = 0; k < blocks; ++k)
     {
         int32_t const c0 = k * kLanes;
         int32_t const lanes = std::min(kLanes, p.dim - c0);
+        bool nonPositive = true;
         for (int32_t s = 0; s < p.n; ++s)
         {
             a2[k * p.n + s] = loadLanes(p.A + static_cast<int64_t>(c0) * p.n + s, p.n, lanes) * kDecayScale;
             h[k * p.n + s] = Vec{};
+            for (int32_t l = 0; l < kLanes; ++l)
+            {
+                nonPositive = nonPositive && a2[k * p.n + s][l] <= 0.F; // false for NaN
+            }
         }
+        nonPositiveA[k] = nonPositive;
     }
     for (int32_t t0 = 0; t0 < p.steps; t0 += tile)
     {
@@ -375,7 +389,14 @@ static void forwardRow(m4r::scan::ScanRow const& p, float* workspace)
             {
                 softplusInPlace(dt, t1 - t0);
             }
-            forwardBlock(dt, u, a2 + k * p.n, p.B, p.C, p.bcT, p.n, t0, t1, stop, p.lastOnly, h + k * p.n, hc);
+            if (p.softplus && nonPositiveA[k]) // dt = softplus(.) >= 0, A <= 0: dt * A <= 0
+            {
+                forwardBlock<false>(dt, u, a2 + k * p.n, p.B, p.C, p.bcT, p.n, t0, t1, stop, p.lastOnly, h + k * p.n, hc);
+            }
+            else
+            {
+                forwardBlock<true>(dt, u, a2 + k * p.n, p.B, p.C, p.bcT, p.n, t0, t1, stop, p.lastOnly, h + k * p.n, hc);
+            }
             Vec const dSkip = p.D != nullptr ? loadLanes(p.D + c0, 1, lanes) : Vec{};
             for (int32_t t = p.lastOnly ? std::max(t0, stop) : t0; t < t1; ++t)
             {

@@ -37,6 +37,7 @@ struct Case
     int Bn, Dn, L, N;
     bool softplus, last, withD, withZ, withBias, withLengths;
     float deltaShift = 0.F; //!< added to delta: large values make decay exponents reach the clamp
+    float aShift = 0.F;     //!< added to A: positive values make some states grow (dt * A > 0)
 };
 
 struct Inputs
@@ -66,7 +67,7 @@ Inputs makeInputs(Case const& c, unsigned seed)
     in.A.resize(static_cast<std::size_t>(c.Dn) * c.N);
     for (auto& a : in.A)
     {
-        a = -std::exp(2.F * ud(rng) - 1.F) * (1.F + 4.F * ud(rng));
+        a = -std::exp(2.F * ud(rng) - 1.F) * (1.F + 4.F * ud(rng)) + c.aShift;
     }
     fill(in.B, bnl, 1.F, 0.F);
     fill(in.C, bnl, 1.F, 0.F);
@@ -175,8 +176,14 @@ void forwardCase(Case const& c, int threads)
         c.last, M4R_SCAN_F32, got.data(), threads);
     check(rc == M4R_SCAN_OK, name(c, "fp32 rc"));
     double const err = scaledError(got, want);
-    gWorstFp32 = std::max(gWorstFp32, err);
-    check(err <= 5e-7, name(c, ("fp32 vs reference, scaled error " + std::to_string(err)).c_str()));
+    // Growing states (A > 0) amplify every step's exp error instead of forgetting it: 1e-5 there (measured
+    // 4.3e-6; the kernel before the exp2 rewrite: 1.5e-6). Decaying states (every trained Mamba): 5e-7.
+    double const tol = c.aShift > 0.F ? 1e-5 : 5e-7;
+    if (c.aShift <= 0.F)
+    {
+        gWorstFp32 = std::max(gWorstFp32, err);
+    }
+    check(err <= tol, name(c, ("fp32 vs reference, scaled error " + std::to_string(err)).c_str()));
 
     // fp16 I/O: the kernel on half inputs equals the reference on the same (rounded) inputs, rounded once.
     Inputs r = in;
@@ -477,6 +484,9 @@ int main()
     forwardCase({13, 24, 50, 8, true, false, true, false, true, false}, 2);
     // dt ~ 40: decay exponents far below the clamp (exp underflows to 0 in both).
     forwardCase({3, 9, 50, 8, true, false, true, true, true, false, 40.F}, 2);
+    // Some A > 0 (growing states, dt * A > 0): the kernel's path with the upper clamp (A <= 0 skips it).
+    forwardCase({3, 19, 50, 8, true, false, true, true, true, false, 0.F, 3.F}, 2);
+    forwardCase({3, 19, 50, 8, true, true, true, true, true, true, 0.F, 3.F}, 1);
     // softplus of tiny (e^x ~ 1e-7..1e-6) and near-threshold (x ~ 20) arguments.
     forwardCase({2, 9, 50, 8, true, false, true, true, false, false, -13.F}, 1);
     forwardCase({2, 9, 50, 8, true, false, true, true, false, false, 21.5F}, 1);
