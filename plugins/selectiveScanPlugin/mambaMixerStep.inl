@@ -2,10 +2,10 @@
 // mambaMixerGemm.inl. MVec/MVecI are 8-lane float/int vectors.
 
 // One channel's state update and read-out: h' = exp(max(dt A, -80)) h + (dt u) B; returns C . h'.
-// The exp is the scan kernel's (selectiveScanCpuFastKernel.inl, exp2Decay): 2^(dt log2(e) A) with k = round(x) from
-// the 1.5 * 2^23 trick, a degree-6 minimax polynomial of 2^r on [-1/2, 1/2] and k added to the exponent bits;
-// the update is h' = e h + (dt u) B with the compiler free to fuse it (FMA where the ISA has it). Four vectors
-// (32 states) per iteration, so that four exp chains are in flight.
+// The exp is the scan kernel's 8-lane one (selectiveScanCpuFastKernel.inl, updateGroup): 2^(dt log2(e) A) with
+// k = round(x) from the 1.5 * 2^23 trick, a degree-6 minimax polynomial of 2^r on [-1/2, 1/2] and k added to
+// the exponent bits; the update is h' = e h + (dt u) B with the compiler free to fuse it (FMA where the ISA has
+// it). Four vectors (32 states) per iteration, so that four exp chains are in flight.
 // In place (no vector return values: the baseline build has no AVX registers to return them in).
 __attribute__((always_inline)) static inline void stepDecay(MVec& x)
 {

@@ -8,9 +8,10 @@
 // M4R_SCAN_POLY_FMA(a, b, c) (the same with a scalar c), M4R_SCAN_MAX(a, b) = a > b ? a : b and
 // M4R_SCAN_MIN(a, b) = a < b ? a : b (x86's maxps/minps: the second operand where either is NaN).
 //
-// The forward state update (forwardBlock) is h = fma(2^(dt * A log2 e), h, dt u B): the decay's exp is a base-2
-// polynomial on the pre-scaled exponent (exp2Decay) and the update one fused multiply-add where the ISA has it,
-// so it does not round exactly like the reference loop (docs/native-cpu.md, "Rounding").
+// The forward state update (forwardBlock -> updateGroup) is h = fma(2^(dt * A log2 e), h, dt u B): the decay's
+// exp is a base-2 polynomial on the pre-scaled exponent (with M4R_SCAN_EXP2_TABLE, the AVX-512 build: a 16-entry
+// table and a shorter polynomial) and the update one fused multiply-add where the ISA has it, so it does not
+// round exactly like the reference loop (docs/native-cpu.md, "Rounding"). The backward keeps expDecayVec.
 
 //! exp(x) for x clamped to [kDecayExpMin, 88]: Cody-Waite range reduction and Cephes' degree-6 polynomial
 //! (<= 2 ulp from libm expf in that range). Written with plain vector arithmetic so it vectorises anywhere.
