@@ -1,7 +1,8 @@
-// Optimised CPU SelectiveScan: blocks of kW channels in vector lanes (selectiveScanCpuFastKernel.inl), threads
-// over (row, channel block) work items, the hot loops compiled twice (baseline and AVX2) and chosen at run
-// time. The skip term and the gate use the scalar functions of selectiveScanMath.h, like the reference;
-// softplus (and its gradient) is vectorised too (polynomial exp and log, within 2 ulp of libm).
+// Optimised CPU SelectiveScan: blocks of channels in vector lanes. Forward: forwardRow
+// (selectiveScanCpuFastKernel.inl, selectiveScanCpuRow.h) on strided views of one row, compiled three times
+// (baseline, AVX2, AVX-512 with 16 lanes) and chosen at run time; threads over (row, 16-channel chunk) work
+// items. Backward: 8-lane blocks (selectiveScanCpuFastBackward.inl, baseline or AVX2), the skip term and the
+// gate with the scalar functions of selectiveScanMath.h. softplus is vectorised (polynomial exp and log).
 #include "selectiveScanCpuFast.h"
 #include "selectiveScanCpuRow.h"
 
