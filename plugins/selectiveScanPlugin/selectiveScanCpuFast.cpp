@@ -115,15 +115,13 @@ struct Kernels
     char const* isa;
 };
 
+#if defined(M4R_SCAN_HAVE_AVX2)
 bool haveAvx2()
 {
-#if defined(M4R_SCAN_HAVE_AVX2)
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && std::getenv("M4R_SCAN_GENERIC") == nullptr;
-#else
-    return false;
-#endif
 }
+#endif
 
 Kernels const& kernels()
 {
