@@ -40,6 +40,24 @@ namespace avx2
 #else
 #pragma GCC pop_options
 #endif
+#define M4R_MIXER_HAVE_AVX512 1
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")
+#endif
+namespace avx512
+{
+typedef float MVec __attribute__((vector_size(16 * sizeof(float))));
+typedef int32_t MVecI __attribute__((vector_size(16 * sizeof(int32_t))));
+#include "mambaMixerGemm.inl"
+} // namespace avx512
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
 #endif
 
 struct Fns
@@ -51,6 +69,15 @@ struct Fns
 Fns const& fns()
 {
     static Fns const fn = [] {
+#if defined(M4R_MIXER_HAVE_AVX512)
+        __builtin_cpu_init();
+        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")
+            && __builtin_cpu_supports("avx512bw") && std::getenv("M4R_SCAN_GENERIC") == nullptr
+            && std::getenv("M4R_SCAN_NO_AVX512") == nullptr)
+        {
+            return Fns{&avx512::gemm, &avx512::siluInPlace};
+        }
+#endif
 #if defined(M4R_MIXER_HAVE_AVX2)
         __builtin_cpu_init();
         if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && std::getenv("M4R_SCAN_GENERIC") == nullptr)

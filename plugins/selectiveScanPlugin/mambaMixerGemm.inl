@@ -1,10 +1,14 @@
-// GEMM micro-kernel of the fused Mamba mixer, included once per instruction set (mambaMixerCpu.cpp,
-// mambaMixerStepCpu.cpp). c[m, n] = sum_k a[m, k] * bt[k, n], all row-major with leading dimensions lda, ldb,
-// ldc. Four rows x 16 columns of c live in eight 8-lane accumulators (one row for the last m % 4 rows). The
-// last n % 16 columns go through the same kernel on a zero-padded copy of those columns of bt (x_proj has
-// dt_rank + 2 d_state columns, e.g. 68), so no column takes a scalar loop.
+// GEMM micro-kernel of the fused Mamba mixer, included once per instruction set (mambaMixerCpu.cpp: baseline,
+// AVX2, AVX-512; mambaMixerStepCpu.cpp: baseline, AVX2). c[m, n] = sum_k a[m, k] * bt[k, n], all row-major with
+// leading dimensions lda, ldb, ldc. Four rows x two vectors of columns (16 with 8-lane MVec, 32 with 16-lane)
+// live in eight accumulators (one row for the last m % 4 rows). The last n % (2 lanes) columns go through the
+// same kernel on a zero-padded copy of those columns of bt (x_proj has dt_rank + 2 d_state columns, e.g. 68),
+// so no column takes a scalar loop.
 
-//! c[rows < 4, 16 columns] from a (rows, k) and a 16-column panel of bt; cols <= 16 of them are stored.
+constexpr int64_t kML = static_cast<int64_t>(sizeof(MVec) / sizeof(float)); //!< lanes per vector (8 or 16)
+constexpr int64_t kTW = 2 * kML;                                                //!< columns per tile
+
+//! c[rows < 4, kTW columns] from a (rows, k) and a kTW-column panel of bt; cols <= kTW of them are stored.
 template <int R>
 static inline void gemmTile(float const* a, int64_t lda, float const* bt, int64_t ldb, float* c, int64_t ldc,
     int64_t k, int64_t cols)
@@ -20,7 +24,7 @@ static inline void gemmTile(float const* a, int64_t lda, float const* bt, int64_
             {
                 MVec b0, b1;
                 std::memcpy(&b0, bt + (p + q) * ldb, sizeof(MVec));
-                std::memcpy(&b1, bt + (p + q) * ldb + 8, sizeof(MVec));
+                std::memcpy(&b1, bt + (p + q) * ldb + kML, sizeof(MVec));
                 MVec* dst = q == 0 ? acc[0] : part[q - 1];
                 dst[0] += a[p + q] * b0;
                 dst[1] += a[p + q] * b1;
@@ -33,7 +37,7 @@ static inline void gemmTile(float const* a, int64_t lda, float const* bt, int64_
     {
         MVec b0, b1;
         std::memcpy(&b0, bt + p * ldb, sizeof(MVec));
-        std::memcpy(&b1, bt + p * ldb + 8, sizeof(MVec));
+        std::memcpy(&b1, bt + p * ldb + kML, sizeof(MVec));
         for (int r = 0; r < R; ++r)
         {
             float const av = a[r * lda + p];
@@ -43,15 +47,15 @@ static inline void gemmTile(float const* a, int64_t lda, float const* bt, int64_
     }
     for (int r = 0; r < R; ++r)
     {
-        if (cols == 16)
+        if (cols == kTW)
         {
             std::memcpy(c + r * ldc, &acc[r][0], sizeof(MVec));
-            std::memcpy(c + r * ldc + 8, &acc[r][1], sizeof(MVec));
+            std::memcpy(c + r * ldc + kML, &acc[r][1], sizeof(MVec));
         }
         else
         {
             for (int64_t j = 0; j < cols; ++j)
-                c[r * ldc + j] = j < 8 ? acc[r][0][j] : acc[r][1][j - 8];
+                c[r * ldc + j] = j < kML ? acc[r][0][j] : acc[r][1][j - kML];
         }
     }
 }
@@ -59,29 +63,29 @@ static inline void gemmTile(float const* a, int64_t lda, float const* bt, int64_
 static void gemm(float const* a, int64_t lda, float const* bt, int64_t ldb, float* c, int64_t ldc, int64_t m,
     int64_t n, int64_t k)
 {
-    int64_t const n16 = n / 16 * 16;
-    thread_local std::vector<float> panel; // the last n % 16 columns of bt, zero-padded to 16
-    if (n16 < n)
+    int64_t const nT = n / kTW * kTW;
+    thread_local std::vector<float> panel; // the last n % 16 columns of bt, zero-padded to kTW
+    if (nT < n)
     {
-        panel.assign(static_cast<size_t>(k) * 16, 0.0f);
+        panel.assign(static_cast<size_t>(k) * kTW, 0.0f);
         for (int64_t p = 0; p < k; ++p)
-            for (int64_t j = n16; j < n; ++j)
-                panel[p * 16 + (j - n16)] = bt[p * ldb + j];
+            for (int64_t j = nT; j < n; ++j)
+                panel[p * kTW + (j - nT)] = bt[p * ldb + j];
     }
     int64_t i = 0;
     for (; i + 4 <= m; i += 4)
     {
-        for (int64_t j = 0; j < n16; j += 16)
-            gemmTile<4>(a + i * lda, lda, bt + j, ldb, c + i * ldc + j, ldc, k, 16);
-        if (n16 < n)
-            gemmTile<4>(a + i * lda, lda, panel.data(), 16, c + i * ldc + n16, ldc, k, n - n16);
+        for (int64_t j = 0; j < nT; j += kTW)
+            gemmTile<4>(a + i * lda, lda, bt + j, ldb, c + i * ldc + j, ldc, k, kTW);
+        if (nT < n)
+            gemmTile<4>(a + i * lda, lda, panel.data(), kTW, c + i * ldc + nT, ldc, k, n - nT);
     }
     for (; i < m; ++i)
     {
-        for (int64_t j = 0; j < n16; j += 16)
-            gemmTile<1>(a + i * lda, lda, bt + j, ldb, c + i * ldc + j, ldc, k, 16);
-        if (n16 < n)
-            gemmTile<1>(a + i * lda, lda, panel.data(), 16, c + i * ldc + n16, ldc, k, n - n16);
+        for (int64_t j = 0; j < nT; j += kTW)
+            gemmTile<1>(a + i * lda, lda, bt + j, ldb, c + i * ldc + j, ldc, k, kTW);
+        if (nT < n)
+            gemmTile<1>(a + i * lda, lda, panel.data(), kTW, c + i * ldc + nT, ldc, k, n - nT);
     }
 }
 
@@ -90,7 +94,7 @@ static void gemm(float const* a, int64_t lda, float const* bt, int64_t ldb, floa
 static void siluInPlace(float* v, int64_t n)
 {
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
+    for (; i + kML <= n; i += kML)
     {
         MVec x;
         std::memcpy(&x, v + i, sizeof(MVec));
