@@ -249,5 +249,5 @@ def selective_scan_native(
 
 
 def native_isa() -> str:
-    """The instruction set the loaded library dispatched to (``avx2+fma`` or ``generic``)."""
+    """The instruction set of the loaded library's forward (``avx512``, ``avx2+fma`` or ``generic``)."""
     return str(_library().m4r_scan_native_isa().decode())

@@ -7,6 +7,9 @@ Everything else stays fp32: the ``SelectiveScan`` node and its state (a custom-d
 leaves alone), LayerNorm, the ``Gemm`` layers (out_proj, FFN: dynamic quantization does not cover Gemm), and
 the scores head (its item table reaches the MatMul through a Transpose, not as a constant weight). Dynamic
 rather than static: no calibration data to ship or choose, and the activations' ranges vary per user.
+With ``--fused`` the Mamba block is one ``m4r::MambaMixer`` node, which the quantizer leaves alone (its
+weights stay fp32, run by the fused kernel or the node's function body); only the MatMuls outside it become
+int8.
 Measured accuracy and speed: docs/ort-custom-ops.md ("int8").
 """
 

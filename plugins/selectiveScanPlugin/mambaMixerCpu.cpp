@@ -1,12 +1,14 @@
 // Fused Mamba mixer, one batch row per call (mambaMixerCpu.h). Buffers of one row stay in a thread-local scratch
-// (about 12 * seqlen * d_inner floats: 1.2 MB at seqlen 200, d_inner 128), so the whole chain runs while the row
-// is cache-resident; only x and y touch the caller's memory.
+// (about (5 d_inner + dt_rank + 2 d_state) x seqlen floats plus the scan's 48 x seqlen: 0.6 MB at seqlen 200,
+// d_inner 128), all time-major; the scan reads u, dt, z, B and C and writes y in place through strided views
+// (selectiveScanCpuRow.h), so the chain has no transposes and only x and y touch the caller's memory.
 #include "mambaMixerCpu.h"
-#include "selectiveScanCpuFast.h"
+#include "selectiveScanCpuRow.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <new>
 #include <vector>
@@ -38,6 +40,24 @@ namespace avx2
 #else
 #pragma GCC pop_options
 #endif
+#define M4R_MIXER_HAVE_AVX512 1
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")
+#endif
+namespace avx512
+{
+typedef float MVec __attribute__((vector_size(16 * sizeof(float))));
+typedef int32_t MVecI __attribute__((vector_size(16 * sizeof(int32_t))));
+#include "mambaMixerGemm.inl"
+} // namespace avx512
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
 #endif
 
 struct Fns
@@ -49,9 +69,18 @@ struct Fns
 Fns const& fns()
 {
     static Fns const fn = [] {
+#if defined(M4R_MIXER_HAVE_AVX512)
+        __builtin_cpu_init();
+        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")
+            && __builtin_cpu_supports("avx512bw") && std::getenv("M4R_SCAN_GENERIC") == nullptr
+            && std::getenv("M4R_SCAN_NO_AVX512") == nullptr)
+        {
+            return Fns{&avx512::gemm, &avx512::siluInPlace};
+        }
+#endif
 #if defined(M4R_MIXER_HAVE_AVX2)
         __builtin_cpu_init();
-        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && std::getenv("M4R_SCAN_GENERIC") == nullptr)
         {
             return Fns{&avx2::gemm, &avx2::siluInPlace};
         }
@@ -83,7 +112,8 @@ extern "C" int m4r_mixer_forward_row(
     int64_t const nx = r + 2 * n;
     auto const gemm = fns().gemm;
     thread_local std::vector<float> scratch;
-    size_t const need = static_cast<size_t>(L * (9 * di + nx + 2 * n) + di); // the buffers below
+    size_t const ws = m4r::scan::rowWorkspaceFloats(static_cast<int32_t>(L), static_cast<int32_t>(n), static_cast<int32_t>(di));
+    size_t const need = static_cast<size_t>(L * (5 * di + nx) + k * di) + ws; // the buffers below
     try
     {
         if (scratch.size() < need)
@@ -93,20 +123,32 @@ extern "C" int m4r_mixer_forward_row(
     {
         return 2;
     }
-    float* xz = scratch.data();   // (L, 2 di)  time-major: [x | z]
-    float* ut = xz + L * 2 * di;  // (L, di)    conv + SiLU, time-major
-    float* ucf = ut + L * di;     // (di, L)    the same, channel-first (scan input)
-    float* zcf = ucf + L * di;    // (di, L)
-    float* dt = zcf + L * di;     // (L, di)    dt_proj output, time-major
-    float* xdbl = dt + L * di;    // (L, r + 2n)
-    float* dcf = xdbl + L * nx;   // (di, L)
-    float* bcf = dcf + L * di;    // (n, L)
-    float* ccf = bcf + L * n;     // (n, L)
-    float* ycf = ccf + L * n;     // (di, L) or (di)
-    float* yt = ycf + L * di;     // (L, di)
+    // Every buffer is time-major, and the scan reads them in place (strided views): no transposes.
+    float* xz = scratch.data(); // (L, 2 di)  [x | z]
+    float* ut = xz + L * 2 * di; // (L, di)    conv + SiLU
+    float* dt = ut + L * di;     // (L, di)    dt_proj output (before bias and softplus)
+    float* xdbl = dt + L * di;   // (L, r + 2n) [dt_low | B | C]
+    float* yt = xdbl + L * nx;   // (L, di) or (di): gated scan output
+    float* work = yt + L * di;   // the scan's workspace, then the conv taps
 
-    gemm(x, dm, w->in_proj_t, 2 * di, xz, 2 * di, L, 2 * di, dm);
-    // causal depthwise conv over time (zeros before position 0) + SiLU
+    // Mode last reads z (the gate) and C (the read-out) at the last position only: those columns of in_proj and
+    // x_proj are computed for that row alone (about half the GEMM work of a row).
+    bool const last = last_only != 0;
+    if (last)
+    {
+        gemm(x, dm, w->in_proj_t, 2 * di, xz, 2 * di, L, di, dm);
+        gemm(x + (L - 1) * dm, dm, w->in_proj_t + di, 2 * di, xz + (L - 1) * 2 * di + di, 2 * di, 1, di, dm);
+    }
+    else
+    {
+        gemm(x, dm, w->in_proj_t, 2 * di, xz, 2 * di, L, 2 * di, dm);
+    }
+    // causal depthwise conv over time (zeros before position 0) + SiLU; the taps transposed to (k, di) first so
+    // that the channel loop reads both operands contiguously (and vectorises)
+    float* convT = work + ws; // (k, di)
+    for (int64_t c = 0; c < di; ++c)
+        for (int64_t j = 0; j < k; ++j)
+            convT[j * di + c] = w->conv_w[c * k + j];
     for (int64_t t = 0; t < L; ++t)
     {
         float* o = ut + t * di;
@@ -118,35 +160,47 @@ extern "C" int m4r_mixer_forward_row(
             if (s < 0)
                 continue;
             float const* in = xz + s * 2 * di;
+            float const* tap = convT + j * di;
             for (int64_t c = 0; c < di; ++c)
-                o[c] += w->conv_w[c * k + j] * in[c];
+                o[c] += tap[c] * in[c];
         }
     }
     fns().silu(ut, L * di);
-    m4r_mixer_transpose(ut, L, di, ucf);
-    for (int64_t t = 0; t < L; ++t)
-        for (int64_t c = 0; c < di; ++c)
-            zcf[c * L + t] = xz[t * 2 * di + di + c];
-    gemm(ut, di, w->x_proj_t, nx, xdbl, nx, L, nx, di);
-    gemm(xdbl, nx, w->dt_proj_t, di, dt, di, L, di, r);
-    m4r_mixer_transpose(dt, L, di, dcf);
-    for (int64_t t = 0; t < L; ++t)
-        for (int64_t s = 0; s < n; ++s)
-        {
-            bcf[s * L + t] = xdbl[t * nx + r + s];
-            ccf[s * L + t] = xdbl[t * nx + r + n + s];
-        }
-    int const rc = m4r_scan_native_forward(ucf, dcf, w->A, bcf, ccf, w->D, zcf, w->dt_bias, nullptr, 1,
-        static_cast<int32_t>(di), static_cast<int32_t>(L), static_cast<int32_t>(n), 1, last_only ? 1 : 0,
-        M4R_SCAN_F32, ycf, 1);
-    if (rc != M4R_SCAN_OK)
-        return rc == M4R_SCAN_NO_MEMORY ? 2 : 1;
-    if (last_only)
+    if (last)
     {
-        gemm(ycf, di, w->out_proj_t, dm, y, dm, 1, dm, di);
-        return 0;
+        gemm(ut, di, w->x_proj_t, nx, xdbl, nx, L, r + n, di);
+        gemm(ut + (L - 1) * di, di, w->x_proj_t + r + n, nx, xdbl + (L - 1) * nx + r + n, nx, 1, n, di);
     }
-    m4r_mixer_transpose(ycf, di, L, yt);
-    gemm(yt, di, w->out_proj_t, dm, y, dm, L, dm, di);
+    else
+    {
+        gemm(ut, di, w->x_proj_t, nx, xdbl, nx, L, nx, di);
+    }
+    gemm(xdbl, nx, w->dt_proj_t, di, dt, di, L, di, r);
+    m4r::scan::ScanRow row{};
+    row.u = ut;
+    row.uT = di;
+    row.uC = 1;
+    row.delta = dt;
+    row.dT = di;
+    row.dC = 1;
+    row.z = xz + di;
+    row.zT = 2 * di;
+    row.zC = 1;
+    row.B = xdbl + r;
+    row.C = xdbl + r + n;
+    row.bcT = nx;
+    row.A = w->A;
+    row.D = w->D;
+    row.bias = w->dt_bias;
+    row.dim = static_cast<int32_t>(di);
+    row.steps = static_cast<int32_t>(L);
+    row.n = static_cast<int32_t>(n);
+    row.softplus = true;
+    row.lastOnly = last;
+    row.y = yt;
+    row.yT = di;
+    row.yC = 1;
+    m4r::scan::forwardRow(row, work);
+    gemm(yt, di, w->out_proj_t, dm, y, dm, last ? 1 : L, dm, di);
     return 0;
 }

@@ -1,71 +1,91 @@
-// GEMM micro-kernel of the fused Mamba mixer, included once per instruction set (mambaMixerCpu.cpp).
-// c[m, n] = sum_k a[m, k] * bt[k, n], all row-major with leading dimensions
-// lda, ldb, ldc. Four rows x 16 columns of c live in eight 8-lane accumulators; columns past the last
-// multiple of 16 and rows past the last multiple of 4 take the narrower loops below.
+// GEMM micro-kernel of the fused Mamba mixer, included once per instruction set (mambaMixerCpu.cpp: baseline,
+// AVX2, AVX-512; mambaMixerStepCpu.cpp: baseline, AVX2). c[m, n] = sum_k a[m, k] * bt[k, n], all row-major with
+// leading dimensions lda, ldb, ldc. Four rows x two vectors of columns (16 with 8-lane MVec, 32 with 16-lane)
+// live in eight accumulators (one row for the last m % 4 rows). The last n % (2 lanes) columns go through the
+// same kernel on a zero-padded copy of those columns of bt (x_proj has dt_rank + 2 d_state columns, e.g. 68),
+// so no column takes a scalar loop.
+
+constexpr int64_t kML = static_cast<int64_t>(sizeof(MVec) / sizeof(float)); //!< lanes per vector (8 or 16)
+constexpr int64_t kTW = 2 * kML;                                                //!< columns per tile
+
+//! c[rows < 4, kTW columns] from a (rows, k) and a kTW-column panel of bt; cols <= kTW of them are stored.
+template <int R>
+static inline void gemmTile(float const* a, int64_t lda, float const* bt, int64_t ldb, float* c, int64_t ldc,
+    int64_t k, int64_t cols)
+{
+    MVec acc[R][2] = {};
+    int64_t p = 0;
+    if (R == 1) // one row: four partial sums, so that the k loop is not one chain of dependent FMAs
+    {
+        MVec part[3][2] = {};
+        for (; p + 4 <= k; p += 4)
+        {
+            for (int q = 0; q < 4; ++q)
+            {
+                MVec b0, b1;
+                std::memcpy(&b0, bt + (p + q) * ldb, sizeof(MVec));
+                std::memcpy(&b1, bt + (p + q) * ldb + kML, sizeof(MVec));
+                MVec* dst = q == 0 ? acc[0] : part[q - 1];
+                dst[0] += a[p + q] * b0;
+                dst[1] += a[p + q] * b1;
+            }
+        }
+        for (int h = 0; h < 2; ++h)
+            acc[0][h] += (part[0][h] + part[1][h]) + part[2][h];
+    }
+    for (; p < k; ++p)
+    {
+        MVec b0, b1;
+        std::memcpy(&b0, bt + p * ldb, sizeof(MVec));
+        std::memcpy(&b1, bt + p * ldb + kML, sizeof(MVec));
+        for (int r = 0; r < R; ++r)
+        {
+            float const av = a[r * lda + p];
+            acc[r][0] += av * b0;
+            acc[r][1] += av * b1;
+        }
+    }
+    for (int r = 0; r < R; ++r)
+    {
+        if (cols == kTW)
+        {
+            std::memcpy(c + r * ldc, &acc[r][0], sizeof(MVec));
+            std::memcpy(c + r * ldc + kML, &acc[r][1], sizeof(MVec));
+        }
+        else
+        {
+            for (int64_t j = 0; j < cols; ++j)
+                c[r * ldc + j] = j < kML ? acc[r][0][j] : acc[r][1][j - kML];
+        }
+    }
+}
+
 static void gemm(float const* a, int64_t lda, float const* bt, int64_t ldb, float* c, int64_t ldc, int64_t m,
     int64_t n, int64_t k)
 {
-    int64_t const n16 = n / 16 * 16;
+    int64_t const nT = n / kTW * kTW;
+    thread_local std::vector<float> panel; // the last n % 16 columns of bt, zero-padded to kTW
+    if (nT < n)
+    {
+        panel.assign(static_cast<size_t>(k) * kTW, 0.0f);
+        for (int64_t p = 0; p < k; ++p)
+            for (int64_t j = nT; j < n; ++j)
+                panel[p * kTW + (j - nT)] = bt[p * ldb + j];
+    }
     int64_t i = 0;
     for (; i + 4 <= m; i += 4)
     {
-        float const* a0 = a + i * lda;
-        for (int64_t j = 0; j < n16; j += 16)
-        {
-            MVec acc[4][2] = {};
-            for (int64_t p = 0; p < k; ++p)
-            {
-                MVec b0, b1;
-                std::memcpy(&b0, bt + p * ldb + j, sizeof(MVec));
-                std::memcpy(&b1, bt + p * ldb + j + 8, sizeof(MVec));
-                for (int r = 0; r < 4; ++r)
-                {
-                    float const av = a0[r * lda + p];
-                    acc[r][0] += av * b0;
-                    acc[r][1] += av * b1;
-                }
-            }
-            for (int r = 0; r < 4; ++r)
-            {
-                std::memcpy(c + (i + r) * ldc + j, &acc[r][0], sizeof(MVec));
-                std::memcpy(c + (i + r) * ldc + j + 8, &acc[r][1], sizeof(MVec));
-            }
-        }
-        for (int64_t j = n16; j < n; ++j)
-        {
-            for (int r = 0; r < 4; ++r)
-            {
-                float s = 0.0f;
-                for (int64_t p = 0; p < k; ++p)
-                    s += a0[r * lda + p] * bt[p * ldb + j];
-                c[(i + r) * ldc + j] = s;
-            }
-        }
+        for (int64_t j = 0; j < nT; j += kTW)
+            gemmTile<4>(a + i * lda, lda, bt + j, ldb, c + i * ldc + j, ldc, k, kTW);
+        if (nT < n)
+            gemmTile<4>(a + i * lda, lda, panel.data(), kTW, c + i * ldc + nT, ldc, k, n - nT);
     }
     for (; i < m; ++i)
     {
-        float const* a0 = a + i * lda;
-        for (int64_t j = 0; j < n16; j += 16)
-        {
-            MVec acc0 = {}, acc1 = {};
-            for (int64_t p = 0; p < k; ++p)
-            {
-                MVec b0, b1;
-                std::memcpy(&b0, bt + p * ldb + j, sizeof(MVec));
-                std::memcpy(&b1, bt + p * ldb + j + 8, sizeof(MVec));
-                acc0 += a0[p] * b0;
-                acc1 += a0[p] * b1;
-            }
-            std::memcpy(c + i * ldc + j, &acc0, sizeof(MVec));
-            std::memcpy(c + i * ldc + j + 8, &acc1, sizeof(MVec));
-        }
-        for (int64_t j = n16; j < n; ++j)
-        {
-            float s = 0.0f;
-            for (int64_t p = 0; p < k; ++p)
-                s += a0[p] * bt[p * ldb + j];
-            c[i * ldc + j] = s;
-        }
+        for (int64_t j = 0; j < nT; j += kTW)
+            gemmTile<1>(a + i * lda, lda, bt + j, ldb, c + i * ldc + j, ldc, k, kTW);
+        if (nT < n)
+            gemmTile<1>(a + i * lda, lda, panel.data(), kTW, c + i * ldc + nT, ldc, k, n - nT);
     }
 }
 
@@ -74,7 +94,7 @@ static void gemm(float const* a, int64_t lda, float const* bt, int64_t ldb, floa
 static void siluInPlace(float* v, int64_t n)
 {
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
+    for (; i + kML <= n; i += kML)
     {
         MVec x;
         std::memcpy(&x, v + i, sizeof(MVec));

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <new>
 #include <vector>
@@ -49,6 +50,7 @@ struct StepFns
     decltype(&generic::gemm) gemm;
     decltype(&generic::siluInPlace) silu;
     decltype(&generic::stateStep) state;
+    decltype(&generic::softplusBiasInPlace) softplus;
 };
 
 StepFns const& stepFns()
@@ -56,17 +58,12 @@ StepFns const& stepFns()
     static StepFns const fn = [] {
 #if defined(M4R_STEP_HAVE_AVX2)
         __builtin_cpu_init();
-        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-            return StepFns{&avx2::gemm, &avx2::siluInPlace, &avx2::stateStep};
+        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && std::getenv("M4R_SCAN_GENERIC") == nullptr)
+            return StepFns{&avx2::gemm, &avx2::siluInPlace, &avx2::stateStep, &avx2::softplusBiasInPlace};
 #endif
-        return StepFns{&generic::gemm, &generic::siluInPlace, &generic::stateStep};
+        return StepFns{&generic::gemm, &generic::siluInPlace, &generic::stateStep, &generic::softplusBiasInPlace};
     }();
     return fn;
-}
-
-float softplus(float v)
-{
-    return v > 20.0f ? v : std::log1p(std::exp(v)); // PyTorch's F.softplus (beta 1, threshold 20)
 }
 
 } // namespace
@@ -135,9 +132,11 @@ extern "C" int m4r_mixer_step_rows(M4RMixerWeights const* w, int64_t rows, float
             float const* hr = h + (r0 + i) * di * n;
             float* ho = h_out + (r0 + i) * di * n;
             float* yr = yg + i * di;
+            float* dr = dt + i * di;
+            f.softplus(dr, w->dt_bias, di); // dt = softplus(dt + dt_bias)
             for (int64_t c = 0; c < di; ++c)
             {
-                float const d = softplus(dt[i * di + c] + w->dt_bias[c]);
+                float const d = dr[c];
                 float const yc = f.state(w->A + c * n, hr + c * n, ho + c * n, bc, bc + n, d, d * ur[c], n);
                 yr[c] = (yc + w->D[c] * ur[c]) * zr[c];
             }

@@ -1,8 +1,10 @@
-// Optimised CPU SelectiveScan: blocks of kW channels in vector lanes (selectiveScanCpuFastKernel.inl), threads
-// over (row, channel block) work items, the hot loops compiled twice (baseline and AVX2) and chosen at run
-// time. The skip term and the gate use the scalar functions of selectiveScanMath.h, like the reference;
-// softplus (and its gradient) is vectorised too (polynomial exp and log, within 2 ulp of libm).
+// Optimised CPU SelectiveScan: blocks of channels in vector lanes. Forward: forwardRow
+// (selectiveScanCpuFastKernel.inl, selectiveScanCpuRow.h) on strided views of one row, compiled three times
+// (baseline, AVX2, AVX-512 with 16 lanes) and chosen at run time; threads over (row, 16-channel chunk) work
+// items. Backward: 8-lane blocks (selectiveScanCpuFastBackward.inl, baseline or AVX2), the skip term and the
+// gate with the scalar functions of selectiveScanMath.h. softplus is vectorised (polynomial exp and log).
 #include "selectiveScanCpuFast.h"
+#include "selectiveScanCpuRow.h"
 
 #include "selectiveScanMath.h"
 
@@ -17,22 +19,32 @@
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
-#include <xmmintrin.h>
+#include <immintrin.h>
 #endif
 
 namespace
 {
-constexpr int32_t kW = 8; // channels per block = lanes per vector
+constexpr int32_t kW = 8; // channels per block = lanes per vector, in the backward pass
 constexpr float kDecayExpMin = M4R_SCAN_DECAY_EXP_MIN;
 typedef float Vec __attribute__((vector_size(kW * sizeof(float))));
 typedef int32_t VecI __attribute__((vector_size(kW * sizeof(int32_t))));
 
-#define M4R_SCAN_POLY_FMA(a, b, c) ((a) * (b) + (c))
+// Each instruction-set namespace defines its lane count (kLanes), the states updated in lockstep (kGroup: as
+// many as the registers hold) and M4R_SCAN_FMA (fused where the instruction set has FMA).
+#define M4R_SCAN_FMA(a, b, c) ((a) * (b) + (c))
+#define M4R_SCAN_MAX(a, b) ((a) > (b) ? (a) : (b))
+#define M4R_SCAN_MIN(a, b) ((a) < (b) ? (a) : (b))
+#define M4R_SCAN_POLY_FMA(a, b, c) M4R_SCAN_FMA((a), (b), Vec{} + (c))
 namespace generic
 {
+constexpr int32_t kLanes = kW;
+constexpr int kGroup = 4;
 #include "selectiveScanCpuFastKernel.inl"
+#include "selectiveScanCpuFastBackward.inl"
 } // namespace generic
-#undef M4R_SCAN_POLY_FMA
+#undef M4R_SCAN_FMA
+#undef M4R_SCAN_MAX
+#undef M4R_SCAN_MIN
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define M4R_SCAN_HAVE_AVX2 1
@@ -42,23 +54,60 @@ namespace generic
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #endif
-// The exp polynomial with explicit FMAs (half the instructions of the polynomial).
-#define M4R_SCAN_POLY_FMA(a, b, c) __builtin_ia32_vfmaddps256((a), (b), Vec{} + (c))
+#define M4R_SCAN_FMA(a, b, c) __builtin_ia32_vfmaddps256((a), (b), (c))
+#define M4R_SCAN_MAX(a, b) ((Vec) _mm256_max_ps((__m256) (a), (__m256) (b)))
+#define M4R_SCAN_MIN(a, b) ((Vec) _mm256_min_ps((__m256) (a), (__m256) (b)))
 namespace avx2
 {
+constexpr int32_t kLanes = kW;
+constexpr int kGroup = 4; // 16 ymm registers
 #include "selectiveScanCpuFastKernel.inl"
+#include "selectiveScanCpuFastBackward.inl"
 } // namespace avx2
-#undef M4R_SCAN_POLY_FMA
+#undef M4R_SCAN_FMA
+#undef M4R_SCAN_MAX
+#undef M4R_SCAN_MIN
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+// AVX-512: 16 lanes and 32 registers, forward only (forwardRow); the backward keeps the 8-lane kernels.
+#define M4R_SCAN_HAVE_AVX512 1
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")
+#endif
+namespace avx512
+{
+constexpr int32_t kLanes = 16;
+constexpr int kGroup = 4;
+#define M4R_SCAN_EXP2_TABLE 1
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t VecI __attribute__((vector_size(kLanes * sizeof(int32_t))));
+#define M4R_SCAN_FMA(a, b, c) ((Vec) _mm512_fmadd_ps((__m512) (a), (__m512) (b), (__m512) (c)))
+#define M4R_SCAN_MAX(a, b) ((Vec) _mm512_mask_max_ps((__m512) (a), (__mmask16) -1, (__m512) (a), (__m512) (b)))
+#define M4R_SCAN_MIN(a, b) ((Vec) _mm512_mask_min_ps((__m512) (a), (__mmask16) -1, (__m512) (a), (__m512) (b)))
+#include "selectiveScanCpuFastKernel.inl"
+#undef M4R_SCAN_FMA
+#undef M4R_SCAN_MAX
+#undef M4R_SCAN_MIN
+#undef M4R_SCAN_EXP2_TABLE
+} // namespace avx512
 #if defined(__clang__)
 #pragma clang attribute pop
 #else
 #pragma GCC pop_options
 #endif
 #endif
+#undef M4R_SCAN_POLY_FMA
 
+//! The 8-lane kernels of the backward pass.
 struct Kernels
 {
-    decltype(&generic::forwardBlock) forward;
     decltype(&generic::statesBlock) states;
     decltype(&generic::adjointBlock) adjoint;
     decltype(&generic::softplusInPlace) softplus;
@@ -66,19 +115,55 @@ struct Kernels
     char const* isa;
 };
 
+#if defined(M4R_SCAN_HAVE_AVX2)
+bool haveAvx2()
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && std::getenv("M4R_SCAN_GENERIC") == nullptr;
+}
+#endif
+
 Kernels const& kernels()
 {
     static Kernels const k = [] {
 #if defined(M4R_SCAN_HAVE_AVX2)
-        __builtin_cpu_init();
-        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && std::getenv("M4R_SCAN_GENERIC") == nullptr)
+        if (haveAvx2())
         {
-            return Kernels{avx2::forwardBlock, avx2::statesBlock, avx2::adjointBlock, avx2::softplusInPlace,
-                avx2::softplusGradInPlace, "avx2+fma"};
+            return Kernels{avx2::statesBlock, avx2::adjointBlock, avx2::softplusInPlace, avx2::softplusGradInPlace,
+                "avx2+fma"};
         }
 #endif
-        return Kernels{generic::forwardBlock, generic::statesBlock, generic::adjointBlock, generic::softplusInPlace,
+        return Kernels{generic::statesBlock, generic::adjointBlock, generic::softplusInPlace,
             generic::softplusGradInPlace, "generic"};
+    }();
+    return k;
+}
+
+//! The forward kernel (forwardRow of one instruction-set namespace).
+struct RowKernel
+{
+    void (*forward)(m4r::scan::ScanRow const&, float*);
+    char const* isa;
+};
+
+RowKernel const& rowKernel()
+{
+    static RowKernel const k = [] {
+#if defined(M4R_SCAN_HAVE_AVX512)
+        if (haveAvx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")
+            && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw")
+            && std::getenv("M4R_SCAN_NO_AVX512") == nullptr)
+        {
+            return RowKernel{avx512::forwardRow, "avx512"};
+        }
+#endif
+#if defined(M4R_SCAN_HAVE_AVX2)
+        if (haveAvx2())
+        {
+            return RowKernel{avx2::forwardRow, "avx2+fma"};
+        }
+#endif
+        return RowKernel{generic::forwardRow, "generic"};
     }();
     return k;
 }
@@ -475,43 +560,99 @@ bool validDims(int32_t batch, int32_t dim, int32_t seqlen, int32_t dstate)
 
 // ---- forward -----------------------------------------------------------------------------------------------
 
+//! Channels per forward work item: a multiple of every instruction set's lanes.
+constexpr int32_t kChunk = 16;
+
+//! Forward: work items of (row, kChunk channels), each scanned by forwardRow on strided views of the row.
+//! fp32 inputs are read in place (channel-first: time stride 1); other element types are converted to fp32 for
+//! the item first. B and C of a row are transposed to [t][n] (and converted) once per row and thread.
 int forward(Problem const& p, void* y, int32_t numThreads)
 {
-    Kernels const& k = kernels();
-    int32_t const blocks = p.blocksPerRow();
-    int64_t const items = static_cast<int64_t>(p.batch) * blocks;
+    RowKernel const& rk = rowKernel();
+    int32_t const chunks = (p.dim + kChunk - 1) / kChunk;
+    int64_t const items = static_cast<int64_t>(p.batch) * chunks;
     int64_t const work = static_cast<int64_t>(p.batch) * p.dim * p.L * p.N;
     int32_t const threads = threadsFor(numThreads, items, work);
+    std::size_t const L = static_cast<std::size_t>(p.L);
+    bool const f32 = p.dtype == M4R_SCAN_F32;
     bool failed = false;
     bool const started = parallelFor(threads, items, [&](int32_t, int64_t lo, int64_t hi) {
         try
         {
-            Scratch s(p);
+            std::vector<float> ws(m4r::scan::rowWorkspaceFloats(p.L, p.N, kChunk));
+            std::vector<float> bt(L * p.N), ct(L * p.N);
+            std::vector<float> conv(f32 ? 0 : 3 * kChunk * L), yBuf(f32 ? 0 : kChunk * L);
+            int32_t row = -1;
             for (int64_t item = lo; item < hi; ++item)
             {
-                int32_t const b = static_cast<int32_t>(item / blocks);
-                int32_t const c0 = static_cast<int32_t>(item % blocks) * kW;
-                int32_t const stop = p.stop(b);
-                s.loadRow(p, b);
-                int32_t const lanes = s.loadBlock(p, b, c0, stop + 1);
-                k.forward(s.dt.data(), s.u.data(), s.a.data(), s.Bt.data(), s.Ct.data(), p.N, stop, p.lastOnly,
-                    s.h.data(), s.hc.data());
-                for (int32_t l = 0; l < lanes; ++l)
+                int32_t const b = static_cast<int32_t>(item / chunks);
+                int32_t const c0 = static_cast<int32_t>(item % chunks) * kChunk;
+                int32_t const cn = std::min(kChunk, p.dim - c0);
+                int32_t const steps = p.stop(b) + 1;
+                if (row != b)
                 {
-                    int32_t const c = c0 + l;
-                    std::size_t const row = p.rowOffset(b, c);
-                    float const d = p.D != nullptr ? p.D[c] : 0.F;
-                    int32_t const first = p.lastOnly ? stop : 0;
-                    for (int32_t t = first; t <= stop; ++t)
+                    row = b;
+                    std::size_t const base = static_cast<std::size_t>(b) * p.N * L;
+                    for (int32_t s = 0; s < p.N; ++s)
                     {
-                        float const hc = lane(s.hc[p.lastOnly ? 0 : t], l);
-                        float out = m4r::scan::skipOutput(hc, d, lane(s.u[t], l));
-                        if (p.z != nullptr)
+                        for (int32_t t = 0; t < steps; ++t)
                         {
-                            out = m4r::scan::gate(out, load(p.z, row + t, p.dtype));
+                            std::size_t const src = base + static_cast<std::size_t>(s) * L + t;
+                            bt[static_cast<std::size_t>(t) * p.N + s] = load(p.B, src, p.dtype);
+                            ct[static_cast<std::size_t>(t) * p.N + s] = load(p.C, src, p.dtype);
                         }
-                        std::size_t const dst = p.lastOnly ? static_cast<std::size_t>(b) * p.dim + c : row + t;
-                        store(y, dst, p.dtype, out);
+                    }
+                }
+                std::size_t const first = p.rowOffset(b, c0);
+                m4r::scan::ScanRow r{};
+                r.uT = r.dT = r.zT = r.yT = 1;
+                r.uC = r.dC = r.zC = r.yC = p.L;
+                if (f32)
+                {
+                    r.u = static_cast<float const*>(p.u) + first;
+                    r.delta = static_cast<float const*>(p.delta) + first;
+                    r.z = p.z != nullptr ? static_cast<float const*>(p.z) + first : nullptr;
+                }
+                else
+                {
+                    float* cu = conv.data();
+                    float* cd = cu + kChunk * L;
+                    float* cz = cd + kChunk * L;
+                    for (std::size_t i = 0; i < static_cast<std::size_t>(cn) * L; ++i)
+                    {
+                        cu[i] = load(p.u, first + i, p.dtype);
+                        cd[i] = load(p.delta, first + i, p.dtype);
+                        cz[i] = p.z != nullptr ? load(p.z, first + i, p.dtype) : 0.F;
+                    }
+                    r.u = cu;
+                    r.delta = cd;
+                    r.z = p.z != nullptr ? cz : nullptr;
+                }
+                r.B = bt.data();
+                r.C = ct.data();
+                r.bcT = p.N;
+                r.A = p.A + static_cast<std::size_t>(c0) * p.N;
+                r.D = p.D != nullptr ? p.D + c0 : nullptr;
+                r.bias = p.bias != nullptr ? p.bias + c0 : nullptr;
+                r.dim = cn;
+                r.steps = steps;
+                r.n = p.N;
+                r.softplus = p.softplus;
+                r.lastOnly = p.lastOnly;
+                std::size_t const yFirst = p.lastOnly ? static_cast<std::size_t>(b) * p.dim + c0 : first;
+                if (p.lastOnly)
+                {
+                    r.yC = 1;
+                }
+                r.y = f32 ? static_cast<float*>(y) + yFirst : yBuf.data();
+                rk.forward(r, ws.data());
+                if (!f32)
+                {
+                    std::size_t const count = p.lastOnly ? static_cast<std::size_t>(cn) : static_cast<std::size_t>(cn) * L;
+                    for (std::size_t i = 0; i < count; ++i)
+                    {
+                        // mode all: positions >= steps are not written by the scan (steps = L there)
+                        store(y, yFirst + i, p.dtype, yBuf[i]);
                     }
                 }
             }
@@ -798,10 +939,36 @@ extern "C" char const* m4r_scan_native_contract_version(void)
 
 extern "C" char const* m4r_scan_native_isa(void)
 {
-    return kernels().isa;
+    return rowKernel().isa; // the forward's; the backward runs the 8-lane avx2+fma kernels under "avx512"
 }
 
 extern "C" int m4r_scan_native_default_threads(void)
 {
     return defaultThreads();
 }
+
+namespace m4r
+{
+namespace scan
+{
+std::size_t rowWorkspaceFloats(int32_t steps, int32_t n, int32_t dim)
+{
+    // dt, u, hc: one time tile of vectors each (16 lanes at most); A log2 e and h: n vectors per channel block
+    // (at most dim + 16 floats per state); 64-byte alignment.
+    std::size_t const tile = static_cast<std::size_t>(std::max(std::min(steps, kTimeTile), 1));
+    return 3 * tile * 16 + 2 * static_cast<std::size_t>(std::max(n, 1)) * (static_cast<std::size_t>(std::max(dim, 1)) + 16)
+        + static_cast<std::size_t>(std::max(dim, 1)) + 16 + 16; // + one flag (a byte) per block
+}
+
+void forwardRow(ScanRow const& row, float* workspace)
+{
+    FlushDenormals const flush; // this thread's mode is restored on return
+    rowKernel().forward(row, workspace);
+}
+
+char const* rowIsa()
+{
+    return rowKernel().isa;
+}
+} // namespace scan
+} // namespace m4r

@@ -4,10 +4,11 @@
  * library m4r_scan_native_objects links the same code into other libraries, e.g. the ONNX Runtime
  * custom-op library).
  *
- * Same contract as the CPU reference (selectiveScanCpu.h, plugins/selectiveScanPlugin/README.md) and the
- * same per-step math (selectiveScanMath.h); the reference stays the readable definition. Differences to
- * the reference are fp32 rounding only: exp() of the decay exponent uses a vectorisable polynomial
- * (<= 2 ulp vs libm) on an argument clamped to [M4R_SCAN_DECAY_EXP_MIN, ...], as every m4r backend does.
+ * Same contract as the CPU reference (selectiveScanCpu.h, plugins/selectiveScanPlugin/README.md); the
+ * reference stays the readable definition. Differences to the reference are fp32 rounding only: the decay
+ * exp(dt * A) is a base-2 polynomial on dt * (A log2 e) clamped at M4R_SCAN_DECAY_EXP_MIN (as every m4r
+ * backend clamps), the forward's state update is one fused multiply-add where the CPU has FMA, and the
+ * read-out sums the states in four partial sums (docs/native-cpu.md, "Rounding": measured errors).
  *
  * All tensors are contiguous, in the layouts of the op contract:
  *   u, delta, z: (batch, dim, seqlen)    A: (dim, dstate) fp32    B, C: (batch, dstate, seqlen)
@@ -90,7 +91,9 @@ M4R_SCAN_NATIVE_API int m4r_scan_native_abi_version(void);
 /* Version of the op contract this library implements ("1"). */
 M4R_SCAN_NATIVE_API const char* m4r_scan_native_contract_version(void);
 
-/* The instruction set the dispatcher chose on this CPU: "avx2+fma", "generic" (SSE2 / NEON / scalar). */
+/* The instruction set the forward runs on this CPU: "avx512" (16 lanes; the backward then runs "avx2+fma"),
+ * "avx2+fma", "generic" (SSE2 / NEON / scalar). $M4R_SCAN_GENERIC forces "generic", $M4R_SCAN_NO_AVX512
+ * rules out "avx512" (set to any value). */
 M4R_SCAN_NATIVE_API const char* m4r_scan_native_isa(void);
 
 /* Threads used when a call passes numThreads = 0 (see above). */

@@ -3,10 +3,13 @@
 // ragged lengths (0, 1, middle, full, past the end) in mode last and every position in mode all, shapes on and
 // off the GEMM's 16-column / 4-row blocks, d_conv 1..4, L = 1..300.
 #include "mambaMixerCpu.h"
+#include "selectiveScanCpuRow.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -99,6 +102,8 @@ std::vector<double> reference(Model const& m, std::vector<float> const& x, int L
     return out;
 }
 
+double gWorst = 0.0; // largest error / scale seen
+
 int check(Model const& m, int L, int length, bool last, std::mt19937& g)
 {
     std::normal_distribution<float> nd(0.0f, 1.0f);
@@ -124,6 +129,7 @@ int check(Model const& m, int L, int length, bool last, std::mt19937& g)
         scale = std::max(scale, std::fabs(v));
     for (size_t i = 0; i < ref.size(); ++i)
         err = std::max(err, std::isfinite(y[i]) ? std::fabs(y[i] - ref[i]) : INFINITY);
+    gWorst = std::max(gWorst, err / scale);
     bool const ok = err <= 2e-5 * scale;
     if (!ok)
         std::printf("FAIL: dm %d di %d n %d r %d k %d L %d length %d %s: max err %.3g (scale %.3g)\n", m.dm, m.di, m.n,
@@ -132,10 +138,35 @@ int check(Model const& m, int L, int length, bool last, std::mt19937& g)
 }
 } // namespace
 
+// ctest runs this test per instruction set of the scan (CMakeLists.txt): by default (AVX-512 on a CPU that has
+// it), with $M4R_SCAN_NO_AVX512 (AVX2) and with $M4R_SCAN_GENERIC (baseline). The one that ran must be the one
+// asked for, so that each run really covers its path.
+bool isaAsAsked(char const* isa)
+{
+    if (std::getenv("M4R_SCAN_GENERIC") != nullptr)
+        return std::strcmp(isa, "generic") == 0;
+    if (std::getenv("M4R_SCAN_NO_AVX512") != nullptr)
+        return std::strcmp(isa, "avx512") != 0;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")
+        && __builtin_cpu_supports("avx512bw"))
+        return std::strcmp(isa, "avx512") == 0;
+#endif
+    return true;
+}
+
 int main()
 {
     std::mt19937 g(7);
     int failures = 0, cases = 0;
+    char const* isa = m4r::scan::rowIsa();
+    std::printf("mamba_mixer_vs_reference: scan isa %s\n", isa);
+    if (!isaAsAsked(isa))
+    {
+        std::printf("FAIL: the scan dispatched to %s, not the instruction set the environment asks for\n", isa);
+        return 1;
+    }
     struct Shape
     {
         int dm, di, n, r, k;
@@ -154,6 +185,7 @@ int main()
             ++cases;
         }
     }
-    std::printf("mamba_mixer_vs_reference: %d of %d cases failed\n", failures, cases);
+    std::printf("mamba_mixer_vs_reference: %d of %d cases failed; largest error %.3g of the output scale\n", failures,
+        cases, gWorst);
     return failures == 0 ? 0 : 1;
 }

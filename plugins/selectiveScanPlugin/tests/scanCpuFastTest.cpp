@@ -20,6 +20,7 @@ namespace
 {
 int gFailures = 0;
 int gChecks = 0;
+double gWorstFp32 = 0.0; //!< largest fp32 forward error seen (scaled), printed at the end
 
 void check(bool ok, std::string const& what)
 {
@@ -36,6 +37,7 @@ struct Case
     int Bn, Dn, L, N;
     bool softplus, last, withD, withZ, withBias, withLengths;
     float deltaShift = 0.F; //!< added to delta: large values make decay exponents reach the clamp
+    float aShift = 0.F;     //!< added to A: positive values make some states grow (dt * A > 0)
 };
 
 struct Inputs
@@ -65,7 +67,7 @@ Inputs makeInputs(Case const& c, unsigned seed)
     in.A.resize(static_cast<std::size_t>(c.Dn) * c.N);
     for (auto& a : in.A)
     {
-        a = -std::exp(2.F * ud(rng) - 1.F) * (1.F + 4.F * ud(rng));
+        a = -std::exp(2.F * ud(rng) - 1.F) * (1.F + 4.F * ud(rng)) + c.aShift;
     }
     fill(in.B, bnl, 1.F, 0.F);
     fill(in.C, bnl, 1.F, 0.F);
@@ -144,8 +146,9 @@ std::vector<float> roundTrip(std::vector<float> const& v)
 
 // ---- forward: kernel vs reference --------------------------------------------------------------------------
 
-//! Max error relative to the output scale (max |y_ref|, at least 1). Measured <= 1.9e-7 (the exp polynomial
-//! vs libm, carried through the recurrence); the checks allow 5e-7.
+//! Max error relative to the output scale (max |y_ref|, at least 1): the exp polynomial vs libm and the FMA state
+//! update, carried through the recurrence (measured values in docs/native-cpu.md, "Rounding"); the checks
+//! allow 5e-7.
 double scaledError(std::vector<float> const& got, std::vector<float> const& want)
 {
     double scale = 1.0;
@@ -173,7 +176,14 @@ void forwardCase(Case const& c, int threads)
         c.last, M4R_SCAN_F32, got.data(), threads);
     check(rc == M4R_SCAN_OK, name(c, "fp32 rc"));
     double const err = scaledError(got, want);
-    check(err <= 5e-7, name(c, ("fp32 vs reference, scaled error " + std::to_string(err)).c_str()));
+    // Growing states (A > 0) amplify every step's exp error instead of forgetting it: 1e-5 there (measured
+    // 4.3e-6; the kernel before the exp2 rewrite: 1.5e-6). Decaying states (every trained Mamba): 5e-7.
+    double const tol = c.aShift > 0.F ? 1e-5 : 5e-7;
+    if (c.aShift <= 0.F)
+    {
+        gWorstFp32 = std::max(gWorstFp32, err);
+    }
+    check(err <= tol, name(c, ("fp32 vs reference, scaled error " + std::to_string(err)).c_str()));
 
     // fp16 I/O: the kernel on half inputs equals the reference on the same (rounded) inputs, rounded once.
     Inputs r = in;
@@ -441,6 +451,23 @@ int main()
     // Thread every call, however small, so that the row split and the channel split are both exercised.
     setenv("M4R_SCAN_GRAIN", "1", 1);
     std::printf("m4r_scan_native: isa %s, default threads %d\n", m4r_scan_native_isa(), m4r_scan_native_default_threads());
+    // ctest runs this test by default, with $M4R_SCAN_NO_AVX512 and with $M4R_SCAN_GENERIC: each must run its path.
+    char const* isa = m4r_scan_native_isa();
+    if (std::getenv("M4R_SCAN_GENERIC") != nullptr)
+    {
+        check(std::strcmp(isa, "generic") == 0, std::string("M4R_SCAN_GENERIC dispatches to generic, not ") + isa);
+    }
+    else if (std::getenv("M4R_SCAN_NO_AVX512") != nullptr)
+    {
+        check(std::strcmp(isa, "avx512") != 0, "M4R_SCAN_NO_AVX512 rules out avx512");
+    }
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    else if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")
+        && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw"))
+    {
+        check(std::strcmp(isa, "avx512") == 0, std::string("an AVX-512 CPU dispatches to avx512, not ") + isa);
+    }
+#endif
     badArguments();
     denormalInputs();
     // Lengths 1, 50, 200, 1000; channel counts that are and are not multiples of the vector width; ragged
@@ -457,6 +484,9 @@ int main()
     forwardCase({13, 24, 50, 8, true, false, true, false, true, false}, 2);
     // dt ~ 40: decay exponents far below the clamp (exp underflows to 0 in both).
     forwardCase({3, 9, 50, 8, true, false, true, true, true, false, 40.F}, 2);
+    // Some A > 0 (growing states, dt * A > 0): the kernel's path with the upper clamp (A <= 0 skips it).
+    forwardCase({3, 19, 50, 8, true, false, true, true, true, false, 0.F, 3.F}, 2);
+    forwardCase({3, 19, 50, 8, true, true, true, true, true, true, 0.F, 3.F}, 1);
     // softplus of tiny (e^x ~ 1e-7..1e-6) and near-threshold (x ~ 20) arguments.
     forwardCase({2, 9, 50, 8, true, false, true, true, false, false, -13.F}, 1);
     forwardCase({2, 9, 50, 8, true, false, true, true, false, false, 21.5F}, 1);
@@ -471,6 +501,7 @@ int main()
     }
     backwardCase({7, 3, 5, 2, true, false, true, true, false, true}, 2);
 
-    std::printf("%d checks, %d failures\n", gChecks, gFailures);
+    std::printf("%d checks, %d failures; largest fp32 forward error %.3g of the output scale\n", gChecks, gFailures,
+        gWorstFp32);
     return gFailures == 0 ? 0 : 1;
 }
