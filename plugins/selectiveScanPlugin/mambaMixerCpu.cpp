@@ -3,6 +3,7 @@
 // d_inner 128), all time-major; the scan reads u, dt, z, B and C and writes y in place through strided views
 // (selectiveScanCpuRow.h), so the chain has no transposes and only x and y touch the caller's memory.
 #include "mambaMixerCpu.h"
+#include "selectiveScanCpuIsa.h"
 #include "selectiveScanCpuRow.h"
 
 #include <algorithm>
@@ -70,17 +71,13 @@ Fns const& fns()
 {
     static Fns const fn = [] {
 #if defined(M4R_MIXER_HAVE_AVX512)
-        __builtin_cpu_init();
-        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")
-            && __builtin_cpu_supports("avx512bw") && std::getenv("M4R_SCAN_GENERIC") == nullptr
-            && std::getenv("M4R_SCAN_NO_AVX512") == nullptr)
+        if (m4r::cpu_isa::avx512())
         {
             return Fns{&avx512::gemm, &avx512::siluInPlace};
         }
 #endif
 #if defined(M4R_MIXER_HAVE_AVX2)
-        __builtin_cpu_init();
-        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && std::getenv("M4R_SCAN_GENERIC") == nullptr)
+        if (m4r::cpu_isa::avx2())
         {
             return Fns{&avx2::gemm, &avx2::siluInPlace};
         }

@@ -3,6 +3,7 @@
 // the per-channel state update is vectorised over d_state. Same GEMM micro-kernel and exp polynomial as the
 // full-sequence mixer (mambaMixerGemm.inl), compiled for the baseline ISA and for AVX2+FMA (chosen at run time).
 #include "mambaMixerStepCpu.h"
+#include "selectiveScanCpuIsa.h"
 
 #include <algorithm>
 #include <cmath>
@@ -57,8 +58,7 @@ StepFns const& stepFns()
 {
     static StepFns const fn = [] {
 #if defined(M4R_STEP_HAVE_AVX2)
-        __builtin_cpu_init();
-        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && std::getenv("M4R_SCAN_GENERIC") == nullptr)
+        if (m4r::cpu_isa::avx2())
             return StepFns{&avx2::gemm, &avx2::siluInPlace, &avx2::stateStep, &avx2::softplusBiasInPlace};
 #endif
         return StepFns{&generic::gemm, &generic::siluInPlace, &generic::stateStep, &generic::softplusBiasInPlace};

@@ -4,6 +4,7 @@
 // items. Backward: 8-lane blocks (selectiveScanCpuFastBackward.inl, baseline or AVX2), the skip term and the
 // gate with the scalar functions of selectiveScanMath.h. softplus is vectorised (polynomial exp and log).
 #include "selectiveScanCpuFast.h"
+#include "selectiveScanCpuIsa.h"
 #include "selectiveScanCpuRow.h"
 
 #include "selectiveScanMath.h"
@@ -115,19 +116,11 @@ struct Kernels
     char const* isa;
 };
 
-#if defined(M4R_SCAN_HAVE_AVX2)
-bool haveAvx2()
-{
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && std::getenv("M4R_SCAN_GENERIC") == nullptr;
-}
-#endif
-
 Kernels const& kernels()
 {
     static Kernels const k = [] {
 #if defined(M4R_SCAN_HAVE_AVX2)
-        if (haveAvx2())
+        if (m4r::cpu_isa::avx2())
         {
             return Kernels{avx2::statesBlock, avx2::adjointBlock, avx2::softplusInPlace, avx2::softplusGradInPlace,
                 "avx2+fma"};
@@ -150,15 +143,13 @@ RowKernel const& rowKernel()
 {
     static RowKernel const k = [] {
 #if defined(M4R_SCAN_HAVE_AVX512)
-        if (haveAvx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")
-            && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw")
-            && std::getenv("M4R_SCAN_NO_AVX512") == nullptr)
+        if (m4r::cpu_isa::avx512())
         {
             return RowKernel{avx512::forwardRow, "avx512"};
         }
 #endif
 #if defined(M4R_SCAN_HAVE_AVX2)
-        if (haveAvx2())
+        if (m4r::cpu_isa::avx2())
         {
             return RowKernel{avx2::forwardRow, "avx2+fma"};
         }
