@@ -140,10 +140,14 @@ class ServingModel(nn.Module):
         # CPU then computes the fp16 GEMM in fp32 and never rounds the scores to fp16)
         scores = (user @ self.model.item_embedding.weight.t()).float()
         # item 0 (padding) and every listed id -> -inf in ONE scatter (no boolean mask): the exported
-        # graph is a handful of nodes (issue 21: per-node cost at batch 1)
-        cols = [torch.zeros_like(scores[:, :1], dtype=torch.long)]
-        cols += [_valid_ids(ids, scores.shape[1]) for ids in (history, exclude_items) if ids is not None]
-        index = torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
+        # graph is a handful of nodes (issue 21: per-node cost at batch 1). Item 0 is a column of zeros
+        # padded in front of the listed ids (one Pad node; ids are validated once, after the Concat).
+        listed = [ids for ids in (history, exclude_items) if ids is not None]
+        if not listed:
+            index = torch.zeros_like(scores[:, :1], dtype=torch.long)
+        else:
+            ids = torch.cat(listed, dim=1) if len(listed) > 1 else listed[0]
+            index = F.pad(_valid_ids(ids, scores.shape[1]), (1, 0))
         return (scores.scatter(1, index, float("-inf")),)
 
     def _chunked_topk(
