@@ -223,3 +223,14 @@ def test_single_node_on_the_intra_op_pool_matches_its_body(ops: Path, fp16: bool
             scores[r, ids] = -np.inf
         order = np.argsort(-scores, axis=1, kind="stable")[:, :50]
         np.testing.assert_array_equal(native[1], order)
+
+
+def test_native_op_reports_a_bad_input_as_one_error_naming_the_op(ops: Path) -> None:
+    """A kernel failure reaches the caller as ONNX Runtime's error with the op and the input named (the
+    shared glue in ortOpSupport.h), not as a crash or an exception escaping the C API."""
+    table = np.ones((50, 8), np.float32)
+    model = _single_node(50, 5, 16, False, table)
+    feeds = {"user": np.ones((3, 8), np.float32), "exclude": np.zeros((2, 4), np.int64)}  # batch 3 vs 2
+    message = r"m4r::ScoreTopK: exclude_items \(2, 4\) must be \(batch, E\) with batch 3"
+    with pytest.raises(Exception, match=message):
+        _run(model, ops, feeds)

@@ -7,6 +7,7 @@
 
 #include "mambaMixerCpu.h"
 #include "ortMixerOp.h"
+#include "ortOpSupport.h"
 
 #include <algorithm>
 #include <atomic>
@@ -15,6 +16,7 @@
 #include <memory>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace
@@ -25,59 +27,21 @@ constexpr size_t kInputs = 11;
 char const* const kNames[kInputs] = {"hidden", "lengths", "in_proj_weight", "conv_weight", "conv_bias",
     "x_proj_weight", "dt_proj_weight", "dt_bias", "A", "D", "out_proj_weight"};
 
-struct MixerError
-{
-    OrtErrorCode code;
-    std::string message;
-};
+constexpr char kOp[] = "m4r::MambaMixer";
 
 [[noreturn]] void fail(OrtErrorCode code, std::string message)
 {
-    throw MixerError{code, "m4r::MambaMixer: " + std::move(message)};
-}
-
-std::string shapeStr(std::vector<int64_t> const& s)
-{
-    std::string out = "(";
-    for (size_t i = 0; i < s.size(); ++i)
-        out += (i ? ", " : "") + std::to_string(s[i]);
-    return out + ")";
+    m4r::ort_op::fail(kOp, code, std::move(message));
 }
 
 template <typename Fn>
 OrtStatus* guarded(Fn&& fn)
 {
-    try
-    {
-        fn();
-        return nullptr;
-    }
-    catch (MixerError const& e)
-    {
-        return Ort::GetApi().CreateStatus(e.code, e.message.c_str());
-    }
-    catch (std::exception const& e)
-    {
-        return Ort::GetApi().CreateStatus(ORT_FAIL, (std::string("m4r::MambaMixer: ") + e.what()).c_str());
-    }
+    return m4r::ort_op::guarded(kOp, std::forward<Fn>(fn));
 }
 
-template <typename T>
-struct Elem;
-template <>
-struct Elem<float>
-{
-    static constexpr ONNXTensorElementDataType kType = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-    static float get(float v) { return v; }
-    static float put(float v) { return v; }
-};
-template <>
-struct Elem<Ort::Float16_t>
-{
-    static constexpr ONNXTensorElementDataType kType = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
-    static float get(Ort::Float16_t v) { return v.ToFloat(); }
-    static Ort::Float16_t put(float v) { return Ort::Float16_t(v); }
-};
+using m4r::ort_op::shapeStr;
+using m4r::ort_op::Elem;
 
 struct RowWork
 {

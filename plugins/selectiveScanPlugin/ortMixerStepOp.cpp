@@ -9,6 +9,7 @@
 
 #include "mambaMixerStepCpu.h"
 #include "ortMixerStepOp.h"
+#include "ortOpSupport.h"
 
 #include <algorithm>
 #include <atomic>
@@ -17,6 +18,7 @@
 #include <memory>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace
@@ -29,59 +31,21 @@ char const* const kNames[kInputs] = {"hidden", "conv_state", "ssm_state", "in_pr
     "conv_bias", "x_proj_weight", "dt_proj_weight", "dt_bias", "A", "D", "out_proj_weight"};
 constexpr int64_t kRowsPerTask = 16;
 
-struct StepError
-{
-    OrtErrorCode code;
-    std::string message;
-};
+constexpr char kOp[] = "m4r::MambaMixerStep";
 
 [[noreturn]] void fail(OrtErrorCode code, std::string message)
 {
-    throw StepError{code, "m4r::MambaMixerStep: " + std::move(message)};
-}
-
-std::string shapeStr(std::vector<int64_t> const& s)
-{
-    std::string out = "(";
-    for (size_t i = 0; i < s.size(); ++i)
-        out += (i ? ", " : "") + std::to_string(s[i]);
-    return out + ")";
+    m4r::ort_op::fail(kOp, code, std::move(message));
 }
 
 template <typename Fn>
 OrtStatus* guarded(Fn&& fn)
 {
-    try
-    {
-        fn();
-        return nullptr;
-    }
-    catch (StepError const& e)
-    {
-        return Ort::GetApi().CreateStatus(e.code, e.message.c_str());
-    }
-    catch (std::exception const& e)
-    {
-        return Ort::GetApi().CreateStatus(ORT_FAIL, (std::string("m4r::MambaMixerStep: ") + e.what()).c_str());
-    }
+    return m4r::ort_op::guarded(kOp, std::forward<Fn>(fn));
 }
 
-template <typename T>
-struct Elem;
-template <>
-struct Elem<float>
-{
-    static constexpr ONNXTensorElementDataType kType = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-    static float get(float v) { return v; }
-    static float put(float v) { return v; }
-};
-template <>
-struct Elem<Ort::Float16_t>
-{
-    static constexpr ONNXTensorElementDataType kType = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
-    static float get(Ort::Float16_t v) { return v.ToFloat(); }
-    static Ort::Float16_t put(float v) { return Ort::Float16_t(v); }
-};
+using m4r::ort_op::shapeStr;
+using m4r::ort_op::Elem;
 
 template <typename T>
 float roundT(float v)

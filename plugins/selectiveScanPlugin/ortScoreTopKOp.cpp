@@ -6,6 +6,7 @@
 #undef ORT_API_MANUAL_INIT
 
 #include "ortScoreTopKOp.h"
+#include "ortOpSupport.h"
 #include "scoreTopKCpu.h"
 
 #include <atomic>
@@ -13,48 +14,27 @@
 #include <exception>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace
 {
 std::atomic<int64_t> gTopKCalls{0};
 
-struct TopKError
-{
-    OrtErrorCode code;
-    std::string message;
-};
+constexpr char kOp[] = "m4r::ScoreTopK";
 
 [[noreturn]] void fail(OrtErrorCode code, std::string message)
 {
-    throw TopKError{code, "m4r::ScoreTopK: " + std::move(message)};
-}
-
-std::string shapeStr(std::vector<int64_t> const& s)
-{
-    std::string out = "(";
-    for (size_t i = 0; i < s.size(); ++i)
-        out += (i ? ", " : "") + std::to_string(s[i]);
-    return out + ")";
+    m4r::ort_op::fail(kOp, code, std::move(message));
 }
 
 template <typename Fn>
 OrtStatus* guarded(Fn&& fn)
 {
-    try
-    {
-        fn();
-        return nullptr;
-    }
-    catch (TopKError const& e)
-    {
-        return Ort::GetApi().CreateStatus(e.code, e.message.c_str());
-    }
-    catch (std::exception const& e)
-    {
-        return Ort::GetApi().CreateStatus(ORT_FAIL, (std::string("m4r::ScoreTopK: ") + e.what()).c_str());
-    }
+    return m4r::ort_op::guarded(kOp, std::forward<Fn>(fn));
 }
+
+using m4r::ort_op::shapeStr;
 
 template <typename T>
 constexpr ONNXTensorElementDataType kType = std::is_same_v<T, float> ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
