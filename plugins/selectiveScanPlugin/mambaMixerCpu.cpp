@@ -24,41 +24,23 @@ namespace generic
 #include "mambaMixerGemm.inl"
 } // namespace generic
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(M4R_ISA_X86)
 #define M4R_MIXER_HAVE_AVX2 1
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#endif
+M4R_ISA_BEGIN(M4R_ISA_AVX2)
 namespace avx2
 {
 #include "mambaMixerGemm.inl"
 } // namespace avx2
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+M4R_ISA_END
 #define M4R_MIXER_HAVE_AVX512 1
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")
-#endif
+M4R_ISA_BEGIN(M4R_ISA_AVX512)
 namespace avx512
 {
 typedef float MVec __attribute__((vector_size(16 * sizeof(float))));
 typedef int32_t MVecI __attribute__((vector_size(16 * sizeof(int32_t))));
 #include "mambaMixerGemm.inl"
 } // namespace avx512
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+M4R_ISA_END
 #endif
 
 struct Fns

@@ -26,24 +26,15 @@ namespace generic
 #include "mambaMixerStep.inl"
 } // namespace generic
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(M4R_ISA_X86)
 #define M4R_STEP_HAVE_AVX2 1
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#endif
+M4R_ISA_BEGIN(M4R_ISA_AVX2)
 namespace avx2
 {
 #include "mambaMixerGemm.inl"
 #include "mambaMixerStep.inl"
 } // namespace avx2
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+M4R_ISA_END
 #endif
 
 struct StepFns

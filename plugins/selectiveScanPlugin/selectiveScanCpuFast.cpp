@@ -47,14 +47,9 @@ constexpr int kGroup = 4;
 #undef M4R_SCAN_MAX
 #undef M4R_SCAN_MIN
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(M4R_ISA_X86)
 #define M4R_SCAN_HAVE_AVX2 1
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#endif
+M4R_ISA_BEGIN(M4R_ISA_AVX2)
 #define M4R_SCAN_FMA(a, b, c) __builtin_ia32_vfmaddps256((a), (b), (c))
 #define M4R_SCAN_MAX(a, b) ((Vec) _mm256_max_ps((__m256) (a), (__m256) (b)))
 #define M4R_SCAN_MIN(a, b) ((Vec) _mm256_min_ps((__m256) (a), (__m256) (b)))
@@ -68,20 +63,11 @@ constexpr int kGroup = 4; // 16 ymm registers
 #undef M4R_SCAN_FMA
 #undef M4R_SCAN_MAX
 #undef M4R_SCAN_MIN
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+M4R_ISA_END
 
 // AVX-512: 16 lanes and 32 registers, forward only (forwardRow); the backward keeps the 8-lane kernels.
 #define M4R_SCAN_HAVE_AVX512 1
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")
-#endif
+M4R_ISA_BEGIN(M4R_ISA_AVX512)
 namespace avx512
 {
 constexpr int32_t kLanes = 16;
@@ -98,11 +84,7 @@ typedef int32_t VecI __attribute__((vector_size(kLanes * sizeof(int32_t))));
 #undef M4R_SCAN_MIN
 #undef M4R_SCAN_EXP2_TABLE
 } // namespace avx512
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+M4R_ISA_END
 #endif
 #undef M4R_SCAN_POLY_FMA
 

@@ -8,6 +8,25 @@
 #include <cstdlib>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+//! The AVX builds exist (x86-64, GCC or clang).
+#define M4R_ISA_X86 1
+
+//! The target features of each build: the same sets the run-time checks below ask the CPU for.
+#define M4R_ISA_AVX2 "avx2,fma"
+#define M4R_ISA_AVX512 "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma"
+
+//! M4R_ISA_BEGIN(M4R_ISA_AVX2) ... M4R_ISA_END: every function defined between them is compiled for those
+//! features (a namespace of kernels included from an .inl), whatever the file's own flags.
+#define M4R_ISA_PRAGMA(x) _Pragma(#x)
+#if defined(__clang__)
+#define M4R_ISA_BEGIN(features)                                                                                        \
+    M4R_ISA_PRAGMA(clang attribute push(__attribute__((target(features))), apply_to = function))
+#define M4R_ISA_END M4R_ISA_PRAGMA(clang attribute pop)
+#else
+#define M4R_ISA_BEGIN(features) M4R_ISA_PRAGMA(GCC push_options) M4R_ISA_PRAGMA(GCC target(features))
+#define M4R_ISA_END M4R_ISA_PRAGMA(GCC pop_options)
+#endif
+
 namespace m4r
 {
 namespace cpu_isa
