@@ -15,13 +15,7 @@ from m4r_export.training import config_from_dict
 from m4r_export.training.schedule import lr_factor, run_progress
 from m4r_export.training.trainer import Trainer, default_state_path
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # two spinning OpenMP threads on a busy 2-core machine: 10x slower
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -58,13 +58,7 @@ topk: [10]
 TINY = {"hidden_size": 8, "d_state": 4, "max_seq_len": 10, "train_batch_size": 128, "seed": 3}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    """Tiny models gain nothing from threads, and oversubscribed OpenMP threads spin on a busy box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
