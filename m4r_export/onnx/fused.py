@@ -30,9 +30,9 @@ from ..model.mamba import Mamba
 from . import bodies
 
 OP_NAME = "MambaMixer"
-INPUTS = (
-    "hidden",
-    "lengths",
+#: the mixer's weights, in the order both fused ops take them (MambaMixer and MambaMixerStep; the C++ kernels'
+#: kNames follow it)
+MIXER_WEIGHTS = (
     "in_proj_weight",
     "conv_weight",
     "conv_bias",
@@ -43,6 +43,7 @@ INPUTS = (
     "D",
     "out_proj_weight",
 )
+INPUTS = ("hidden", "lengths", *MIXER_WEIGHTS)
 
 
 class FusedMixer(nn.Module):

@@ -26,23 +26,10 @@ from torch import Tensor, nn
 
 from ..model.mamba import Mamba
 from . import bodies
-from .fused import _ref
+from .fused import MIXER_WEIGHTS, _ref
 
 OP_NAME = "MambaMixerStep"
-INPUTS = (
-    "hidden",
-    "conv_state",
-    "ssm_state",
-    "in_proj_weight",
-    "conv_weight",
-    "conv_bias",
-    "x_proj_weight",
-    "dt_proj_weight",
-    "dt_bias",
-    "A",
-    "D",
-    "out_proj_weight",
-)
+INPUTS = ("hidden", "conv_state", "ssm_state", *MIXER_WEIGHTS)
 OUTPUTS = ("y", "conv_state_out", "ssm_state_out")
 
 
