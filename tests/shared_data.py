@@ -3,14 +3,16 @@
 Datasets: where the tests find the shared datasets (MovieLens-100K).
 
 The product never reads them; a few end-to-end tests do. They are looked up in ``$M4R_SHARED_DIR``,
-else in ``../shared`` beside the repository. Missing data skips those tests on a developer machine,
-but fails them when ``M4R_REQUIRE_DATA=1`` (``.ci/run`` sets it): a test that skips in CI did not run.
+else in ``../shared`` beside the repository, else beside the local repository it was cloned from.
+Missing data skips those tests on a developer machine, but fails them when ``M4R_REQUIRE_DATA=1``
+(``.ci/run`` sets it): a test that skips in CI did not run.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import subprocess
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -21,7 +23,31 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def shared_dir() -> Path:
-    return Path(os.environ.get("M4R_SHARED_DIR") or ROOT.parent / "shared")
+    """``$M4R_SHARED_DIR``; else ``../shared`` beside this checkout; else, for a clone of a local repository
+    (``git clone /work/main /tmp/ci-check``), ``../shared`` beside the repository it was cloned from."""
+    if os.environ.get("M4R_SHARED_DIR"):
+        return Path(os.environ["M4R_SHARED_DIR"])
+    beside = ROOT.parent / "shared"
+    if beside.is_dir():
+        return beside
+    origin = _local_origin()
+    return origin.parent / "shared" if origin is not None and (origin.parent / "shared").is_dir() else beside
+
+
+def _local_origin() -> Path | None:
+    """The directory this checkout was cloned from, when its ``origin`` remote is a local path."""
+    try:
+        url = subprocess.run(
+            ["git", "-C", str(ROOT), "config", "--get", "remote.origin.url"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    url = url.removeprefix("file://")
+    return Path(url).resolve() if url.startswith("/") and Path(url).is_dir() else None
 
 
 def ml100k_path() -> Path:
