@@ -175,8 +175,6 @@ def write_index(index: Any, path: Path) -> None:
 
 def read_index(source: Path | bytes, params: AnnParams) -> Any:
     """The index from a file, or from bytes already read and checked (the export's hashed copy)."""
-    import numpy as np
-
     faiss = _faiss()
     if isinstance(source, bytes):
         index = faiss.deserialize_index(np.frombuffer(source, dtype=np.uint8))
