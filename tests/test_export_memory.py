@@ -22,7 +22,7 @@ def test_inlined_file_is_the_model_serialized_in_memory(tmp_path: Path) -> None:
     opts = ex.ExportOptions(head="topk", k=7, max_seq_len=9)
     reference = ex.trace_onnx(model, opts)  # the in-memory proto, as a small export used to be written
     path = tmp_path / "model.onnx"
-    ex.trace_onnx(model, opts, path=path, inline=True)
+    ex._inline_external_data(path, ex.trace_onnx(model, opts, path=path))  # what the export does
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # the side file is gone
     got = onnx.load(str(path))  # one self-contained file: no external data left
     assert all(t.data_location == onnx.TensorProto.DEFAULT for t in got.graph.initializer)

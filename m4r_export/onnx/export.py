@@ -403,16 +403,12 @@ def trace_onnx(
     opts: ExportOptions,
     fp16: bool = False,
     path: Path | None = None,
-    *,
-    inline: bool = False,
 ) -> Any:
     """ServingModel -> ONNX ModelProto with the SelectiveScan node(s) and the local function.
 
     ``path``: write the file there with its weights as external data (:func:`side_file`), streamed
-    tensor by tensor from the model's own tensors; the returned proto then refers to the side file.
-    ``inline`` (with ``path``): then fold the side file back into ``path``, a single self-contained
-    file, streaming the tensors (:func:`_inline_external_data`); the returned proto (inputs, outputs,
-    nodes) still names the removed side file and is not a loadable model.
+    tensor by tensor from the model's own tensors; the returned proto then refers to the side file
+    (:func:`_inline_external_data` folds it into one self-contained file).
     """
     with scan_backend(model, SCAN_BACKEND):
         module = _serving_module(model, opts, fp16)
@@ -420,8 +416,6 @@ def trace_onnx(
             proto = _trace(module, model.n_items, opts, fp16, path)
         finally:
             _release_copies(module, model)
-    if inline and path is not None:
-        _inline_external_data(path, proto)
     return proto
 
 
