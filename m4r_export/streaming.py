@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UsageError
+from .streaming_binding import StepBinding, can_bind
 
 #: init's closed form holds a rows x history x d_inner x d_state fp32 temporary; calls are split
 #: into row chunks that keep it below this many bytes
@@ -100,6 +101,9 @@ class StreamingSession:
             self.manifest = listed.manifest
             self._setup(listed, precision, threads, providers, ort, ort_session, ort_ops)
         self._states: dict[str, np.ndarray] | None = None
+        self._binding: StepBinding | None = None
+        self._no_exclude = np.zeros((0, 1), dtype=np.int64)
+        self._bindable = can_bind(self._step)
 
     def _setup(
         self,
@@ -223,9 +227,13 @@ class StreamingSession:
                     "or exported with --no-exclude-items)"
                 )
             return {}
+        if exclude is None:  # the same zeros each call (the prepared step skips copying them again)
+            if self._no_exclude.shape[0] != batch:
+                self._no_exclude = np.zeros((batch, 1), dtype=np.int64)
+            return {self._exclude_name: self._no_exclude}
         from .onnx.inputs import exclude_inputs
 
-        return {self._exclude_name: exclude_inputs(exclude if exclude is not None else [], batch)}
+        return {self._exclude_name: exclude_inputs(exclude, batch)}
 
     def start(
         self, histories: Sequence[Sequence[int]], exclude: Sequence[Sequence[int]] | None = None
@@ -288,7 +296,13 @@ class StreamingSession:
 
     def _fold(self, events: np.ndarray, excl: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One step per column of ``events`` [batch, n >= 1]; only the last computes the head outputs."""
-        states = self._checked(self._states or {})
+        assert self._states is not None  # start() or load_states() set them (and checked them)
+        bound = self._bound(self._states)
+        if bound is not None:
+            for t in range(events.shape[1] - 1):
+                bound.run(events[:, t], excl.get(self._exclude_name or ""), heads=False)
+            return self._advance(events[:, -1], excl, bound.states)
+        states = self._states
         outputs = [o for _, o in self.state_pairs]
         for t in range(events.shape[1] - 1):
             feeds = {self._item_name: events[:, t], **excl, **states}
@@ -296,6 +310,30 @@ class StreamingSession:
             states = {i: v for (i, _), v in zip(self.state_pairs, new, strict=True)}
         self._states = states
         return self._advance(events[:, -1], excl, states)
+
+    def _bound(self, states: dict[str, np.ndarray]) -> StepBinding | None:
+        """The prepared step for this batch size holding ``states`` (None: this session runs plainly)."""
+        if not self._bindable:
+            return None
+        bound = self._binding
+        batch = int(next(iter(states.values())).shape[0])
+        if bound is None or bound.batch != batch:
+            try:
+                bound = StepBinding(
+                    self._step,
+                    item_name=self._item_name,
+                    exclude_name=self._exclude_name,
+                    state_pairs=self.state_pairs,
+                    head_names=self.head_names,
+                    states=states,
+                )
+            except ValueError:  # a head output of unknown shape: plain runs
+                self._bindable = False
+                return None
+            self._binding = bound
+        elif states is not bound.states:
+            bound.load(states)
+        return bound
 
     def _init_rows(self, rows: list[list[int]], excl: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``init.onnx`` on ``rows`` (already filtered and windowed), in row chunks of bounded memory."""
@@ -330,13 +368,17 @@ class StreamingSession:
                 f"push(item_ids): need {self.batch} integer ids (one per row), got shape {list(ids.shape)} "
                 f"of {ids.dtype}"
             )
-        return self._advance(
-            ids.astype(np.int64), self._exclude(exclude, self.batch), self._checked(self._states)
-        )
+        # the states were checked when loaded, or computed by the graphs: not re-checked per event
+        return self._advance(ids.astype(np.int64), self._exclude(exclude, self.batch), self._states)
 
     def _advance(
         self, ids: np.ndarray, excl: dict[str, np.ndarray], states: dict[str, np.ndarray]
     ) -> dict[str, np.ndarray]:
-        """One ``step.onnx`` call on checked inputs; keeps the new states."""
+        """One ``step.onnx`` call (through the prepared binding on CPU); keeps the new states."""
+        bound = self._bound(states)
+        if bound is not None:
+            heads = bound.run(ids, excl.get(self._exclude_name or ""))
+            self._states = bound.states
+            return heads
         feeds = {self._item_name: ids, **excl, **states}
         return self._outputs(self._step_names, self._step.run(None, feeds))

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_ort_ops import N_ITEMS, tiny_model
+from test_ort_ops import N_ITEMS, lib, tiny_model  # noqa: F401  (lib: the library fixture)
 
 from m4r_export.bench import peer
 from m4r_export.onnx import export as ex
@@ -67,6 +67,33 @@ def test_run_times_sasrec_and_every_variant(tmp_path: Path) -> None:
     }
     table = peer.render_tables(result)
     assert "sasrec/m4r body" in table and "streaming" in table
+
+
+def test_streaming_with_the_library_times_the_fused_step_and_the_helper_push(
+    tmp_path: Path,
+    lib: Path,  # noqa: F811
+) -> None:
+    model = tiny_model(num_layers=1)
+    opts = ex.ExportOptions(head="scores", max_seq_len=8, streaming=True, fused=True)
+    ex.export_artifacts(model, tmp_path / "art", opts, build_trt=False)
+    result = peer.run_peer_bench(
+        [peer.M4RExport("m4r", tmp_path / "art")],
+        ort_ops=lib,
+        batches=[2],
+        seqs=[4],
+        threads=[1],
+        repeats=3,
+        seconds_per_point=0.5,
+    )
+    (point,) = result["streaming"]
+    assert set(point["results"]) == {
+        "sasrec re-encode",
+        "m4r ops re-encode",
+        "m4r step body",
+        "m4r step ops",
+        "m4r push ops",
+    }
+    assert all(r["runs"] >= peer.MIN_RUNS for r in point["results"].values())
 
 
 @pytest.mark.parametrize("bad", ["nolabel", "x=/nonexistent"])

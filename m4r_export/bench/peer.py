@@ -23,7 +23,9 @@ int8`` (with the library when given).
 Streaming: for every export with ``step.onnx`` (with ``--fused``, its MambaMixerStep nodes run the fused
 kernel in ``<label> step ops``), one new event per row:
 ``step.onnx`` on the states of an L-item history (``init.onnx`` beforehand, untimed) beside SASRec
-re-encoding the L+1 items and m4r's ``model.onnx`` re-encoding them, interleaved the same way.
+re-encoding the L+1 items and m4r's ``model.onnx`` re-encoding them, interleaved the same way. With the
+library, ``<label> push ops`` is the same step through the product's Python helper,
+``StreamingSession.push`` (ids checked, exclude zeros, the step bound once: m4r_export/streaming_binding.py).
 """
 
 from __future__ import annotations
@@ -343,6 +345,7 @@ def _streaming_points(
     budget: float,
     say: Callable[[str], None],
 ) -> list[dict[str, Any]]:
+    from ..streaming import StreamingSession
     from ..verify.bench_streaming import init_states
 
     points = []
@@ -378,8 +381,14 @@ def _streaming_points(
                     if "exclude_items" in {i.name for i in sess.get_inputs()}:
                         feeds["exclude_items"] = np.zeros((batch, 1), np.int64)
                     variants.append(Variant(name, partial(sess.run, None, feeds)))
+                pusher = None
+                if ort_ops is not None:  # the product's helper: StreamingSession.push (bound step)
+                    pusher = StreamingSession(e.directory, threads=nt, ort_ops=ort_ops)
+                    pusher.load_states(states)
+                    push_ids = history[:, seq].copy()
+                    variants.append(Variant(f"{e.label} push ops", partial(pusher.push, push_ids)))
                 res = time_round_robin(variants, repeats, budget)
-                del variants, sas, steps, full  # this point's sessions and their arenas
+                del variants, sas, steps, full, pusher  # this point's sessions and their arenas
                 point = {
                     "threads": nt,
                     "batch": batch,
