@@ -35,6 +35,13 @@ def main() -> int:
     ap.add_argument("--threads", type=int, nargs="+", default=list(DEFAULT_THREADS))
     ap.add_argument("--repeats", type=int, default=50, help="timed rounds per point (at most)")
     ap.add_argument("--seconds-per-point", type=float, default=10.0, help="soft budget per point")
+    ap.add_argument(
+        "--consecutive",
+        type=int,
+        default=1,
+        help="timed calls of each variant in a row per round (1: interleaved call by call, caches cold; "
+        "e.g. 10: warm, as a server running one model)",
+    )
     ap.add_argument("--no-streaming", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -54,6 +61,7 @@ def main() -> int:
         streaming=not args.no_streaming,
         repeats=args.repeats,
         seconds_per_point=args.seconds_per_point,
+        consecutive=args.consecutive,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     if args.json:  # first: the numbers survive whatever the rendering does

@@ -34,6 +34,17 @@ def test_sasrec_onnx_matches_pytorch_with_padding_and_ragged_lengths() -> None:
     assert np.allclose(again[2], got[2], atol=1e-5)
 
 
+def test_consecutive_calls_run_in_turns_and_are_all_timed() -> None:
+    order: list[str] = []
+    variants = [peer.Variant(n, lambda n=n: order.append(n)) for n in ("a", "b")]
+    res = peer.time_round_robin(variants, repeats=4, budget_s=60.0, warmup=1, consecutive=3)
+    assert order == ["a", "b"] + (["a"] * 3 + ["b"] * 3) * 4  # warm-up, then 4 rounds of turns
+    assert res["a"]["runs"] == res["b"]["runs"] == 12
+    order.clear()
+    peer.time_round_robin(variants, repeats=2, budget_s=60.0, warmup=1)
+    assert order == ["a", "b"] * 3  # the default: one call each, interleaved
+
+
 def test_chunk_rows_bound_the_attention_scores() -> None:
     assert peer.sasrec_chunk_rows(256, 50) == 256
     rows = peer.sasrec_chunk_rows(256, 1000)

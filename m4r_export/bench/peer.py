@@ -182,9 +182,12 @@ def _sasrec_call(sess: Any, item_seq: np.ndarray, lengths: np.ndarray) -> tuple[
 
 
 def time_round_robin(
-    variants: list[Variant], repeats: int, budget_s: float, warmup: int = 1
+    variants: list[Variant], repeats: int, budget_s: float, warmup: int = 1, consecutive: int = 1
 ) -> dict[str, dict[str, float]]:
-    """p50/mean/min ms per variant, calls interleaved (one each per round)."""
+    """p50/mean/min ms per variant over rounds; each round makes ``consecutive`` timed calls of each
+    variant in turn. 1 (the default): calls interleaved one by one, so every call finds the caches
+    holding the previous variant's data; more: all but the first call of a turn find their own
+    weights warm, as in a server that runs one model."""
     t0 = time.perf_counter()
     for _ in range(max(1, warmup)):
         for v in variants:
@@ -195,10 +198,11 @@ def time_round_robin(
         if i >= MIN_RUNS and time.perf_counter() - t0 > budget_s:
             break
         for v in variants:
-            c, p = time.perf_counter(), time.process_time()
-            v.call()
-            times[v.name].append((time.perf_counter() - c) * 1000.0)
-            cpu[v.name].append((time.process_time() - p) * 1000.0)
+            for _ in range(consecutive):
+                c, p = time.perf_counter(), time.process_time()
+                v.call()
+                times[v.name].append((time.perf_counter() - c) * 1000.0)
+                cpu[v.name].append((time.process_time() - p) * 1000.0)
     return {
         name: {
             "p50_ms": float(np.percentile(ms, 50)),
@@ -262,8 +266,13 @@ def run_peer_bench(
     seconds_per_point: float = 10.0,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    consecutive: int = 1,
 ) -> dict[str, Any]:
-    """Time SASRec and every export (function body, and native ops when ``ort_ops``) over the grid."""
+    """Time SASRec and every export (function body, and native ops when ``ort_ops``) over the grid.
+
+    ``consecutive``: timed calls of one variant in a row per round (see :func:`time_round_robin`)."""
+    if consecutive < 1:
+        raise UsageError(f"consecutive={consecutive}: must be >= 1")
     if not exports:
         raise UsageError("pass at least one m4r export directory")
     manifests = [e.manifest for e in exports]
@@ -287,7 +296,7 @@ def run_peer_bench(
                 for name, sess in m4r:
                     f = _feeds(sess, item_seq, lengths)
                     variants.append(Variant(name, partial(sess.run, None, f)))
-                res = time_round_robin(variants, repeats, seconds_per_point)
+                res = time_round_robin(variants, repeats, seconds_per_point, consecutive=consecutive)
                 del variants, sas, m4r  # this point's sessions and their arenas
                 point = {"threads": nt, "batch": batch, "seq": seq, "sasrec_chunks": chunks, "results": res}
                 grid.append(point)
@@ -306,6 +315,7 @@ def run_peer_bench(
                     repeats,
                     seconds_per_point,
                     say,
+                    consecutive,
                 )
             )
     import onnxruntime
@@ -313,6 +323,8 @@ def run_peer_bench(
     return {
         "tool_version": __version__,
         "what": "p50 ms per call for the whole batch, full-length rows; sasrec/x = SASRec p50 / x p50",
+        "consecutive": consecutive,
+        "timing": _timing_words(consecutive),
         "sasrec": "RecBole shape: 2 blocks, 2 heads, hidden 64, inner 256, causal, scores over the item "
         "table; random weights; torch.onnx.export (dynamo), plain ONNX Runtime",
         "exports": {e.label: str(e.directory) for e in exports},
@@ -344,6 +356,7 @@ def _streaming_points(
     repeats: int,
     budget: float,
     say: Callable[[str], None],
+    consecutive: int = 1,
 ) -> list[dict[str, Any]]:
     from ..streaming import StreamingSession
     from ..verify.bench_streaming import init_states
@@ -387,7 +400,7 @@ def _streaming_points(
                     pusher.load_states(states)
                     push_ids = history[:, seq].copy()
                     variants.append(Variant(f"{e.label} push ops", partial(pusher.push, push_ids)))
-                res = time_round_robin(variants, repeats, budget)
+                res = time_round_robin(variants, repeats, budget, consecutive=consecutive)
                 del variants, sas, steps, full, pusher  # this point's sessions and their arenas
                 point = {
                     "threads": nt,
@@ -402,6 +415,12 @@ def _streaming_points(
 
 
 # ------------------------------------------------------------------------------------------ report
+
+
+def _timing_words(consecutive: int) -> str:
+    if consecutive == 1:
+        return "calls interleaved one by one (each call after another model's: caches cold)"
+    return f"{consecutive} consecutive calls per variant per round (a model's own weights warm)"
 
 
 def _point_line(p: dict[str, Any]) -> str:
@@ -435,7 +454,8 @@ def render_tables(result: dict[str, Any]) -> str:
     env = result["environment"]
     out.append(
         f"{result['runtime']}; {env['processor'] or env['machine']}, {env['cpu_count']} CPUs; "
-        f"load average at the end {env['loadavg'][0]:.2f}; SASRec: {result['sasrec']}"
+        f"load average at the end {env['loadavg'][0]:.2f}; timing: "
+        f"{result.get('timing', _timing_words(1))}; SASRec: {result['sasrec']}"
     )
     return "\n\n".join(out)
 
