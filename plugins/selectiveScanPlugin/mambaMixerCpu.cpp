@@ -1,7 +1,15 @@
-// Fused Mamba mixer, one batch row per call (mambaMixerCpu.h). Buffers of one row stay in a thread-local scratch
-// (about (5 d_inner + dt_rank + 2 d_state) x seqlen floats plus the scan's 48 x seqlen: 0.6 MB at seqlen 200,
-// d_inner 128), all time-major; the scan reads u, dt, z, B and C and writes y in place through strided views
-// (selectiveScanCpuRow.h), so the chain has no transposes and only x and y touch the caller's memory.
+// Fused Mamba mixer, one batch row per call (mambaMixerCpu.h), in chunks of T = kChunk (128) positions: for each
+// chunk in_proj, the causal conv (the previous chunk's last d_conv - 1 rows of x carried over), SiLU, x_proj and
+// dt_proj, then the scan advances over the chunk carrying its states (forwardRowAdvance, selectiveScanCpuRow.h),
+// then (mode all) out_proj writes the chunk's output rows. The buffers are one chunk long whatever the sequence
+// length, in a thread-local scratch: about (3 d_inner + dt_rank + 2 d_state) x T floats in mode last (x, u, dt,
+// x_proj's output; z and y of the last position only), (5 d_inner + ...) x T in mode all ([x | z], y), plus the
+// carry and the scan's states: 0.3-0.4 MB at the ML-100K shape (d_inner 128, d_state 32), so they stay in L2
+// (before: the same buffers over the whole row, 2.8 MB at L = 1000, which a call after another model's had to
+// fetch back from DRAM). All time-major; the scan reads u, dt, z, B and C and writes y in place through strided
+// views, so the chain has no transposes and only x and y touch the caller's memory. A chunk is a multiple of the
+// GEMM's 4-row blocks and of the scan's 64-position tiles: every output is computed as over the whole row,
+// bitwise (mambaMixerTest.cpp compares chunk sizes).
 #include "mambaMixerCpu.h"
 #include "selectiveScanCpuIsa.h"
 #include "selectiveScanCpuRow.h"
@@ -150,7 +158,9 @@ bool carve(RowRun& q, int64_t T)
     int64_t const di = q.di;
     size_t const ws = m4r::scan::rowWorkspaceFloats(static_cast<int32_t>(q.L), static_cast<int32_t>(q.n),
         static_cast<int32_t>(di));
-    size_t const need = static_cast<size_t>((q.k - 1 + T) * q.ldxz + di + T * (3 * di + q.nx) + q.k * di) + ws;
+    int64_t const yRows = q.last ? 1 : T;
+    size_t const need = static_cast<size_t>((q.k - 1 + T) * q.ldxz + di + T * (2 * di + q.nx) + yRows * di + q.k * di)
+        + ws;
     thread_local std::vector<float> scratch;
     try
     {
@@ -167,7 +177,7 @@ bool carve(RowRun& q, int64_t T)
     q.dt = q.ut + T * di;
     q.xdbl = q.dt + T * di;
     q.yt = q.xdbl + T * q.nx;
-    q.convT = q.yt + T * di;
+    q.convT = q.yt + yRows * di;
     q.scanWork = q.convT + q.k * di;
     for (int64_t c = 0; c < di; ++c)
         for (int64_t j = 0; j < q.k; ++j)
