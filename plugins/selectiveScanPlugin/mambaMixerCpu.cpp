@@ -105,26 +105,47 @@ struct RowRun
     float* scanWork;    //!< the scan's workspace (its states carry from chunk to chunk)
 };
 
+//! One position of the causal depthwise conv: o[c] = bias[c] + sum over taps j in [j0, k) of taps[j][c] * x_j[c],
+//! x_j = x0 + j * ld; four channels at a time are accumulated in a register (baseline SSE2 / NEON width), with
+//! the same additions in the same order as one channel at a time.
+void convPosition(float* o, float const* bias, float const* x0, int64_t ld, float const* taps, int64_t j0, int64_t k,
+    int64_t di)
+{
+    typedef float CVec __attribute__((vector_size(4 * sizeof(float))));
+    constexpr int64_t kL = 4;
+    int64_t c = 0;
+    for (; c + kL <= di; c += kL)
+    {
+        CVec acc = {};
+        if (bias != nullptr)
+            std::memcpy(&acc, bias + c, sizeof(CVec));
+        for (int64_t j = j0; j < k; ++j)
+        {
+            CVec t, v;
+            std::memcpy(&t, taps + j * di + c, sizeof(CVec));
+            std::memcpy(&v, x0 + j * ld + c, sizeof(CVec));
+            acc += t * v;
+        }
+        std::memcpy(o + c, &acc, sizeof(CVec));
+    }
+    for (; c < di; ++c)
+    {
+        float acc = bias != nullptr ? bias[c] : 0.0f;
+        for (int64_t j = j0; j < k; ++j)
+            acc += taps[j * di + c] * x0[j * ld + c];
+        o[c] = acc;
+    }
+}
+
 //! Causal depthwise conv over positions [t0, t1) (zeros before position 0) + SiLU into ut; x of position t is
 //! row t - t0 of xz (rows -1 .. -(k - 1) hold the previous chunk's tail).
 void convSilu(RowRun const& q, int64_t t0, int64_t t1)
 {
-    M4RMixerWeights const* w = q.w;
     for (int64_t t = t0; t < t1; ++t)
     {
-        float* o = q.ut + (t - t0) * q.di;
-        for (int64_t c = 0; c < q.di; ++c)
-            o[c] = w->conv_b != nullptr ? w->conv_b[c] : 0.0f;
-        for (int64_t j = 0; j < q.k; ++j)
-        {
-            int64_t const s = t - (q.k - 1) + j;
-            if (s < 0)
-                continue;
-            float const* in = q.xz + (s - t0) * q.ldxz;
-            float const* tap = q.convT + j * q.di;
-            for (int64_t c = 0; c < q.di; ++c)
-                o[c] += tap[c] * in[c];
-        }
+        int64_t const j0 = std::max<int64_t>(0, q.k - 1 - t); // taps before position 0 are skipped
+        float const* x0 = q.xz + (t - t0 - (q.k - 1)) * q.ldxz; // x of position t - (k - 1), tap 0
+        convPosition(q.ut + (t - t0) * q.di, q.w->conv_b, x0, q.ldxz, q.convT, j0, q.k, q.di);
     }
     fns().silu(q.ut, (t1 - t0) * q.di);
 }
