@@ -1,10 +1,10 @@
 // ctest mamba_mixer_vs_reference: the fused Mamba mixer (mambaMixerCpu.h) against an independent double-precision
 // loop over the whole chain (in_proj, causal conv, SiLU, x_proj, dt_proj, softplus, scan, gate, out_proj), for
 // ragged lengths (0, 1, middle, full, past the end) in mode last and every position in mode all, shapes on and
-// off the GEMM's 16-column / 4-row blocks, d_conv 1..4, L = 1..300. Then rows in chunks (m4r::mixer::forwardRow
-// with 64 positions per chunk, d_conv 4 and 1, and with the default chunk): L < T, L = T, L % T != 0 and
-// L = 3T + 5, modes last (also with length < seqlen) and all, each against the reference and bitwise against one
-// chunk over the whole row.
+// off the GEMM's 16-column / 4-row blocks and the conv's 4 channels, d_conv 1..4, L = 1..300. Then rows in
+// chunks (m4r::mixer::forwardRow with 64 positions per chunk, d_conv 4 and 1, and with the default chunk): L < T,
+// L = T, L % T != 0 and L = 3T + 5, modes last (also with length < seqlen) and all, each against the reference,
+// bitwise against one chunk over the whole row, and writing nothing past the output.
 #include "mambaMixerCpu.h"
 #include "selectiveScanCpuRow.h"
 
@@ -255,7 +255,8 @@ int main()
     {
         int dm, di, n, r, k;
     };
-    for (Shape s : {Shape{64, 128, 32, 4, 4}, Shape{8, 16, 4, 1, 2}, Shape{13, 24, 5, 3, 1}, Shape{20, 40, 16, 2, 3}})
+    for (Shape s : {Shape{64, 128, 32, 4, 4}, Shape{8, 16, 4, 1, 2}, Shape{13, 24, 5, 3, 1}, Shape{20, 40, 16, 2, 3},
+             Shape{11, 18, 3, 2, 4}}) // d_inner 18: channels past the conv's and the scan's vectors
     {
         Model const m = makeModel(s.dm, s.di, s.n, s.r, s.k, g);
         for (int L : {1, 2, 5, 50, 300})
