@@ -4,7 +4,8 @@
 // off the GEMM's 16-column / 4-row blocks and the conv's 4 channels, d_conv 1..4, L = 1..300. Then rows in
 // chunks (m4r::mixer::forwardRow with 64 positions per chunk, d_conv 4 and 1, and with the default chunk): L < T,
 // L = T, L % T != 0 and L = 3T + 5, modes last (also with length < seqlen) and all, each against the reference,
-// bitwise against one chunk over the whole row, and writing nothing past the output.
+// bitwise against one chunk over the whole row, and writing nothing past the output; and the scan in pieces
+// (forwardRowInit + forwardRowAdvance over uneven ranges) bitwise against forwardRow.
 #include "mambaMixerCpu.h"
 #include "selectiveScanCpuRow.h"
 
@@ -220,6 +221,51 @@ int chunkCases(Model const& m, int T, std::mt19937& g, int& cases)
     }
     return failures;
 }
+//! The scan in pieces (forwardRowInit, then forwardRowAdvance over ranges that are not multiples of the time tile)
+//! against forwardRow over the whole row, bitwise, every position and last only.
+int checkScanPieces(std::mt19937& g)
+{
+    int const dim = 40, n = 16, steps = 197, pieces[] = {0, 1, 38, 102, 166, steps};
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    auto fill = [&](size_t count, float scale, float shift) {
+        std::vector<float> v(count);
+        for (auto& x : v)
+            x = nd(g) * scale + shift;
+        return v;
+    };
+    auto const u = fill(steps * dim, 1, 0), delta = fill(steps * dim, 1, -1), z = fill(steps * dim, 1, 0),
+               bc = fill(steps * 2 * n, 1, 0), A = fill(dim * n, 0.5f, -1), D = fill(dim, 1, 0), bias = fill(dim, 0.5f, 0);
+    int failures = 0;
+    for (bool lastOnly : {false, true})
+    {
+        std::vector<float> whole(steps * dim, NAN), piecewise(steps * dim, NAN);
+        std::vector<float> ws(m4r::scan::rowWorkspaceFloats(steps, n, dim));
+        m4r::scan::ScanRow row{u.data(), dim, 1, delta.data(), dim, 1, z.data(), dim, 1, bc.data(), bc.data() + n, 2 * n,
+            A.data(), D.data(), bias.data(), dim, steps, n, true, lastOnly, whole.data(), dim, 1};
+        m4r::scan::forwardRow(row, ws.data());
+        row.y = piecewise.data();
+        m4r::scan::forwardRowInit(row, ws.data());
+        for (size_t i = 0; i + 1 < std::size(pieces); ++i)
+        {
+            int const t0 = pieces[i], t1 = pieces[i + 1];
+            m4r::scan::ScanRow at = row; // the views point at position t0
+            at.u = u.data() + t0 * dim;
+            at.delta = delta.data() + t0 * dim;
+            at.z = z.data() + t0 * dim;
+            at.B = bc.data() + t0 * 2 * n;
+            at.C = at.B + n;
+            at.y = piecewise.data() + (lastOnly ? 0 : t0 * dim);
+            m4r::scan::forwardRowAdvance(at, t0, t1, ws.data());
+        }
+        size_t const count = lastOnly ? dim : whole.size();
+        if (std::memcmp(whole.data(), piecewise.data(), count * sizeof(float)) != 0)
+        {
+            std::printf("FAIL: scan in pieces, %s: differs from forwardRow\n", lastOnly ? "last" : "all");
+            ++failures;
+        }
+    }
+    return failures;
+}
 } // namespace
 
 // ctest runs this test per instruction set of the scan (CMakeLists.txt): by default (AVX-512 on a CPU that has
@@ -277,6 +323,8 @@ int main()
         chunkFailures += chunkCases(m, m4r::scan::kTimeTile, g, chunkCount);
     }
     chunkFailures += chunkCases(makeModel(64, 128, 32, 4, 4, g), m4r::mixer::kChunk, g, chunkCount); // ML-100K's
+    chunkFailures += checkScanPieces(g);
+    chunkCount += 2;
     std::printf("mamba_mixer_vs_reference: %d of %d chunk cases failed\n", chunkFailures, chunkCount);
     failures += chunkFailures;
     cases += chunkCount;
