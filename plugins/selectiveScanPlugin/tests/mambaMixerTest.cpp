@@ -2,7 +2,7 @@
 // loop over the whole chain (in_proj, causal conv, SiLU, x_proj, dt_proj, softplus, scan, gate, out_proj), for
 // ragged lengths (0, 1, middle, full, past the end) in mode last and every position in mode all, shapes on and
 // off the GEMM's 16-column / 4-row blocks and the conv's 4 channels, d_conv 1..4, L = 1..300. Then rows in
-// chunks (m4r::mixer::forwardRow with 64 positions per chunk, d_conv 4 and 1, and with the default chunk): L < T,
+// chunks (m4r::mixer::forwardRow with 64 positions per chunk, d_conv 4, 1 and 70, and the default chunk): L < T,
 // L = T, L % T != 0 and L = 3T + 5, modes last (also with length < seqlen) and all, each against the reference,
 // bitwise against one chunk over the whole row, and writing nothing past the output; and the scan in pieces
 // (forwardRowInit + forwardRowAdvance over uneven ranges) bitwise against forwardRow.
@@ -323,6 +323,7 @@ int main()
         chunkFailures += chunkCases(m, m4r::scan::kTimeTile, g, chunkCount);
     }
     chunkFailures += chunkCases(makeModel(64, 128, 32, 4, 4, g), m4r::mixer::kChunk, g, chunkCount); // ML-100K's
+    chunkFailures += chunkCases(makeModel(8, 16, 4, 1, 70, g), 64, g, chunkCount); // d_conv - 1 > 64: chunks of 128
     chunkFailures += checkScanPieces(g);
     chunkCount += 2;
     std::printf("mamba_mixer_vs_reference: %d of %d chunk cases failed\n", chunkFailures, chunkCount);
