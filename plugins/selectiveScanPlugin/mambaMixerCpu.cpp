@@ -163,8 +163,8 @@ void chunkInputs(RowRun const& q, float const* x, int64_t t0, int64_t t1)
     if (q.last && lastRow)
         gemm(x + (q.L - 1) * q.dm, q.dm, w->in_proj_t + di, 2 * di, q.zLast, di, 1, di, q.dm);
     convSilu(q, t0, t1);
-    if (!lastRow) // the chunk's last k - 1 rows of x go before the next chunk's (rows >= T >= k - 1 here)
-        std::memcpy(q.xz - (q.k - 1) * q.ldxz, q.xz + (rows - (q.k - 1)) * q.ldxz,
+    if (!lastRow) // the last k - 1 rows of x so far go before the next chunk's (from the carry too when rows < k - 1)
+        std::memmove(q.xz - (q.k - 1) * q.ldxz, q.xz + (rows - (q.k - 1)) * q.ldxz,
             static_cast<size_t>((q.k - 1) * q.ldxz) * sizeof(float));
     gemm(q.ut, di, w->x_proj_t, nx, q.xdbl, nx, rows, q.last ? q.r + q.n : nx, di);
     if (q.last && lastRow)
@@ -260,9 +260,7 @@ int forwardRow(M4RMixerWeights const* w, float const* x, int32_t seqlen, int32_t
     q.k = w->d_conv;
     q.nx = q.r + 2 * q.n;
     q.ldxz = q.last ? q.di : 2 * q.di;
-    // Positions per chunk: a multiple of `chunk` (so of the scan's tile) of at least k - 1 (the conv's carry comes
-    // from one chunk), or the whole row when shorter.
-    int64_t const T = std::min<int64_t>(q.L, (std::max<int64_t>(chunk, q.k - 1) + chunk - 1) / chunk * chunk);
+    int64_t const T = std::min<int64_t>(q.L, chunk); // positions per chunk (the whole row when shorter)
     if (!carve(q, T))
         return 2;
     scan::ScanRow const row = scanView(q);

@@ -323,7 +323,7 @@ int main()
         chunkFailures += chunkCases(m, m4r::scan::kTimeTile, g, chunkCount);
     }
     chunkFailures += chunkCases(makeModel(64, 128, 32, 4, 4, g), m4r::mixer::kChunk, g, chunkCount); // ML-100K's
-    chunkFailures += chunkCases(makeModel(8, 16, 4, 1, 70, g), 64, g, chunkCount); // d_conv - 1 > 64: chunks of 128
+    chunkFailures += chunkCases(makeModel(8, 16, 4, 1, 70, g), 64, g, chunkCount); // d_conv - 1 > T: a carry of carries
     chunkFailures += checkScanPieces(g);
     chunkCount += 2;
     std::printf("mamba_mixer_vs_reference: %d of %d chunk cases failed\n", chunkFailures, chunkCount);
