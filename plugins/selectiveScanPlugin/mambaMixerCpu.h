@@ -43,6 +43,20 @@ int m4r_mixer_forward_row(M4RMixerWeights const* w, float const* x, int32_t seql
 
 #ifdef __cplusplus
 }
+
+namespace m4r
+{
+namespace mixer
+{
+//! Positions per chunk of m4r_mixer_forward_row (mambaMixerCpu.cpp).
+constexpr int32_t kChunk = 128;
+
+//! m4r_mixer_forward_row with `chunk` positions per chunk (a positive multiple of m4r::scan::kTimeTile, else 1 is
+//! returned); the result does not depend on it (bitwise). Internal: the tests compare chunk sizes.
+int forwardRow(M4RMixerWeights const* w, float const* x, int32_t seqlen, int32_t length, int32_t last_only,
+    float* y, int32_t chunk);
+} // namespace mixer
+} // namespace m4r
 #endif
 
 #endif /* M4R_MAMBA_MIXER_CPU_H */

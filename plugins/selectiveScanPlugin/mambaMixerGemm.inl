@@ -3,68 +3,83 @@
 // leading dimensions lda, ldb, ldc. Four rows x two vectors of columns (16 with 8-lane MVec, 32 with 16-lane)
 // live in eight accumulators (one row for the last m % 4 rows). The last n % (2 lanes) columns go through the
 // same kernel on a zero-padded copy of those columns of bt (x_proj has dt_rank + 2 d_state columns, e.g. 68),
-// so no column takes a scalar loop.
+// so no column takes a scalar loop; with one vector of columns when they fit in one (x_proj's 4 extra columns
+// cost a quarter of a full tile instead of half). A column's sum is the same sequence of operations whatever
+// the tile's width, so the result does not depend on it.
 
 constexpr int64_t kML = static_cast<int64_t>(sizeof(MVec) / sizeof(float)); //!< lanes per vector (8 or 16)
 constexpr int64_t kTW = 2 * kML;                                                //!< columns per tile
 
-//! c[rows < 4, kTW columns] from a (rows, k) and a kTW-column panel of bt; cols <= kTW of them are stored.
-template <int R>
+//! c[rows < 4, V vectors of columns] from a (rows, k) and a (V kML)-column panel of bt; cols <= V kML of them are
+//! stored.
+template <int R, int V = 2>
 static inline void gemmTile(float const* a, int64_t lda, float const* bt, int64_t ldb, float* c, int64_t ldc,
     int64_t k, int64_t cols)
 {
-    MVec acc[R][2] = {};
+    MVec acc[R][V] = {};
     int64_t p = 0;
     if (R == 1) // one row: four partial sums, so that the k loop is not one chain of dependent FMAs
     {
-        MVec part[3][2] = {};
+        MVec part[3][V] = {};
         for (; p + 4 <= k; p += 4)
         {
             for (int q = 0; q < 4; ++q)
             {
-                MVec b0, b1;
-                std::memcpy(&b0, bt + (p + q) * ldb, sizeof(MVec));
-                std::memcpy(&b1, bt + (p + q) * ldb + kML, sizeof(MVec));
                 MVec* dst = q == 0 ? acc[0] : part[q - 1];
-                dst[0] += a[p + q] * b0;
-                dst[1] += a[p + q] * b1;
+                for (int h = 0; h < V; ++h)
+                {
+                    MVec b;
+                    std::memcpy(&b, bt + (p + q) * ldb + h * kML, sizeof(MVec));
+                    dst[h] += a[p + q] * b;
+                }
             }
         }
-        for (int h = 0; h < 2; ++h)
+        for (int h = 0; h < V; ++h)
             acc[0][h] += (part[0][h] + part[1][h]) + part[2][h];
     }
     for (; p < k; ++p)
     {
-        MVec b0, b1;
-        std::memcpy(&b0, bt + p * ldb, sizeof(MVec));
-        std::memcpy(&b1, bt + p * ldb + kML, sizeof(MVec));
+        MVec b[V];
+        for (int h = 0; h < V; ++h)
+            std::memcpy(&b[h], bt + p * ldb + h * kML, sizeof(MVec));
         for (int r = 0; r < R; ++r)
         {
             float const av = a[r * lda + p];
-            acc[r][0] += av * b0;
-            acc[r][1] += av * b1;
+            for (int h = 0; h < V; ++h)
+                acc[r][h] += av * b[h];
         }
     }
     for (int r = 0; r < R; ++r)
     {
-        if (cols == kTW)
+        if (cols == V * kML)
         {
-            std::memcpy(c + r * ldc, &acc[r][0], sizeof(MVec));
-            std::memcpy(c + r * ldc + kML, &acc[r][1], sizeof(MVec));
+            std::memcpy(c + r * ldc, &acc[r][0], V * sizeof(MVec));
         }
         else
         {
             for (int64_t j = 0; j < cols; ++j)
-                c[r * ldc + j] = j < kML ? acc[r][0][j] : acc[r][1][j - kML];
+                c[r * ldc + j] = acc[r][j / kML][j % kML];
         }
     }
+}
+
+//! The rows of c in tiles of 4 (then single rows), for the columns [j0, j0 + cols) from panel (ld ldp) of V vectors.
+template <int V>
+static void gemmColumns(float const* a, int64_t lda, float const* panel, int64_t ldp, float* c, int64_t ldc,
+    int64_t m, int64_t k, int64_t cols)
+{
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4)
+        gemmTile<4, V>(a + i * lda, lda, panel, ldp, c + i * ldc, ldc, k, cols);
+    for (; i < m; ++i)
+        gemmTile<1, V>(a + i * lda, lda, panel, ldp, c + i * ldc, ldc, k, cols);
 }
 
 static void gemm(float const* a, int64_t lda, float const* bt, int64_t ldb, float* c, int64_t ldc, int64_t m,
     int64_t n, int64_t k)
 {
     int64_t const nT = n / kTW * kTW;
-    thread_local std::vector<float> panel; // the last n % 16 columns of bt, zero-padded to kTW
+    thread_local std::vector<float> panel; // the last n % kTW columns of bt, zero-padded to kTW
     if (nT < n)
     {
         panel.assign(static_cast<size_t>(k) * kTW, 0.0f);
@@ -77,16 +92,16 @@ static void gemm(float const* a, int64_t lda, float const* bt, int64_t ldb, floa
     {
         for (int64_t j = 0; j < nT; j += kTW)
             gemmTile<4>(a + i * lda, lda, bt + j, ldb, c + i * ldc + j, ldc, k, kTW);
-        if (nT < n)
-            gemmTile<4>(a + i * lda, lda, panel.data(), kTW, c + i * ldc + nT, ldc, k, n - nT);
     }
     for (; i < m; ++i)
     {
         for (int64_t j = 0; j < nT; j += kTW)
             gemmTile<1>(a + i * lda, lda, bt + j, ldb, c + i * ldc + j, ldc, k, kTW);
-        if (nT < n)
-            gemmTile<1>(a + i * lda, lda, panel.data(), kTW, c + i * ldc + nT, ldc, k, n - nT);
     }
+    if (n - nT > kML)
+        gemmColumns<2>(a, lda, panel.data(), kTW, c + nT, ldc, m, k, n - nT);
+    else if (nT < n)
+        gemmColumns<1>(a, lda, panel.data(), kTW, c + nT, ldc, m, k, n - nT);
 }
 
 // v[i] = silu(v[i]) = v / (1 + exp(-v)) over n floats; exp by Cody-Waite range reduction and a degree-6 polynomial

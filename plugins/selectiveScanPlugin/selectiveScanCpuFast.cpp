@@ -114,10 +114,12 @@ Kernels const& kernels()
     return k;
 }
 
-//! The forward kernel (forwardRow of one instruction-set namespace).
+//! The forward kernels of one instruction-set namespace.
 struct RowKernel
 {
     void (*forward)(m4r::scan::ScanRow const&, float*);
+    void (*init)(m4r::scan::ScanRow const&, float*);
+    void (*advance)(m4r::scan::ScanRow const&, int32_t, int32_t, float*);
     char const* isa;
 };
 
@@ -127,16 +129,16 @@ RowKernel const& rowKernel()
 #if defined(M4R_SCAN_HAVE_AVX512)
         if (m4r::cpu_isa::avx512())
         {
-            return RowKernel{avx512::forwardRow, "avx512"};
+            return RowKernel{avx512::forwardRow, avx512::startRow, avx512::advanceRow, "avx512"};
         }
 #endif
 #if defined(M4R_SCAN_HAVE_AVX2)
         if (m4r::cpu_isa::avx2())
         {
-            return RowKernel{avx2::forwardRow, "avx2+fma"};
+            return RowKernel{avx2::forwardRow, avx2::startRow, avx2::advanceRow, "avx2+fma"};
         }
 #endif
-        return RowKernel{generic::forwardRow, "generic"};
+        return RowKernel{generic::forwardRow, generic::startRow, generic::advanceRow, "generic"};
     }();
     return k;
 }
@@ -937,6 +939,18 @@ void forwardRow(ScanRow const& row, float* workspace)
 {
     FlushDenormals const flush; // this thread's mode is restored on return
     rowKernel().forward(row, workspace);
+}
+
+void forwardRowInit(ScanRow const& row, float* workspace)
+{
+    FlushDenormals const flush; // A * scale, as forwardRow computes it
+    rowKernel().init(row, workspace);
+}
+
+void forwardRowAdvance(ScanRow const& row, int32_t t0, int32_t t1, float* workspace)
+{
+    FlushDenormals const flush;
+    rowKernel().advance(row, t0, t1, workspace);
 }
 
 char const* rowIsa()

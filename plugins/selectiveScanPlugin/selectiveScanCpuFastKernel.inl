@@ -283,23 +283,23 @@ static inline void updateStates(
     }
 }
 
-//! Forward over one block for positions t0..t1-1 (a time tile), states h (n vectors) carried in and out. dt[i],
-//! u[i] are position t0 + i; a2 = A * kDecayScale per lane. B and C of position t are Bt[t * ldbc + s],
-//! Ct[t * ldbc + s]. hcOut[i] gets sum_s h * C at position t0 + i (every position, or when lastOnly only `stop`,
-//! into hcOut[0]).
+//! Forward over one block for `count` positions (at most a time tile), states h (n vectors) carried in and out.
+//! dt[i], u[i] are position i; a2 = A * kDecayScale per lane. B and C of position i are Bt[i * ldbc + s],
+//! Ct[i * ldbc + s]. hcOut[i] gets sum_s h * C at position i (every position, or when lastOnly only `stop`, into
+//! hcOut[0]).
 template <bool kHigh>
 static void forwardBlock(Vec const* dt, Vec const* u, Vec const* a2, float const* Bt, float const* Ct, int64_t ldbc,
-    int32_t n, int32_t t0, int32_t t1, int32_t stop, bool lastOnly, Vec* h, Vec* hcOut)
+    int32_t n, int32_t count, int32_t stop, bool lastOnly, Vec* h, Vec* hcOut)
 {
-    for (int32_t t = t0; t < t1; ++t)
+    for (int32_t t = 0; t < count; ++t)
     {
-        Vec const d = dt[t - t0];
-        Vec const dtu = d * u[t - t0];
+        Vec const d = dt[t];
+        Vec const dtu = d * u[t];
         float const* bt = Bt + t * ldbc;
         float const* ct = Ct + t * ldbc;
         if (!lastOnly)
         {
-            updateStates<true, kHigh>(d, dtu, a2, bt, ct, n, h, hcOut + (t - t0));
+            updateStates<true, kHigh>(d, dtu, a2, bt, ct, n, h, hcOut + t);
         }
         else if (t == stop)
         {
@@ -341,74 +341,118 @@ static inline void storeLanes(float* p, int64_t stride, int32_t lanes, Vec v)
     }
 }
 
-//! One row on strided fp32 views (m4r::scan::ScanRow, selectiveScanCpuRow.h), channel blocks of kLanes, time in
-//! tiles of kTimeTile positions with every block's states kept across tiles: the tile's B and C (and the states)
-//! stay in L1 while all blocks use them, instead of each block streaming the whole row's B from L2.
-//! workspace: rowWorkspaceFloats(steps, n, dim) floats.
-static void forwardRow(m4r::scan::ScanRow const& p, float* workspace)
+//! The forward's workspace (rowWorkspaceFloats floats, 64-byte aligned here): one time tile of dt, u and sum_s h C
+//! per block, then per channel block n vectors of A * kDecayScale and n of states h, then a flag per block.
+struct RowWork
 {
-    int32_t const tile = std::min(p.steps, m4r::scan::kTimeTile);
-    int32_t const blocks = (p.dim + kLanes - 1) / kLanes;
+    int32_t tile, blocks;
+    Vec* dt;
+    Vec* u;
+    Vec* hc;
+    Vec* a2; // (blocks, n)
+    Vec* h;  // (blocks, n)
+    bool* nonPositiveA; // per block: every A <= 0 (then dt * A <= 0 after softplus, no upper clamp needed)
+};
+
+static RowWork rowWork(m4r::scan::ScanRow const& p, float* workspace)
+{
+    RowWork w{};
+    w.tile = std::min(p.steps, m4r::scan::kTimeTile);
+    w.blocks = (p.dim + kLanes - 1) / kLanes;
     auto const addr = reinterpret_cast<std::uintptr_t>(workspace);
-    Vec* const dt = reinterpret_cast<Vec*>((addr + 63) & ~std::uintptr_t{63});
-    Vec* const u = dt + tile;
-    Vec* const hc = u + tile;
-    Vec* const a2 = hc + tile; // (blocks, n)
-    Vec* const h = a2 + static_cast<std::size_t>(blocks) * p.n;
-    int32_t const stop = p.steps - 1;
-    bool* const nonPositiveA = reinterpret_cast<bool*>(h + static_cast<std::size_t>(blocks) * p.n); // per block
-    for (int32_t k = 0; k < blocks; ++k)
+    w.dt = reinterpret_cast<Vec*>((addr + 63) & ~std::uintptr_t{63});
+    w.u = w.dt + w.tile;
+    w.hc = w.u + w.tile;
+    w.a2 = w.hc + w.tile;
+    w.h = w.a2 + static_cast<std::size_t>(w.blocks) * p.n;
+    w.nonPositiveA = reinterpret_cast<bool*>(w.h + static_cast<std::size_t>(w.blocks) * p.n);
+    return w;
+}
+
+//! Starts a row (m4r::scan::forwardRowInit): a2 = A * kDecayScale, h = 0 and the flags, from p.A, dim and n.
+static void startRow(m4r::scan::ScanRow const& p, float* workspace)
+{
+    RowWork const w = rowWork(p, workspace);
+    for (int32_t k = 0; k < w.blocks; ++k)
     {
         int32_t const c0 = k * kLanes;
         int32_t const lanes = std::min(kLanes, p.dim - c0);
         bool nonPositive = true;
         for (int32_t s = 0; s < p.n; ++s)
         {
-            a2[k * p.n + s] = loadLanes(p.A + static_cast<int64_t>(c0) * p.n + s, p.n, lanes) * kDecayScale;
-            h[k * p.n + s] = Vec{};
+            w.a2[k * p.n + s] = loadLanes(p.A + static_cast<int64_t>(c0) * p.n + s, p.n, lanes) * kDecayScale;
+            w.h[k * p.n + s] = Vec{};
             for (int32_t l = 0; l < kLanes; ++l)
             {
-                nonPositive = nonPositive && a2[k * p.n + s][l] <= 0.F; // false for NaN
+                nonPositive = nonPositive && w.a2[k * p.n + s][l] <= 0.F; // false for NaN
             }
         }
-        nonPositiveA[k] = nonPositive;
+        w.nonPositiveA[k] = nonPositive;
     }
-    for (int32_t t0 = 0; t0 < p.steps; t0 += tile)
+}
+
+//! One block over positions [a, b) of a piece that starts at t0 (the views point at position t0): the block's
+//! states advance, and its outputs (every position, or with lastOnly the last one, steps - 1) are stored.
+static void advanceBlock(m4r::scan::ScanRow const& p, RowWork const& w, int32_t k, int32_t t0, int32_t a, int32_t b)
+{
+    int32_t const c0 = k * kLanes;
+    int32_t const lanes = std::min(kLanes, p.dim - c0);
+    int64_t const i0 = a - t0; // the views' index of position a
+    Vec const bias = p.bias != nullptr ? loadLanes(p.bias + c0, 1, lanes) : Vec{};
+    for (int64_t i = 0; i < b - a; ++i)
     {
-        int32_t const t1 = std::min(p.steps, t0 + tile);
-        for (int32_t k = 0; k < blocks; ++k)
+        w.dt[i] = loadLanes(p.delta + (i0 + i) * p.dT + c0 * p.dC, p.dC, lanes) + bias;
+        w.u[i] = loadLanes(p.u + (i0 + i) * p.uT + c0 * p.uC, p.uC, lanes);
+    }
+    if (p.softplus)
+    {
+        softplusInPlace(w.dt, b - a);
+    }
+    float const* Bt = p.B + i0 * p.bcT;
+    float const* Ct = p.C + i0 * p.bcT;
+    int32_t const stop = p.steps - 1 - a; // the last position, relative to a (outside [0, b - a): not here)
+    Vec* const h = w.h + k * p.n;
+    if (p.softplus && w.nonPositiveA[k]) // dt = softplus(.) >= 0, A <= 0: dt * A <= 0
+    {
+        forwardBlock<false>(w.dt, w.u, w.a2 + k * p.n, Bt, Ct, p.bcT, p.n, b - a, stop, p.lastOnly, h, w.hc);
+    }
+    else
+    {
+        forwardBlock<true>(w.dt, w.u, w.a2 + k * p.n, Bt, Ct, p.bcT, p.n, b - a, stop, p.lastOnly, h, w.hc);
+    }
+    Vec const dSkip = p.D != nullptr ? loadLanes(p.D + c0, 1, lanes) : Vec{};
+    for (int32_t t = p.lastOnly ? std::max(0, stop) : 0; t < b - a; ++t)
+    {
+        Vec y = w.hc[p.lastOnly ? 0 : t] + dSkip * w.u[t]; // skipOutput, as selectiveScanMath.h
+        if (p.z != nullptr)
         {
-            int32_t const c0 = k * kLanes;
-            int32_t const lanes = std::min(kLanes, p.dim - c0);
-            Vec const bias = p.bias != nullptr ? loadLanes(p.bias + c0, 1, lanes) : Vec{};
-            for (int32_t t = t0; t < t1; ++t)
-            {
-                dt[t - t0] = loadLanes(p.delta + t * p.dT + c0 * p.dC, p.dC, lanes) + bias;
-                u[t - t0] = loadLanes(p.u + t * p.uT + c0 * p.uC, p.uC, lanes);
-            }
-            if (p.softplus)
-            {
-                softplusInPlace(dt, t1 - t0);
-            }
-            if (p.softplus && nonPositiveA[k]) // dt = softplus(.) >= 0, A <= 0: dt * A <= 0
-            {
-                forwardBlock<false>(dt, u, a2 + k * p.n, p.B, p.C, p.bcT, p.n, t0, t1, stop, p.lastOnly, h + k * p.n, hc);
-            }
-            else
-            {
-                forwardBlock<true>(dt, u, a2 + k * p.n, p.B, p.C, p.bcT, p.n, t0, t1, stop, p.lastOnly, h + k * p.n, hc);
-            }
-            Vec const dSkip = p.D != nullptr ? loadLanes(p.D + c0, 1, lanes) : Vec{};
-            for (int32_t t = p.lastOnly ? std::max(t0, stop) : t0; t < t1; ++t)
-            {
-                Vec y = hc[p.lastOnly ? 0 : t - t0] + dSkip * u[t - t0]; // skipOutput, as selectiveScanMath.h
-                if (p.z != nullptr)
-                {
-                    Vec const zv = loadLanes(p.z + t * p.zT + c0 * p.zC, p.zC, lanes);
-                    y = y * (zv / (1.F + expVec(-zv))); // gate: y * silu(z)
-                }
-                storeLanes(p.y + (p.lastOnly ? 0 : t * p.yT) + c0 * p.yC, p.yC, lanes, y);
-            }
+            Vec const zv = loadLanes(p.z + (i0 + t) * p.zT + c0 * p.zC, p.zC, lanes);
+            y = y * (zv / (1.F + expVec(-zv))); // gate: y * silu(z)
+        }
+        storeLanes(p.y + (p.lastOnly ? 0 : (i0 + t) * p.yT) + c0 * p.yC, p.yC, lanes, y);
+    }
+}
+
+//! Advances a started row over positions [t0, t1) (m4r::scan::forwardRowAdvance; the views point at position
+//! t0), in time tiles of kTimeTile positions with every block's states kept across tiles: the tile's B and C
+//! (and the states) stay in L1 while all blocks use them, instead of each block streaming the whole row's B.
+static void advanceRow(m4r::scan::ScanRow const& p, int32_t t0, int32_t t1, float* workspace)
+{
+    RowWork const w = rowWork(p, workspace);
+    for (int32_t a = t0; a < t1; a += w.tile)
+    {
+        int32_t const b = std::min(t1, a + w.tile);
+        for (int32_t k = 0; k < w.blocks; ++k)
+        {
+            advanceBlock(p, w, k, t0, a, b);
         }
     }
+}
+
+//! One row on strided fp32 views (m4r::scan::ScanRow, selectiveScanCpuRow.h), channel blocks of kLanes: start,
+//! then advance over every position. workspace: rowWorkspaceFloats(steps, n, dim) floats.
+static void forwardRow(m4r::scan::ScanRow const& p, float* workspace)
+{
+    startRow(p, workspace);
+    advanceRow(p, 0, p.steps, workspace);
 }

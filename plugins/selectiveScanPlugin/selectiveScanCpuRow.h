@@ -51,8 +51,20 @@ constexpr int32_t kTimeTile = 64;
 //! included).
 std::size_t rowWorkspaceFloats(int32_t steps, int32_t n, int32_t dim);
 
-//! Scans one row (see ScanRow) with the instruction set chosen at run time (rowIsa()).
+//! Scans one row (see ScanRow) with the instruction set chosen at run time (rowIsa()): forwardRowInit, then
+//! forwardRowAdvance over [0, steps).
 void forwardRow(ScanRow const& row, float* workspace);
+
+//! A row in pieces (the fused mixer scans each chunk of positions as soon as its inputs are computed): Init starts
+//! the row in `workspace` (the decay factors from A, zero states; reads A, dim, n and steps only), then Advance
+//! calls over consecutive ranges [t0, t1) covering [0, steps) carry the states across. For one Advance call the
+//! views point at position t0: element (t, c) of u is u[(t - t0) * uT + c * uC], likewise delta, z, B, C and (when
+//! !lastOnly) y; with lastOnly, y is written by the call whose range holds steps - 1. Every call of one row passes
+//! the same workspace and the same A, dim, n, steps, softplus and lastOnly. The result is bitwise that of
+//! forwardRow (a position's arithmetic does not depend on the tiles); with every t0 a multiple of kTimeTile the
+//! pieces also run forwardRow's tiles.
+void forwardRowInit(ScanRow const& row, float* workspace);
+void forwardRowAdvance(ScanRow const& row, int32_t t0, int32_t t1, float* workspace);
 
 //! The instruction set forwardRow dispatches to: "avx512" (16 lanes), "avx2+fma" (8 lanes) or "generic".
 //! $M4R_SCAN_GENERIC forces "generic", $M4R_SCAN_NO_AVX512 rules out "avx512".

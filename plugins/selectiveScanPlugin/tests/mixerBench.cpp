@@ -3,8 +3,12 @@
 //   scan      m4r_scan_native_forward, one row, mode last (the scan inside a 1 x L mixer call)
 //   mixer     m4r_mixer_forward_row, mode last, `batch` rows one after another (what one ONNX Runtime thread does)
 //   step      m4r_mixer_step_rows, `batch` rows
-// Usage: mixer_bench [seconds per point, default 0.5] [scan|mixer|step: only those]. Prints the median CPU ms per call over repeated calls
-// (CLOCK_THREAD_CPUTIME_ID), so that a loaded machine inflates the numbers less than wall time would.
+//   cold      mixer, but every call follows a pass that writes one byte per cache line over 64 MB (more than the
+//             L3), as when the call comes after another model's: the weights, x and the kernel's scratch come
+//             back from DRAM. Only the kernel call is timed.
+// Usage: mixer_bench [seconds per point, default 0.5] [scan|mixer|step|cold: only those]. Prints the median CPU ms
+// per call over repeated calls (CLOCK_THREAD_CPUTIME_ID), so that a loaded machine inflates the numbers less than
+// wall time would.
 #include "mambaMixerCpu.h"
 #include "mambaMixerStepCpu.h"
 #include "selectiveScanCpuFast.h"
@@ -28,14 +32,16 @@ double cpuNow()
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-//! Median CPU ms of fn() over repeats filling about `seconds`.
-double medianMs(std::function<void()> const& fn, double seconds)
+//! Median CPU ms of fn() over repeats filling about `seconds`; before each, `before` (not timed) when given.
+double medianMs(std::function<void()> const& fn, double seconds, std::function<void()> const& before = nullptr)
 {
     fn(); // warm the scratch and caches
     std::vector<double> times;
     double const start = cpuNow();
     while (times.size() < 5 || (cpuNow() - start < seconds && times.size() < 100000))
     {
+        if (before)
+            before();
         double const t0 = cpuNow();
         fn();
         times.push_back((cpuNow() - t0) * 1e3);
@@ -100,6 +106,25 @@ int main(int argc, char** argv)
             },
             p.batch > 1 ? 4 * seconds : seconds);
         std::printf("mixer %3d x %4d last: %8.4f ms\n", p.batch, p.L, ms);
+    }
+    std::vector<unsigned char> evict(run("cold") ? size_t(64) << 20 : 0);
+    auto const touch = [&] {
+        for (size_t i = 0; i < evict.size(); i += 64)
+            evict[i] += 1;
+    };
+    for (Point p : {Point{1, 50}, Point{1, 200}, Point{1, 1000}, Point{256, 200}})
+    {
+        if (!run("cold"))
+            break;
+        auto x = f(size_t(p.batch) * p.L * dm);
+        std::vector<float> y(size_t(p.batch) * dm);
+        double const ms = medianMs(
+            [&] {
+                for (int b = 0; b < p.batch; ++b)
+                    m4r_mixer_forward_row(&w, x.data() + size_t(b) * p.L * dm, p.L, p.L, 1, y.data() + b * dm);
+            },
+            p.batch > 1 ? 4 * seconds : 2 * seconds, touch);
+        std::printf("mixer %3d x %4d last, cold caches: %8.4f ms\n", p.batch, p.L, ms);
     }
     for (int rows : {1, 256})
     {
