@@ -112,10 +112,15 @@ def first_error(log: str) -> str:
     return "(no error line in the server log)"
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports on 127.0.0.1: every socket stays bound until all are picked (a
+    port released before the next pick can be handed out again, and tritonserver refuses to start
+    when two of its listeners get the same port)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 class LocalTritonServer:
@@ -162,7 +167,8 @@ class LocalTritonServer:
         backends = self._workdir / "backends"
         shutil.copytree(server / "backends", backends, ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copy2(stub, backends / "python" / "triton_python_backend_stub")
-        self.http_port, self.grpc_port, self.metrics_port = (p or _free_port() for p in self.ports)
+        free = iter(_free_ports(sum(1 for p in self.ports if not p)))
+        self.http_port, self.grpc_port, self.metrics_port = (p or next(free) for p in self.ports)
         env = dict(os.environ)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH")) if p)
         # the stub embeds the system libpython and finds its prefix through PATH (module docstring)
