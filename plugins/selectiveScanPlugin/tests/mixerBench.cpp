@@ -93,18 +93,22 @@ int main(int argc, char** argv)
     {
         int batch, L;
     };
-    for (Point p : {Point{1, 50}, Point{1, 200}, Point{1, 1000}, Point{256, 50}, Point{256, 200}})
-    {
-        if (!run("mixer"))
-            break;
+    //! Median ms of m4r_mixer_forward_row (mode last) over p.batch rows, one after another.
+    auto const mixerMs = [&](Point p, double secs, std::function<void()> const& before) {
         auto x = f(size_t(p.batch) * p.L * dm);
         std::vector<float> y(size_t(p.batch) * dm);
-        double const ms = medianMs(
+        return medianMs(
             [&] {
                 for (int b = 0; b < p.batch; ++b)
                     m4r_mixer_forward_row(&w, x.data() + size_t(b) * p.L * dm, p.L, p.L, 1, y.data() + b * dm);
             },
-            p.batch > 1 ? 4 * seconds : seconds);
+            secs, before);
+    };
+    for (Point p : {Point{1, 50}, Point{1, 200}, Point{1, 1000}, Point{256, 50}, Point{256, 200}})
+    {
+        if (!run("mixer"))
+            break;
+        double const ms = mixerMs(p, p.batch > 1 ? 4 * seconds : seconds, nullptr);
         std::printf("mixer %3d x %4d last: %8.4f ms\n", p.batch, p.L, ms);
     }
     std::vector<unsigned char> evict(run("cold") ? size_t(64) << 20 : 0);
@@ -116,14 +120,7 @@ int main(int argc, char** argv)
     {
         if (!run("cold"))
             break;
-        auto x = f(size_t(p.batch) * p.L * dm);
-        std::vector<float> y(size_t(p.batch) * dm);
-        double const ms = medianMs(
-            [&] {
-                for (int b = 0; b < p.batch; ++b)
-                    m4r_mixer_forward_row(&w, x.data() + size_t(b) * p.L * dm, p.L, p.L, 1, y.data() + b * dm);
-            },
-            p.batch > 1 ? 4 * seconds : 2 * seconds, touch);
+        double const ms = mixerMs(p, p.batch > 1 ? 4 * seconds : 2 * seconds, touch);
         std::printf("mixer %3d x %4d last, cold caches: %8.4f ms\n", p.batch, p.L, ms);
     }
     for (int rows : {1, 256})
