@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,6 +18,12 @@ from m4r_export.verify.bench import run_bench
 from m4r_export.verify.testing import tiny_model
 
 N_ITEMS, MAX_SEQ = 500, 6
+
+
+def _export_with_index(out: Path, **ann_options: Any) -> None:
+    """The tiny model's embedding-head export with an ANN index (``ann=...`` and its knobs)."""
+    opts = ExportOptions(head="embedding", max_seq_len=MAX_SEQ, **ann_options)
+    export_artifacts(tiny_model(N_ITEMS, seed=4), out, opts, build_trt=False)
 
 
 def test_exact_topk_merges_chunks_with_ties_and_skips_padding(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -40,10 +47,7 @@ def test_exact_topk_merges_chunks_with_ties_and_skips_padding(monkeypatch: pytes
 def test_bench_times_exact_and_ann_and_reports_recall(tmp_path: Path, exhaustive: bool) -> None:
     nlist = ann.lists_for(N_ITEMS, ann.AnnParams())
     out = tmp_path / "out"
-    opts = ExportOptions(
-        head="embedding", max_seq_len=MAX_SEQ, ann="ivf", ann_nprobe=nlist if exhaustive else 1
-    )
-    export_artifacts(tiny_model(N_ITEMS, seed=4), out, opts, build_trt=False)
+    _export_with_index(out, ann="ivf", ann_nprobe=nlist if exhaustive else 1)
     result = run_bench(
         out / "model.onnx",
         batches=[1, 8],
@@ -65,12 +69,7 @@ def test_bench_times_exact_and_ann_and_reports_recall(tmp_path: Path, exhaustive
 
 def test_cli_writes_the_ann_section(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    export_artifacts(
-        tiny_model(N_ITEMS, seed=4),
-        out,
-        ExportOptions(head="embedding", max_seq_len=MAX_SEQ, ann="hnsw"),
-        build_trt=False,
-    )
+    _export_with_index(out, ann="hnsw")
     args = ["bench", "--artifact", str(out / "model.onnx"), "--batch", "1", "4", "--seq", str(MAX_SEQ)]
     res = CliRunner().invoke(
         main,
@@ -86,12 +85,7 @@ def test_bench_reports_the_pq_index_and_its_knob(tmp_path: Path) -> None:
     """The default kind: k_factor 64 x K = 640 candidates >= the 499 items, so the re-ranking sees
     every item and the search is exact (recall 1.0) however coarse the 4-bit codes."""
     out = tmp_path / "out"
-    export_artifacts(
-        tiny_model(N_ITEMS, seed=4),
-        out,
-        ExportOptions(head="embedding", max_seq_len=MAX_SEQ, ann="pq"),
-        build_trt=False,
-    )
+    _export_with_index(out, ann="pq")
     result = run_bench(
         out / "model.onnx", batches=[1], seqs=[MAX_SEQ], reference=False, repeats=3, max_seconds=2, threads=1
     )
