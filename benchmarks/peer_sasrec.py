@@ -6,7 +6,9 @@
 
 Every export is timed twice: plain ONNX Runtime (function body, label ``<name> body``) and with the
 custom-op library (``<name> ops``); with ``step.onnx`` in the export, the streaming step is timed
-beside SASRec's re-encode of the history plus the new event. See m4r_export/bench/peer.py.
+beside SASRec's re-encode of the history plus the new event. At every point a one-node graph is timed
+beside SASRec too (``ort floor (1 node)``: ONNX Runtime's own cost per call; --no-floor skips it). See
+m4r_export/bench/peer.py.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ def main() -> int:
         "e.g. 10: warm, as a server running one model)",
     )
     ap.add_argument("--no-streaming", action="store_true")
+    ap.add_argument(
+        "--no-floor",
+        action="store_true",
+        help="skip the runtime floor (a one-node graph timed beside SASRec at every point)",
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     exports = []
@@ -62,6 +69,7 @@ def main() -> int:
         repeats=args.repeats,
         seconds_per_point=args.seconds_per_point,
         consecutive=args.consecutive,
+        floor=not args.no_floor,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     if args.json:  # first: the numbers survive whatever the rendering does

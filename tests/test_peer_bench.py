@@ -65,7 +65,7 @@ def test_run_times_sasrec_and_every_variant(tmp_path: Path) -> None:
         seconds_per_point=0.5,
     )
     assert [(p["batch"], p["seq"]) for p in result["grid"]] == [(1, 4), (3, 4)]
-    assert all(set(p["results"]) == {"sasrec", "m4r body"} for p in result["grid"])
+    assert all(set(p["results"]) == {"sasrec", "m4r body", peer.FLOOR} for p in result["grid"])
     assert all(
         r["runs"] >= peer.MIN_RUNS and r["cpu_p50_ms"] >= 0
         for p in result["grid"]
@@ -75,6 +75,7 @@ def test_run_times_sasrec_and_every_variant(tmp_path: Path) -> None:
         "sasrec re-encode",
         "m4r body re-encode",
         "m4r step body",
+        peer.FLOOR,
     }
     table = peer.render_tables(result)
     assert "sasrec/m4r body" in table and "streaming" in table
@@ -103,8 +104,34 @@ def test_streaming_with_the_library_times_the_fused_step_and_the_helper_push(
         "m4r step body",
         "m4r step ops",
         "m4r push ops",
+        peer.FLOOR,
     }
     assert all(r["runs"] >= peer.MIN_RUNS for r in point["results"].values())
+    again = peer.run_peer_bench(
+        [peer.M4RExport("m4r", tmp_path / "art")],
+        ort_ops=lib,
+        batches=[1],
+        seqs=[4],
+        threads=[1],
+        repeats=3,
+        seconds_per_point=0.2,
+        floor=False,
+    )
+    assert (
+        peer.FLOOR not in again["grid"][0]["results"] and peer.FLOOR not in again["streaming"][0]["results"]
+    )
+
+
+def test_the_floor_is_one_identity_node_timed_after_sasrec() -> None:
+    sess = peer.floor_session(1)
+    x = np.arange(6, dtype=np.int64).reshape(2, 3)
+    (y,) = sess.run(None, {"x": x})
+    assert np.array_equal(y, x) and len(sess.get_inputs()) == 1
+    order: list[str] = []
+    fake = type("S", (), {"run": lambda self, out, feeds: order.append("floor")})()
+    res = peer.time_floor(lambda: order.append("sasrec"), fake, x, repeats=3, budget_s=60.0, consecutive=2)
+    assert order == ["sasrec", "floor"] + (["sasrec"] * 2 + ["floor"] * 2) * 3
+    assert res["runs"] == 6
 
 
 @pytest.mark.parametrize("bad", ["nolabel", "x=/nonexistent"])

@@ -26,6 +26,11 @@ kernel in ``<label> step ops``), one new event per row:
 re-encoding the L+1 items and m4r's ``model.onnx`` re-encoding them, interleaved the same way. With the
 library, ``<label> push ops`` is the same step through the product's Python helper,
 ``StreamingSession.push`` (ids checked, exclude zeros, the step bound once: m4r_export/streaming_binding.py).
+
+The runtime floor (``ort floor (1 node)``, on unless ``floor=False``): at every point a one-node graph
+(Identity) is timed beside the same SASRec call, in a round of its own, so that the table shows what ONNX
+Runtime itself costs per call at that point, cold or warm; SASRec / floor is the largest ratio any ONNX
+Runtime model could reach there.
 """
 
 from __future__ import annotations
@@ -181,6 +186,40 @@ def _sasrec_call(sess: Any, item_seq: np.ndarray, lengths: np.ndarray) -> tuple[
     return (lambda: [sess.run(None, {"item_seq": s, "item_seq_len": n}) for s, n in parts]), len(parts)
 
 
+#: the runtime-floor variant: a one-node graph timed beside SASRec like the others (see :func:`floor_session`)
+FLOOR = "ort floor (1 node)"
+
+
+def floor_session(threads: int) -> Any:
+    """A session on one Identity node (int64 [batch, n] in and out) with the benchmark's options.
+
+    Its time is ONNX Runtime's own per-call cost (feeds in, one kernel, the output back), the least any
+    ONNX model pays; timed after SASRec's call like the others, its cold figure is what refilling the
+    caches costs the runtime itself, whatever the model does. SASRec p50 / floor p50 is therefore the
+    largest ratio any ONNX Runtime model could reach at that point."""
+    from onnx import TensorProto, helper
+
+    io = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "n"]) for n in ("x", "y")]
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "floor", io[:1], io[1:])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+    return _session(model.SerializeToString(), threads, None)
+
+
+def time_floor(
+    sasrec: Callable[[], Any], floor: Any, x: np.ndarray, repeats: int, budget_s: float, consecutive: int
+) -> dict[str, float]:
+    """The floor's figures at one point: SASRec's call and the one-node graph on ``x``, in turns as the
+    point's own variants were (a separate round so that its call does not warm the runtime for them)."""
+    feeds = {"x": np.ascontiguousarray(x, dtype=np.int64)}
+    res = time_round_robin(
+        [Variant("sasrec", sasrec), Variant(FLOOR, partial(floor.run, None, feeds))],
+        repeats,
+        budget_s,
+        consecutive=consecutive,
+    )
+    return res[FLOOR]
+
+
 def time_round_robin(
     variants: list[Variant], repeats: int, budget_s: float, warmup: int = 1, consecutive: int = 1
 ) -> dict[str, dict[str, float]]:
@@ -267,10 +306,12 @@ def run_peer_bench(
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
     consecutive: int = 1,
+    floor: bool = True,
 ) -> dict[str, Any]:
     """Time SASRec and every export (function body, and native ops when ``ort_ops``) over the grid.
 
-    ``consecutive``: timed calls of one variant in a row per round (see :func:`time_round_robin`)."""
+    ``consecutive``: timed calls of one variant in a row per round (see :func:`time_round_robin`);
+    ``floor``: time ONNX Runtime's own per-call cost at every point too (:func:`floor_session`)."""
     if consecutive < 1:
         raise UsageError(f"consecutive={consecutive}: must be >= 1")
     if not exports:
@@ -297,6 +338,10 @@ def run_peer_bench(
                     f = _feeds(sess, item_seq, lengths)
                     variants.append(Variant(name, partial(sess.run, None, f)))
                 res = time_round_robin(variants, repeats, seconds_per_point, consecutive=consecutive)
+                if floor:
+                    res[FLOOR] = time_floor(
+                        sas_call, floor_session(nt), item_seq, repeats, seconds_per_point / 2, consecutive
+                    )
                 del variants, sas, m4r  # this point's sessions and their arenas
                 point = {"threads": nt, "batch": batch, "seq": seq, "sasrec_chunks": chunks, "results": res}
                 grid.append(point)
@@ -316,6 +361,7 @@ def run_peer_bench(
                     seconds_per_point,
                     say,
                     consecutive,
+                    floor,
                 )
             )
     import onnxruntime
@@ -357,6 +403,7 @@ def _streaming_points(
     budget: float,
     say: Callable[[str], None],
     consecutive: int = 1,
+    floor: bool = True,
 ) -> list[dict[str, Any]]:
     from ..streaming import StreamingSession
     from ..verify.bench_streaming import init_states
@@ -401,6 +448,10 @@ def _streaming_points(
                     push_ids = history[:, seq].copy()
                     variants.append(Variant(f"{e.label} push ops", partial(pusher.push, push_ids)))
                 res = time_round_robin(variants, repeats, budget, consecutive=consecutive)
+                if floor:  # fed the new events, (batch, 1)
+                    res[FLOOR] = time_floor(
+                        sas_call, floor_session(nt), history[:, seq:], repeats, budget / 2, consecutive
+                    )
                 del variants, sas, steps, full, pusher  # this point's sessions and their arenas
                 point = {
                     "threads": nt,
