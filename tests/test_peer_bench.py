@@ -146,3 +146,24 @@ def test_script_refuses_a_bad_export_argument(bad: str) -> None:
         check=False,
     )
     assert proc.returncode == 2 and proc.stdout.startswith("Error: --export")
+
+
+def test_cold_bench_times_the_step_and_the_floor_after_each_previous_call(
+    tmp_path: Path,
+    lib: Path,  # noqa: F811
+) -> None:
+    from m4r_export.bench import cold
+
+    model = tiny_model(num_layers=1)
+    opts = ex.ExportOptions(head="scores", max_seq_len=8, streaming=True, fused=True)
+    ex.export_artifacts(model, tmp_path / "art", opts, build_trt=False)
+    result = cold.run_cold_bench(tmp_path / "art", ort_ops=lib, history=6, calls=10, flush_mb=[1])
+    assert [r["previous"] for r in result["rows"]] == ["none", "sasrec re-encode", "numpy pass 1 MB"]
+    assert all(r["step_ms"] > 0 and r["floor_ms"] > 0 for r in result["rows"])
+    table = cold.render_cold(result)
+    assert "| sasrec re-encode |" in table and "history 6" in table
+    ex.export_artifacts(
+        model, tmp_path / "plain", ex.ExportOptions(head="scores", max_seq_len=8), build_trt=False
+    )
+    with pytest.raises(cold.UsageError, match="step.onnx"):
+        cold.run_cold_bench(tmp_path / "plain", ort_ops=None)
