@@ -23,10 +23,14 @@ def test_dropped_part_is_what_a_scan_started_later_loses() -> None:
     with torch.no_grad():
         x = decay.last_layer_inputs(model, seq)
         mamba = model.mamba_layers[-1].mamba
-        A, dt, states, c_last = decay.scan_terms(mamba, x)
-        dropped = decay.dropped_part(A, dt, states, c_last)
+        terms = decay.scan_terms(mamba, x)
+        A, dt, states, c_last = terms.A, terms.dt, terms.states, terms.c_last
+        dropped = decay.dropped_part(terms)
+        bound = decay.dropped_bound(terms)
         _, u, _, _, B, _ = mamba._project(x)
     u, B = u.double(), B.double()
+    # the most one position adds to any state of its channel (what the bound's recurrence sums)
+    assert torch.allclose(terms.drive, dt * u.abs() * B.abs().amax(2)[:, None, :], rtol=1e-12)
     L = seq.shape[1]
     for row, t0 in ((0, 1), (1, 5), (0, 17), (1, L - 1)):
         h = torch.zeros_like(states[row, :, 0])
@@ -38,6 +42,10 @@ def test_dropped_part_is_what_a_scan_started_later_loses() -> None:
         lost = ((states[row, :, L - 1] - h) * c_last[row][None]).sum(-1).abs()
         assert torch.allclose(dropped[row, :, t0], lost, rtol=1e-9, atol=1e-15), (row, t0)
     assert torch.all(dropped[:, :, 0] == 0)
+    # the kernel-computable bound is a bound, everywhere, and not a vacuous one at the end of the row
+    assert torch.all(bound >= dropped * (1 - 1e-12))
+    ratio = bound[:, :, -1] / dropped[:, :, -1].clamp(min=1e-300)
+    assert float(ratio.median()) < 100.0
 
 
 def test_windows_take_the_shortest_safe_start() -> None:
@@ -60,6 +68,33 @@ def test_estimate_runs_on_a_two_layer_model() -> None:
     result = decay.run_decay_estimate(_model(2), seq=20, rows=2, tols=(1e-3, 1e-9))
     assert result["layers"] == 2 and [r["tol"] for r in result["results"]] == [1e-3, 1e-9]
     loose, tight = result["results"]
+    assert loose["bound"]["window_quantiles"]["max"] >= loose["window_quantiles"]["max"]
     assert 0 < loose["projection_rows"] <= tight["projection_rows"] <= 1.0
     assert 0 < loose["scan_work_sorted"] <= 1.0 and 0 < loose["scan_work_blocks"] <= 1.0
-    assert "| 0.001 |" in decay.render_decay(result)
+    table = decay.render_decay(result)
+    assert "| 0.001 | oracle |" in table and "| 1e-09 | bound |" in table
+
+
+def test_bound_is_exact_when_every_contribution_adds_up() -> None:
+    # one channel, two states decaying alike, positive inputs, B[0] >= B[1], read-out C = (1, 0): every
+    # step of the bound is tight, so a bound that drops part of the drive or of a state is caught
+    gen = torch.Generator().manual_seed(3)
+    L = 12
+    A = torch.tensor([[-0.5, -0.5]], dtype=torch.float64)
+    dt = 0.1 + torch.rand(1, 1, L, generator=gen, dtype=torch.float64)
+    u = torch.rand(1, 1, L, generator=gen, dtype=torch.float64)
+    b0 = 0.5 + torch.rand(1, L, generator=gen, dtype=torch.float64)
+    B = torch.stack([b0, 0.3 * b0], 2)  # (1, L, 2)
+    h = torch.zeros(1, 1, 2, dtype=torch.float64)
+    states = []
+    for t in range(L):
+        h = torch.exp(dt[:, :, t, None] * A) * h + (dt[:, :, t] * u[:, :, t])[:, :, None] * B[:, t, None, :]
+        states.append(h)
+    terms = decay.ScanTerms(
+        A,
+        dt,
+        torch.stack(states, 2),
+        torch.tensor([[1.0, 0.0]], dtype=torch.float64),
+        dt * u * b0[:, None, :],
+    )
+    assert torch.allclose(decay.dropped_bound(terms), decay.dropped_part(terms), rtol=1e-12, atol=0)
