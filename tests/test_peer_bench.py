@@ -4,6 +4,7 @@ what the PyTorch SASRec computes, and a run times every variant at every point."
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,6 +13,28 @@ from test_ort_ops import N_ITEMS, lib, tiny_model  # noqa: F401  (lib: the libra
 
 from m4r_export.bench import peer
 from m4r_export.onnx import export as ex
+
+
+def _export(out: Path, **opts: Any) -> Path:
+    """The tiny one-layer model exported with the scores head at max_seq_len 8."""
+    ex.export_artifacts(
+        tiny_model(num_layers=1), out, ex.ExportOptions(head="scores", max_seq_len=8, **opts), build_trt=False
+    )
+    return out
+
+
+def _bench(art: Path, ort_ops: Path | None, batches: list[int], budget: float, **kw: Any) -> dict[str, Any]:
+    """run_peer_bench on one export at seq 4, 1 thread, 3 rounds at most."""
+    return peer.run_peer_bench(
+        [peer.M4RExport("m4r", art)],
+        ort_ops=ort_ops,
+        batches=batches,
+        seqs=[4],
+        threads=[1],
+        repeats=3,
+        seconds_per_point=budget,
+        **kw,
+    )
 
 
 def test_sasrec_onnx_matches_pytorch_with_padding_and_ragged_lengths() -> None:
@@ -52,18 +75,7 @@ def test_chunk_rows_bound_the_attention_scores() -> None:
 
 
 def test_run_times_sasrec_and_every_variant(tmp_path: Path) -> None:
-    model = tiny_model(num_layers=1)
-    opts = ex.ExportOptions(head="scores", max_seq_len=8, streaming=True)
-    ex.export_artifacts(model, tmp_path / "art", opts, build_trt=False)
-    result = peer.run_peer_bench(
-        [peer.M4RExport("m4r", tmp_path / "art")],
-        ort_ops=None,
-        batches=[1, 3],
-        seqs=[4],
-        threads=[1],
-        repeats=3,
-        seconds_per_point=0.5,
-    )
+    result = _bench(_export(tmp_path / "art", streaming=True), None, [1, 3], 0.5)
     assert [(p["batch"], p["seq"]) for p in result["grid"]] == [(1, 4), (3, 4)]
     assert all(set(p["results"]) == {"sasrec", "m4r body", peer.FLOOR} for p in result["grid"])
     assert all(
@@ -85,18 +97,8 @@ def test_streaming_with_the_library_times_the_fused_step_and_the_helper_push(
     tmp_path: Path,
     lib: Path,  # noqa: F811
 ) -> None:
-    model = tiny_model(num_layers=1)
-    opts = ex.ExportOptions(head="scores", max_seq_len=8, streaming=True, fused=True)
-    ex.export_artifacts(model, tmp_path / "art", opts, build_trt=False)
-    result = peer.run_peer_bench(
-        [peer.M4RExport("m4r", tmp_path / "art")],
-        ort_ops=lib,
-        batches=[2],
-        seqs=[4],
-        threads=[1],
-        repeats=3,
-        seconds_per_point=0.5,
-    )
+    art = _export(tmp_path / "art", streaming=True, fused=True)
+    result = _bench(art, lib, [2], 0.5)
     (point,) = result["streaming"]
     assert set(point["results"]) == {
         "sasrec re-encode",
@@ -107,16 +109,7 @@ def test_streaming_with_the_library_times_the_fused_step_and_the_helper_push(
         peer.FLOOR,
     }
     assert all(r["runs"] >= peer.MIN_RUNS for r in point["results"].values())
-    again = peer.run_peer_bench(
-        [peer.M4RExport("m4r", tmp_path / "art")],
-        ort_ops=lib,
-        batches=[1],
-        seqs=[4],
-        threads=[1],
-        repeats=3,
-        seconds_per_point=0.2,
-        floor=False,
-    )
+    again = _bench(art, lib, [1], 0.2, floor=False)
     assert (
         peer.FLOOR not in again["grid"][0]["results"] and peer.FLOOR not in again["streaming"][0]["results"]
     )
@@ -154,16 +147,12 @@ def test_cold_bench_times_the_step_and_the_floor_after_each_previous_call(
 ) -> None:
     from m4r_export.bench import cold
 
-    model = tiny_model(num_layers=1)
-    opts = ex.ExportOptions(head="scores", max_seq_len=8, streaming=True, fused=True)
-    ex.export_artifacts(model, tmp_path / "art", opts, build_trt=False)
-    result = cold.run_cold_bench(tmp_path / "art", ort_ops=lib, history=6, calls=10, flush_mb=[1])
+    art = _export(tmp_path / "art", streaming=True, fused=True)
+    result = cold.run_cold_bench(art, ort_ops=lib, history=6, calls=10, flush_mb=[1])
     assert [r["previous"] for r in result["rows"]] == ["none", "sasrec re-encode", "numpy pass 1 MB"]
     assert all(r["step_ms"] > 0 and r["floor_ms"] > 0 for r in result["rows"])
     table = cold.render_cold(result)
     assert "| sasrec re-encode |" in table and "history 6" in table
-    ex.export_artifacts(
-        model, tmp_path / "plain", ex.ExportOptions(head="scores", max_seq_len=8), build_trt=False
-    )
+    plain = _export(tmp_path / "plain")
     with pytest.raises(cold.UsageError, match="step.onnx"):
-        cold.run_cold_bench(tmp_path / "plain", ort_ops=None)
+        cold.run_cold_bench(plain, ort_ops=None)

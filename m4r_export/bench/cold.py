@@ -31,7 +31,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import UsageError
-from .peer import _session, export_sasrec, floor_session
+from .peer import _session, export_sasrec, floor_session, step_feeds
 
 DEFAULT_FLUSH_MB = (1, 4, 32)
 
@@ -55,10 +55,7 @@ def _step_feeds(directory: Path, manifest: dict[str, Any], ort_ops: Path | None,
     seq = history.shape[1] - 1
     states = init_states(init, history[:, :seq], np.full(len(history), seq, np.int64), manifest)
     step = _session((directory / files["step"]).read_bytes(), 1, ort_ops)
-    feeds = {"item_id": history[:, seq].copy(), **states}
-    if "exclude_items" in {i.name for i in step.get_inputs()}:
-        feeds["exclude_items"] = np.zeros((len(history), 1), np.int64)
-    return step, feeds
+    return step, step_feeds(step, history[:, seq], states)
 
 
 def run_cold_bench(

@@ -175,6 +175,14 @@ def _feeds(sess: Any, item_seq: np.ndarray, lengths: np.ndarray) -> dict[str, np
     return feeds
 
 
+def step_feeds(sess: Any, item_ids: np.ndarray, states: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Feeds of ``step.onnx``: one new item per row on ``states``, nothing excluded."""
+    feeds = {"item_id": np.ascontiguousarray(item_ids, dtype=np.int64), **states}
+    if "exclude_items" in {i.name for i in sess.get_inputs()}:
+        feeds["exclude_items"] = np.zeros((len(item_ids), 1), np.int64)
+    return feeds
+
+
 def sasrec_chunk_rows(batch: int, seq: int, heads: int = 2, max_bytes: int = SASREC_MAX_BYTES) -> int:
     """Rows per SASRec call so that one layer's attention scores stay under ``max_bytes``."""
     return max(1, min(batch, max_bytes // max(1, heads * seq * seq * 4)))
@@ -437,9 +445,7 @@ def _streaming_points(
                 ff = _feeds(full[1], history, lengths)
                 variants.append(Variant(f"{full[0]} re-encode", partial(full[1].run, None, ff)))
                 for name, sess in steps:
-                    feeds = {"item_id": history[:, seq].copy(), **states}
-                    if "exclude_items" in {i.name for i in sess.get_inputs()}:
-                        feeds["exclude_items"] = np.zeros((batch, 1), np.int64)
+                    feeds = step_feeds(sess, history[:, seq], states)
                     variants.append(Variant(name, partial(sess.run, None, feeds)))
                 pusher = None
                 if ort_ops is not None:  # the product's helper: StreamingSession.push (bound step)
